@@ -1,0 +1,252 @@
+"""
+ddpm.py: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020, arXiv 2006.11239).
+
+One paper in one file. The forward process adds Gaussian noise to an image x_0 over T steps
+until nothing is left of it (eqs. 2 and 4); a network eps_theta learns to predict the noise that
+was added (Algorithm 1, the L_simple objective of eq. 14); sampling runs the process backwards
+from pure noise, one step at a time (Algorithm 2).
+
+THE TIMESTEP CONVENTION (the one place it is stated; tests/test_ddpm.py checks it):
+    the paper counts t = 1 .. T; this code counts t = 0 .. T-1, so code t holds paper t + 1.
+    betas[0] is the paper's beta_1, alphas_cumprod[T-1] is alpha_bar_T, and the sampler's last
+    step (code t = 0, paper t = 1) adds no noise, as Algorithm 2 line 3 says.
+
+Symbols (paper -> code), every tensor of shape [T], float32, indexed by code t:
+    beta_t                      betas                             the schedule (Sec. 4, or IDDPM eq. 17)
+    alpha_t = 1 - beta_t        alphas                            (eq. 4 text)
+    alpha_bar_t = prod alpha_s  alphas_cumprod                    (eq. 4)
+    alpha_bar_{t-1}             alphas_cumprod_prev               alphas_cumprod shifted, with 1 at t = 0
+    sqrt(alpha_bar_t)           sqrt_alphas_cumprod               signal scale in q(x_t | x_0), eq. 4
+    sqrt(1 - alpha_bar_t)       sqrt_one_minus_alphas_cumprod     noise scale in q(x_t | x_0), eq. 4
+    1 / sqrt(alpha_bar_t)       sqrt_recip_alphas_cumprod         x_0 from eps, eq. 15
+    sqrt(1/alpha_bar_t - 1)     sqrt_recipm1_alphas_cumprod       x_0 from eps, eq. 15
+    beta~_t                     posterior_variance                q(x_{t-1} | x_t, x_0) variance, eq. 7
+    log beta~_t (clipped)       posterior_log_variance_clipped    beta~ at t = 0 is 0; its log uses beta~ at t = 1
+    x_0 coefficient of mu~_t    posterior_mean_coef1              eq. 7
+    x_t coefficient of mu~_t    posterior_mean_coef2              eq. 7
+
+Tensor shapes: images x_0, x_t, eps are [B x C x H x W] in [-1, 1] (data scaled as in Sec. 3.3);
+t and labels y are int64 [B].
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from utils import UsageError
+
+SCHEDULES = ("linear", "cosine")
+LOSSES = ("l2", "l1", "huber")
+VARIANCES = ("posterior", "beta")
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise schedules
+# ---------------------------------------------------------------------------------------------
+
+def linear_beta_schedule(timesteps):
+    """DDPM Sec. 4: beta rises linearly from 1e-4 to 0.02 over T = 1000 steps. For other T both ends
+    are scaled by 1000 / T (as Improved DDPM does), so the total noise added, and therefore the
+    terminal signal sqrt(alpha_bar_T), stays small for any T. Float64 [T]."""
+    scale = 1000.0 / timesteps
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    return betas.clamp(max=0.999)  # for very small T the scaled end would pass 1: keep beta < 1
+
+
+def cosine_beta_schedule(timesteps, s=0.008):
+    """Improved DDPM eq. 17: alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),
+    and beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}, clipped at 0.999 so the last steps do not
+    divide by (nearly) zero. Noise is added more evenly than with the linear schedule. Float64 [T]."""
+    steps = torch.arange(timesteps + 1, dtype=torch.float64)                       # paper t = 0 .. T
+    f = torch.cos(((steps / timesteps + s) / (1 + s)) * math.pi / 2) ** 2
+    alphas_cumprod = f / f[0]
+    betas = 1 - alphas_cumprod[1:] / alphas_cumprod[:-1]
+    return betas.clamp(max=0.999)
+
+
+def make_beta_schedule(schedule, timesteps):
+    if timesteps < 2:
+        raise UsageError(f"--timesteps {timesteps}: need at least 2 diffusion steps (the paper uses 1000)")
+    if schedule == "linear":
+        return linear_beta_schedule(timesteps)
+    if schedule == "cosine":
+        return cosine_beta_schedule(timesteps)
+    raise UsageError(f"--schedule {schedule}: unknown; choose one of {', '.join(SCHEDULES)}")
+
+
+def extract(constant, t, ndim):
+    """Pick constant[t] for each sample and shape it to broadcast over an image batch:
+    constant [T], t int64 [B] -> [B x 1 x 1 x 1] (for ndim = 4)."""
+    return constant[t].reshape(-1, *([1] * (ndim - 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion: precomputed constants and the paper's formulas
+# ---------------------------------------------------------------------------------------------
+
+class GaussianDiffusion:
+    """The DDPM forward process, its posterior, Algorithm 1 (training loss) and Algorithm 2
+    (ancestral sampling). Holds no network: every method that needs one takes a callable
+    model(x_t, t, y) -> predicted eps."""
+
+    def __init__(self, timesteps=1000, schedule="linear", loss="l2", variance="posterior"):
+        if loss not in LOSSES:
+            raise UsageError(f"--loss {loss}: unknown; choose one of {', '.join(LOSSES)}")
+        if variance not in VARIANCES:
+            raise UsageError(f"variance {variance}: unknown; choose one of {', '.join(VARIANCES)}")
+        self.timesteps, self.schedule, self.loss, self.variance = timesteps, schedule, loss, variance
+
+        # Computed in float64 (products of 1000 numbers near 1 lose digits in float32), stored in float32.
+        betas = make_beta_schedule(schedule, timesteps)
+        alphas = 1.0 - betas                                                    # alpha_t (eq. 4 text)
+        alphas_cumprod = torch.cumprod(alphas, dim=0)                           # alpha_bar_t (eq. 4)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        constants = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            # q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)             eq. 4
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            # x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)                 eq. 15
+            #     = sqrt(1 / alpha_bar_t) x_t - sqrt(1 / alpha_bar_t - 1) eps
+            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+            # beta~_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) * beta_t                 eq. 7
+            posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            # mu~_t = coef1 x_0 + coef2 x_t                                                eq. 7
+            # coef1 = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t)
+            # coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        )
+        # beta~ is 0 at t = 0 (x_0 is then known exactly), so its log would be -inf: use beta~ of
+        # the next step there, as Improved DDPM's code does. Only used where a log-variance is needed.
+        variance_for_log = torch.cat([constants["posterior_variance"][1:2], constants["posterior_variance"][1:]])
+        constants["posterior_log_variance_clipped"] = variance_for_log.log()
+        for name, value in constants.items():
+            setattr(self, name, value.float())
+
+    def config(self):
+        """The plain dict a checkpoint stores; GaussianDiffusion(**config) rebuilds this object."""
+        return dict(timesteps=self.timesteps, schedule=self.schedule, loss=self.loss, variance=self.variance)
+
+    def to(self, device):
+        """Move every constant to device (the constants are plain tensor attributes)."""
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
+    def describe(self):
+        """One line for start-up: T, the beta range and the terminal signal sqrt(alpha_bar_T),
+        which must be near 0 so that x_T is (almost) pure noise, matching the prior N(0, I)."""
+        return (f"diffusion: T={self.timesteps} {self.schedule} schedule, beta from {self.betas[0].item():.2e} "
+                f"to {self.betas[-1].item():.3g}, sqrt(alpha_bar_T)={self.sqrt_alphas_cumprod[-1].item():.2e}, "
+                f"loss {self.loss}")
+
+    # --- the forward process -------------------------------------------------------------------
+
+    def q_sample(self, x0, t, noise):
+        """Sample x_t ~ q(x_t | x_0) in one shot (eq. 4, reparameterised as in Sec. 3.2):
+        x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.   x0, noise [B x C x H x W], t [B]."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+    def q_posterior_mean_variance(self, x0, xt, t):
+        """The forward-process posterior q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I)  (eqs. 6-7).
+        Returns mu~_t [B x C x H x W], beta~_t and log beta~_t (clipped), each [B x 1 x 1 x 1]."""
+        mean = (extract(self.posterior_mean_coef1, t, xt.ndim) * x0
+                + extract(self.posterior_mean_coef2, t, xt.ndim) * xt)
+        return (mean, extract(self.posterior_variance, t, xt.ndim),
+                extract(self.posterior_log_variance_clipped, t, xt.ndim))
+
+    def predict_x0_from_eps(self, xt, t, eps):
+        """Invert eq. 4 for x_0 given the noise (eq. 15): x^_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+
+    # --- the reverse process -------------------------------------------------------------------
+
+    def p_mean_variance(self, model, xt, t, y=None, clip_denoised=True):
+        """The learned reverse step p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I)  (eq. 1).
+
+        mu_theta is eq. 11, mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
+        computed the equivalent way: predict x^_0 from eps_theta (eq. 15), then take the posterior
+        mean mu~_t(x_t, x^_0) (eq. 7). The detour lets x^_0 be clipped to the data range [-1, 1]
+        first, which keeps an imperfect model's samples in range (Ho et al.'s code does this).
+        sigma_t^2 is beta~_t ('posterior') or beta_t ('beta'); Sec. 3.2 reports similar results.
+        Returns dict(mean, variance, log_variance, pred_x0, eps)."""
+        eps = model(xt, t, y)
+        pred_x0 = self.predict_x0_from_eps(xt, t, eps)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        mean, posterior_variance, posterior_log_variance = self.q_posterior_mean_variance(pred_x0, xt, t)
+        if self.variance == "posterior":
+            variance, log_variance = posterior_variance, posterior_log_variance
+        else:
+            variance = extract(self.betas, t, xt.ndim)
+            log_variance = variance.log()
+        return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, eps=eps)
+
+    # --- Algorithm 1 ---------------------------------------------------------------------------
+
+    def training_loss(self, model, x0, y=None, t=None, noise=None):
+        """Algorithm 1 (Training), one step's loss:
+            2: x_0 ~ q(x_0)                  (the batch x0, given)
+            3: t ~ Uniform({1, ..., T})      (code: t uniform on {0, ..., T-1})
+            4: eps ~ N(0, I)
+            5: gradient descent step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
+        The squared error is L_simple (eq. 14); 'l1' and 'huber' swap the distance. t and noise
+        may be passed in (tests do) instead of drawn. Returns (mean loss, t [B])."""
+        b = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.timesteps, (b,), device=x0.device)   # line 3
+        if noise is None:
+            noise = torch.randn_like(x0)                                   # line 4
+        xt = self.q_sample(x0, t, noise)                                   # the argument in line 5 (eq. 4)
+        predicted_noise = model(xt, t, y)
+        if self.loss == "l2":
+            loss = F.mse_loss(predicted_noise.float(), noise)              # line 5 / eq. 14
+        elif self.loss == "l1":
+            loss = F.l1_loss(predicted_noise.float(), noise)
+        else:
+            loss = F.smooth_l1_loss(predicted_noise.float(), noise)        # Huber with delta = 1
+        return loss, t
+
+    # --- Algorithm 2 ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def p_sample(self, model, xt, t, y=None, clip_denoised=True):
+        """Algorithm 2 lines 3-4, one reverse step from x_t to x_{t-1}:
+            3: z ~ N(0, I) if t > 1, else z = 0          (code: t > 0)
+            4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
+        Returns (x_{t-1}, predicted x_0)."""
+        out = self.p_mean_variance(model, xt, t, y, clip_denoised)
+        z = torch.randn_like(xt)
+        nonzero = (t > 0).float().reshape(-1, *([1] * (xt.ndim - 1)))       # no noise at the last step
+        return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
+
+    @torch.no_grad()
+    def sample(self, model, shape, y=None, noise=None, clip_denoised=True, trajectory_every=0, progress=True):
+        """Algorithm 2 (Sampling):
+            1: x_T ~ N(0, I)
+            2: for t = T, ..., 1 do          (code: t = T-1, ..., 0: each visited exactly once)
+            3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z      (p_sample)
+            6: return x_0
+        shape: (B, C, H, W); y: int64 [B] labels or None; noise: x_T to start from (else drawn).
+        With trajectory_every = k > 0 also returns [(t, x after the step at t, predicted x_0 at t)] for
+        the first step and every k-th (on the CPU), for GIFs of the reverse process. Returns x_0 [B x C x H x W] in [-1, 1]
+        (or (x_0, trajectory))."""
+        device = self.betas.device
+        x = noise.to(device) if noise is not None else torch.randn(shape, device=device)
+        trajectory = []
+        for step in tqdm(reversed(range(self.timesteps)), total=self.timesteps, desc="sampling",
+                         disable=not progress, leave=False):
+            t = torch.full((shape[0],), step, device=device, dtype=torch.long)
+            x, pred_x0 = self.p_sample(model, x, t, y, clip_denoised)
+            if trajectory_every and (step % trajectory_every == 0 or step == self.timesteps - 1):
+                trajectory.append((step, x.cpu(), pred_x0.cpu()))
+        return (x, trajectory) if trajectory_every else x

@@ -1,0 +1,220 @@
+"""
+model.py: the network. UNet(x_t, t, y) -> a tensor shaped like x_t (the predicted noise).
+
+It knows nothing about diffusion: it maps an image, an integer timestep and an optional class
+label to an image. ddpm.py decides what the output means. The architecture follows the DDPM
+paper's (Ho et al. 2020, Appendix B: a PixelCNN++-style UNet with group normalisation, a
+Transformer sinusoidal timestep embedding and self-attention at low resolutions), as refined in
+Improved DDPM and ADM (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
+
+    x_t [B x C x S x S] --conv--> base channels
+      down:  per level, num_res_blocks x ResBlock (+ attention at chosen resolutions), then halve S
+      middle: ResBlock, attention, ResBlock at the lowest resolution
+      up:    per level, (num_res_blocks + 1) x ResBlock on [h, skip] (+ attention), then double S
+    --GroupNorm, SiLU, zero-initialised conv--> prediction [B x C_out x S x S]
+
+A checkpoint stores the plain dict that build_model takes, so sample.py rebuilds the exact network.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import UsageError
+
+# The default network: about 1.5 M parameters at base_channels 32, quick on a laptop CPU.
+DEFAULT_MODEL_CONFIG = dict(
+    image_size=32,            # S: the square size the model is built for (checked against it)
+    in_channels=3,            # C: 3 for RGB, 1 for grayscale
+    out_channels=None,        # None = in_channels (one noise value per input value)
+    base_channels=32,         # channels at the highest resolution
+    channel_mults=(1, 2, 2),  # channels per level = base_channels * mult; one level per entry
+    num_res_blocks=2,         # residual blocks per level on the way down
+    attention_resolutions=None,  # resolutions that get self-attention; None = default_attention_resolutions
+    dropout=0.1,              # inside residual blocks (DDPM used 0.1 on CIFAR-10)
+    num_classes=0,            # 0 = unconditional; else labels 0..num_classes-1, and num_classes = "no label"
+    head_channels=32,         # channels per attention head
+)
+
+
+def default_attention_resolutions(image_size, channel_mults):
+    """Attention where the feature map is 16x16 or smaller (DDPM used 16x16 on 32x32 CIFAR-10);
+    at least the lowest resolution always gets it. Attention is quadratic in the number of pixels,
+    which is why it is kept off the large maps."""
+    resolutions = [image_size // 2 ** level for level in range(len(channel_mults))]
+    return [r for r in resolutions if r <= 16] or [resolutions[-1]]
+
+
+def group_count(channels):
+    """GroupNorm groups: 32 as in DDPM, or the largest divisor of channels below that."""
+    return math.gcd(32, channels)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of integer timesteps, as in the Transformer (DDPM Appendix B).
+    t: int64 [B] -> float [B x dim]; half the dimensions are sines, half cosines, at
+    frequencies from 1 down to 1/max_period, so nearby t get nearby (but distinct) vectors."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * frequencies[None]                  # [B x half]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # [B x dim]
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, add the (time, class) embedding, GroupNorm -> SiLU -> dropout
+    -> conv, plus a skip connection (1x1 conv when the channel count changes)."""
+
+    def __init__(self, in_channels, out_channels, embedding_dim, dropout):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(group_count(in_channels), in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.embedding = nn.Linear(embedding_dim, out_channels)  # per-channel shift from the embedding
+        self.norm2 = nn.GroupNorm(group_count(out_channels), out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: a stable deep start
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x, embedding):
+        # x: [B x C_in x H x W], embedding: [B x E] (already passed through SiLU)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.embedding(embedding)[:, :, None, None]  # broadcast over H x W
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h                               # [B x C_out x H x W]
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H*W positions of a feature map, with a residual connection.
+    The attention itself is torch's scaled_dot_product_attention (fused kernels where available)."""
+
+    def __init__(self, channels, head_channels):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = nn.GroupNorm(group_count(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)  # starts as the identity, like the residual blocks
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)            # each [B x heads x HW x C/heads]
+        out = F.scaled_dot_product_attention(q, k, v)         # softmax(q k^T / sqrt(d)) v
+        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
+class UNet(nn.Module):
+    """UNet(x_t [B x C x S x S], t int64 [B], y int64 [B] or None) -> [B x C_out x S x S]."""
+
+    def __init__(self, image_size, in_channels, out_channels, base_channels, channel_mults, num_res_blocks,
+                 attention_resolutions, dropout, num_classes, head_channels):
+        super().__init__()
+        levels = len(channel_mults)
+        if image_size % 2 ** (levels - 1) != 0:
+            raise UsageError(f"--image_size {image_size}: the UNet halves it {levels - 1} times "
+                             f"(--channel_mults has {levels} levels), so it must be divisible by {2 ** (levels - 1)}; "
+                             f"try {max(2 ** (levels - 1), image_size // 2 ** (levels - 1) * 2 ** (levels - 1))}")
+        self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        embedding_dim = 4 * base_channels
+
+        # Timestep t -> sinusoid -> MLP (DDPM Appendix B); a class label adds a learned vector.
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, embedding_dim), nn.SiLU(),
+                                      nn.Linear(embedding_dim, embedding_dim))
+        # num_classes + 1 rows: the last row is "no label", used for unconditional samples
+        # (and later by classifier-free guidance).
+        self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes > 0 else None
+
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        # Down path. skip_channels records what each block hands to the up path.
+        self.down = nn.ModuleList()
+        channels, skip_channels, resolution = base_channels, [base_channels], image_size
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                block = nn.ModuleList([ResBlock(channels, base_channels * mult, embedding_dim, dropout)])
+                channels = base_channels * mult
+                if resolution in attention_resolutions:
+                    block.append(AttentionBlock(channels, head_channels))
+                self.down.append(block)
+                skip_channels.append(channels)
+            if level < levels - 1:  # halve the resolution with a strided convolution
+                self.down.append(nn.ModuleList([nn.Conv2d(channels, channels, 3, stride=2, padding=1)]))
+                skip_channels.append(channels)
+                resolution //= 2
+
+        self.middle = nn.ModuleList([ResBlock(channels, channels, embedding_dim, dropout),
+                                     AttentionBlock(channels, head_channels),
+                                     ResBlock(channels, channels, embedding_dim, dropout)])
+
+        # Up path: one more block per level than on the way down, each eating one skip tensor.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for i in range(num_res_blocks + 1):
+                block = nn.ModuleList([ResBlock(channels + skip_channels.pop(), base_channels * mult,
+                                                embedding_dim, dropout)])
+                channels = base_channels * mult
+                if resolution in attention_resolutions:
+                    block.append(AttentionBlock(channels, head_channels))
+                if level > 0 and i == num_res_blocks:  # double the resolution: nearest, then a conv
+                    block.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                    block.append(nn.Conv2d(channels, channels, 3, padding=1))
+                    resolution *= 2
+                self.up.append(block)
+
+        self.output = nn.Sequential(nn.GroupNorm(group_count(channels), channels), nn.SiLU(),
+                                    nn.Conv2d(channels, out_channels, 3, padding=1))
+        nn.init.zeros_(self.output[-1].weight)  # the first prediction is 0: a calm start for the loss
+        nn.init.zeros_(self.output[-1].bias)
+
+    def forward(self, x, t, y=None):
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet built for [B x {self.in_channels} x {self.image_size} x {self.image_size}], "
+                             f"got {list(x.shape)}")
+        embedding = self.time_mlp(timestep_embedding(t, self.input_conv.out_channels))  # [B x E]
+        if self.class_embedding is not None:
+            if y is None:  # no label given: the reserved "no label" row
+                y = torch.full_like(t, self.num_classes)
+            embedding = embedding + self.class_embedding(y)
+        embedding = F.silu(embedding)  # every ResBlock applies its Linear to SiLU(embedding)
+
+        h = self.input_conv(x)
+        skips = [h]
+        for block in self.down:
+            for layer in block:
+                h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.middle:
+            h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+        for block in self.up:
+            h = torch.cat([h, skips.pop()], dim=1)  # [B x (C + C_skip) x H x W]
+            for layer in block:
+                h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+        return self.output(h)
+
+
+def resolve_model_config(**overrides):
+    """Defaults + overrides -> the complete plain dict a checkpoint stores (lists, ints, floats)."""
+    unknown = set(overrides) - set(DEFAULT_MODEL_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown model settings: {sorted(unknown)}")
+    config = {**DEFAULT_MODEL_CONFIG, **{k: v for k, v in overrides.items() if v is not None}}
+    config["channel_mults"] = [int(m) for m in config["channel_mults"]]
+    if config["out_channels"] is None:
+        config["out_channels"] = config["in_channels"]
+    if config["attention_resolutions"] is None:
+        config["attention_resolutions"] = default_attention_resolutions(config["image_size"], config["channel_mults"])
+    config["attention_resolutions"] = [int(r) for r in config["attention_resolutions"]]
+    return config
+
+
+def build_model(config):
+    """Rebuild the UNet from the plain dict stored in a checkpoint (see resolve_model_config)."""
+    return UNet(**resolve_model_config(**config))
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

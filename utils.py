@@ -1,0 +1,324 @@
+"""
+utils.py: the plumbing every other file leans on, and nothing about diffusion.
+
+    images and datasets   ImageFolderDataset (your own pictures), make_shapes_dataset (the
+                          offline built-in), load_builtin_dataset (torchvision: mnist, ...)
+    checkpoints           save_checkpoint (atomic: temp file + rename), load_checkpoint
+                          (weights_only=True, with one-line errors)
+    pictures              save_grid, save_gif, plot_loss
+    small helpers         pick_device, seed_everything, UsageError
+
+Images travel through the project as uint8 tensors [C x H x W] in 0..255 until the training loop
+turns a batch into floats in [-1, 1] (to_model_range); samples come back with from_model_range.
+DDPM Sec. 3.3 scales data this way so that the prior N(0, I) and the data share one scale.
+"""
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class UsageError(Exception):
+    """Bad input the user can fix (a wrong path, flag or file). Entry points print it as one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and seeds
+# ---------------------------------------------------------------------------------------------
+
+def pick_device(name="auto"):
+    """'auto' picks CUDA, then Apple MPS, then CPU. Never assume a GPU is there."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_model_range(images_uint8):
+    """uint8 [B x C x H x W] in 0..255 -> float in [-1, 1] (DDPM Sec. 3.3 data scaling)."""
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def from_model_range(images):
+    """float [B x C x H x W] in about [-1, 1] -> uint8 in 0..255, clamped (for saving)."""
+    return images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own folder of images
+# ---------------------------------------------------------------------------------------------
+
+# Every extension Pillow can open (jpg, png, webp, bmp, tif, gif, ...), lower case.
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def is_image_file(path):
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder):
+    """Every image file under folder (recursively, sorted, hidden files and folders skipped)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".") and is_image_file(f)]
+    return found
+
+
+def load_image(path, image_size, channels):
+    """Open one image, convert to RGB (channels=3) or L (channels=1), resize its shorter side to
+    image_size and centre-crop to a square. Returns uint8 [C x H x W]."""
+    with Image.open(path) as img:
+        img = img.convert("RGB" if channels == 3 else "L")
+        # ImageOps.fit = resize keeping the aspect ratio so the square is filled, then centre-crop.
+        img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
+        array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [H x W x C] -> [C x H x W]
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A folder of your own images.
+
+    data/cars/Audi_R8/001.jpg, data/cars/BMW_M3/002.png ...  -> class-conditional (labels = folders)
+    data/faces/001.jpg, data/faces/002.jpg ...               -> unconditional (every label is 0)
+
+    Items are (uint8 image [C x H x W], int label). Files Pillow cannot identify are skipped when
+    the dataset is built; a file that fails later while decoding (a truncated JPEG, say) is
+    skipped with a warning naming it, and a neighbouring image is returned in its place.
+    """
+
+    def __init__(self, folder, image_size, channels=None):
+        if not os.path.isdir(folder):
+            raise UsageError(f"--dataset_path {folder}: no such folder; point it at a folder of images "
+                             "(class subfolders become labels)")
+        subfolders = sorted(d for d in os.listdir(folder)
+                            if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+        per_class = [(d, list_images(os.path.join(folder, d))) for d in subfolders]
+        per_class = [(d, files) for d, files in per_class if files]
+        loose = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                 if not f.startswith(".") and is_image_file(f) and os.path.isfile(os.path.join(folder, f))]
+        if per_class:
+            if loose:
+                warnings.warn(f"{folder}: {len(loose)} images sit beside the class subfolders and are ignored; "
+                              "move them into a class folder to use them")
+            self.class_names = [d for d, _ in per_class]
+            candidates = [(path, label) for label, (_, files) in enumerate(per_class) for path in files]
+        else:
+            self.class_names = []
+            candidates = [(path, 0) for path in loose]
+        if not candidates:
+            raise UsageError(f"--dataset_path {folder}: no image files found (looked for "
+                             ".jpg/.png/.webp/... here and in its subfolders)")
+
+        # Opening an image reads only its header, so checking every file is cheap and catches
+        # files that are not images at all. Also learn whether any image has colour.
+        self.samples, any_colour = [], False
+        for path, label in candidates:
+            try:
+                with Image.open(path) as img:
+                    any_colour = any_colour or img.mode not in ("L", "1", "I", "I;16", "F", "LA")
+                self.samples.append((path, label))
+            except (UnidentifiedImageError, OSError) as error:
+                warnings.warn(f"skipping unreadable image {path}: {error}")
+        if not self.samples:
+            raise UsageError(f"--dataset_path {folder}: none of the {len(candidates)} image files could be read; "
+                             "check them with python tools/clean_dataset.py " + folder)
+        self.channels = channels or (3 if any_colour else 1)
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return load_image(path, self.image_size, self.channels), label
+            except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on broken files
+                warnings.warn(f"skipping image that failed to decode {path}: {error}")
+        raise UsageError("no image in the dataset could be decoded")
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in datasets
+# ---------------------------------------------------------------------------------------------
+
+SHAPE_NAMES = ["circle", "square", "triangle", "ring"]
+
+
+def make_shapes_dataset(num_images=10000, image_size=32, seed=0):
+    """The offline built-in dataset: one coloured shape (circle, square, triangle or ring) of random
+    size, position and colour on a dark background with a gentle gradient. It needs no download,
+    is made in a second, and is easy enough that a small model on a CPU learns it in minutes.
+
+    Returns (uint8 images [N x 3 x S x S], int64 labels [N], class names)."""
+    rng = np.random.default_rng(seed)
+    n, s = num_images, image_size
+    labels = rng.integers(0, len(SHAPE_NAMES), n)
+    cy, cx = rng.uniform(0.3, 0.7, (2, n, 1, 1)) * s          # centres [N x 1 x 1]
+    radius = rng.uniform(0.15, 0.3, (n, 1, 1)) * s             # half-size of each shape
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5       # pixel centres [S x S]
+    dy, dx = yy[None] - cy, xx[None] - cx                      # offsets [N x S x S]
+    masks = np.stack([
+        dx ** 2 + dy ** 2 <= radius ** 2,                                           # circle
+        np.maximum(abs(dx), abs(dy)) <= radius * 0.85,                              # square
+        (dy <= radius * 0.8) & (abs(dx) * 1.7 <= dy + radius),                      # triangle (apex up)
+        abs(np.sqrt(dx ** 2 + dy ** 2) - radius * 0.8) <= radius * 0.25,            # ring
+    ])[labels, np.arange(n)]                                   # pick each image's shape: [N x S x S]
+    colour = rng.uniform(0.35, 1.0, (n, 3, 1, 1))
+    background = rng.uniform(0.0, 0.25, (n, 3, 1, 1)) * (0.6 + 0.4 * yy[None, None] / s)
+    images = np.where(masks[:, None], colour, background)
+    images = torch.from_numpy((images * 255).round().astype(np.uint8))
+    return images, torch.from_numpy(labels), list(SHAPE_NAMES)
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """uint8 images [N x C x H x W] and int labels [N] held in memory; items like ImageFolderDataset."""
+
+    def __init__(self, images, labels, class_names):
+        self.images, self.labels, self.class_names = images, labels, class_names
+        self.channels, self.image_size = images.shape[1], images.shape[-1]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], int(self.labels[index])
+
+
+def load_builtin_dataset(name, image_size, root="data", seed=0):
+    """'shapes' is generated here; 'mnist', 'fashion_mnist', 'cifar10' come from torchvision and
+    download into root/ the first time (only when you name them). Returns a TensorImageDataset
+    resized to image_size (digits are padded from 28 to 32 first, as is usual, then resized)."""
+    if name == "shapes":
+        return TensorImageDataset(*make_shapes_dataset(image_size=image_size, seed=seed))
+    import torchvision  # imported here: only the downloadable datasets need it
+    constructors = {"mnist": torchvision.datasets.MNIST, "fashion_mnist": torchvision.datasets.FashionMNIST,
+                    "cifar10": torchvision.datasets.CIFAR10}
+    if name not in constructors:
+        raise UsageError(f"--dataset {name}: unknown; choose one of shapes, {', '.join(constructors)}")
+    try:
+        data = constructors[name](root=os.path.join(root, name), train=True, download=True)
+    except Exception as error:  # no network, a proxy, a half-written file: all end the same way
+        raise UsageError(f"--dataset {name}: could not download it into {os.path.join(root, name)} ({error}); "
+                         "connect to the internet once, or use --dataset_path with a folder of images") from None
+    images = torch.as_tensor(np.asarray(data.data))
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> [N x C x H x W]
+    if images.shape[-1] == 28:  # MNIST-style digits: pad to 32 so the UNet can halve it 3 times
+        images = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    if images.shape[-1] != image_size:
+        images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return TensorImageDataset(images, torch.as_tensor(np.asarray(data.targets)), list(data.classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written atomically, read safely
+# ---------------------------------------------------------------------------------------------
+
+def save_checkpoint(state, path):
+    """Write state to path so that a crash at any moment leaves either the old file or the new one,
+    never half a file: write a temporary file beside it, flush it to disk, then rename (atomic)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path, required=("model_config", "diffusion_config")):
+    """Load a checkpoint written by train.py: CPU first, weights_only=True (no arbitrary code runs),
+    with a one-line UsageError for a missing file, a file that is not a checkpoint, or missing keys."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--ckpt {path}: no such file; train one first (python train.py ...) or check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"--ckpt {path}: not a checkpoint this repository can read ({type(error).__name__}); "
+                         "pass a .pt file written by train.py") from None
+    missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise UsageError(f"--ckpt {path}: not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    return state
+
+
+def load_weights(module, state_dict, path):
+    """Strict load (every key must match) with a one-line error that says what does not match."""
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UsageError(f"--ckpt {path}: its weights do not match the model its own config describes "
+                         f"({first[:200]}); the file was edited or written by different code") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures: grids, GIFs, loss plots
+# ---------------------------------------------------------------------------------------------
+
+def make_grid_image(images_uint8, nrow=None, padding=2):
+    """uint8 [B x C x H x W] -> one PIL image with the pictures in a grid (nrow per row)."""
+    from torchvision.utils import make_grid
+    nrow = nrow or max(1, int(round(len(images_uint8) ** 0.5)))
+    grid = make_grid(images_uint8, nrow=nrow, padding=padding, pad_value=255)  # [3 x H' x W'], uint8
+    array = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if images_uint8.shape[1] == 1 else array)
+
+
+def save_grid(images_uint8, path, nrow=None):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_grid_image(images_uint8, nrow).save(path)
+
+
+def save_gif(frames, path, duration_ms=80, hold_last_ms=1500):
+    """frames: list of PIL images (one per step of the reverse process) -> an animated GIF that
+    lingers on the last frame so the final sample can be seen."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def plot_loss(steps, losses, path):
+    """The loss history as a PNG (raw loss faint, a moving average on top)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, losses, alpha=0.3, lw=0.8, label="loss")
+    if len(losses) >= 20:
+        window = max(10, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"moving average ({window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
