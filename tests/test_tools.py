@@ -1,0 +1,245 @@
+"""
+Tests for tools/resize_dataset.py and tools/clean_dataset.py.
+
+The tools are run as real command-line programs (subprocess + sys.executable), on tiny
+images these tests draw themselves in tmp_path; no real dataset is ever touched.
+Run with:  python -m pytest -q tests/test_tools.py
+"""
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def run_tool(script, *args):
+    return subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def snapshot(root):
+    """{relative path: bytes} of every file under root, to prove nothing changed."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(result, *words):
+    """Bad input must give a short 'error: ...' message, never a Python traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def noise(w, h, mode="RGB", seed=0):
+    """A w x h image of random pixels: every call with a new seed gives new bytes."""
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if mode == "L" else (h, w, len(mode))
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+def encode(img, fmt, **kwargs):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+# -----------------------------------------------------------------------------
+# resize_dataset.py
+
+
+@pytest.fixture
+def src(tmp_path):
+    """Two class folders (one with a subfolder), mixed sizes, aspect ratios and modes,
+    one corrupted file and two hidden files that must be ignored."""
+    root = tmp_path / "src"
+    for d in ["cat", "dog/sub", ".hidden"]:
+        (root / d).mkdir(parents=True)
+    # wide image of three vertical bands red | green | blue: a centre crop must be green
+    bands = np.zeros((16, 48, 3), dtype=np.uint8)
+    bands[:, :16, 0] = bands[:, 16:32, 1] = bands[:, 32:, 2] = 255
+    Image.fromarray(bands).save(root / "cat/bands.png")
+    noise(30, 20, seed=1).save(root / "cat/photo.jpg", quality=90)
+    noise(20, 40, "RGBA", seed=2).save(root / "cat/alpha.png")
+    noise(40, 30, "L", seed=3).save(root / "dog/gray.png")
+    noise(25, 25, seed=4).convert("P").save(root / "dog/sub/palette.png")
+    (root / "dog/broken.png").write_bytes(b"this is not an image" * 10)
+    noise(20, 20, seed=5).save(root / ".hidden/skipme.png")
+    noise(20, 20, seed=6).save(root / "cat/.skipme.png")
+    return root
+
+
+def test_resize_writes_square_images_in_same_tree(tmp_path, src):
+    before = snapshot(src)
+    dst = tmp_path / "out"
+    r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+
+    out = snapshot(dst)
+    # same tree and names, corrupted file not written, hidden files ignored
+    assert sorted(out) == ["cat/alpha.png", "cat/bands.png", "cat/photo.jpg",
+                           "dog/gray.png", "dog/sub/palette.png"]
+    modes = {}
+    for rel in out:
+        with Image.open(dst / rel) as im:
+            assert im.size == (8, 8), rel
+            modes[rel] = im.mode
+    # RGB and L are kept; RGBA and palette become RGB so every format can save them
+    assert modes == {"cat/alpha.png": "RGB", "cat/bands.png": "RGB", "cat/photo.jpg": "RGB",
+                     "dog/gray.png": "L", "dog/sub/palette.png": "RGB"}
+    with Image.open(dst / "cat/photo.jpg") as im:
+        assert im.format == "JPEG"  # --format keep
+    # centre crop of red|green|blue is green
+    r_, g, b = Image.open(dst / "cat/bands.png").getpixel((4, 4))
+    assert g > 200 and r_ < 60 and b < 60
+    # the corrupted file is reported by name; the source is untouched
+    assert "written:  5" in r.stdout
+    assert "failed:   1" in r.stdout and "dog/broken.png" in r.stdout
+    assert snapshot(src) == before
+
+
+def test_resize_skips_existing_unless_overwrite(tmp_path, src):
+    dst = tmp_path / "out"
+    assert run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1).returncode == 0
+    marker = dst / "cat/bands.png"
+    marker.write_bytes(b"old output")
+    r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1)
+    assert r.returncode == 0 and "skipped:  5" in r.stdout
+    assert marker.read_bytes() == b"old output"  # skipped, not rewritten
+    r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1, "--overwrite")
+    assert r.returncode == 0 and "written:  5" in r.stdout
+    assert Image.open(marker).size == (8, 8)
+
+
+def test_resize_parallel_png_and_forced_mode(tmp_path, src):
+    # 2 workers: exercises the process-pool path (the other tests run in-process)
+    dst = tmp_path / "out"
+    r = run_tool("resize_dataset.py", src, dst, "--size", 6, "--workers", 2, "--format", "png", "--mode", "L")
+    assert r.returncode == 0, r.stderr
+    out = snapshot(dst)
+    assert sorted(out) == ["cat/alpha.png", "cat/bands.png", "cat/photo.png",
+                           "dog/gray.png", "dog/sub/palette.png"]
+    for rel in out:
+        with Image.open(dst / rel) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "L", (6, 6)), rel
+
+
+def test_resize_dry_run_writes_nothing(tmp_path, src):
+    dst = tmp_path / "out"
+    r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1, "--dry_run")
+    assert r.returncode == 0, r.stderr
+    assert not dst.exists()
+    assert "would write:  5" in r.stdout and "dog/broken.png" in r.stdout
+
+
+def test_resize_bad_input_is_one_line_error(tmp_path, src):
+    before = snapshot(src)
+    assert_one_line_error(run_tool("resize_dataset.py", src, src / "cat/out", "--size", 8), "inside")
+    assert_one_line_error(run_tool("resize_dataset.py", src, src, "--size", 8), "inside")
+    assert_one_line_error(run_tool("resize_dataset.py", tmp_path / "nope", tmp_path / "out"), "nope")
+    assert_one_line_error(run_tool("resize_dataset.py", src, tmp_path / "out", "--size", 0), "--size")
+    assert snapshot(src) == before
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# clean_dataset.py
+
+# what the fixture below contains, and how each file must be classified
+EXPECTED = {
+    "cls1/corrupt.png": "corrupted",  # random bytes
+    "cls2/trunc.png": "corrupted",    # truncated PNG: verify() already fails on its checksums
+    "cls1/trunc.jpg": "truncated",    # truncated JPEG: opens and verifies, fails a full load
+    "cls2/small.png": "too_small",
+    "cls2/a_good.png": "duplicate",   # same bytes as a_good.png, which sorts first
+    "cls2/cmyk.jpg": "odd_mode",
+}
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    (root / "cls1").mkdir(parents=True)
+    (root / "cls2").mkdir()
+    good = encode(noise(40, 40, seed=10), "PNG")
+    (root / "a_good.png").write_bytes(good)
+    (root / "cls2/a_good.png").write_bytes(good)
+    (root / "cls1/corrupt.png").write_bytes(bytes(np.random.default_rng(11).integers(0, 256, 500, dtype=np.uint8)))
+    jpg = encode(noise(64, 64, seed=12), "JPEG", quality=90)
+    (root / "cls1/trunc.jpg").write_bytes(jpg[: len(jpg) // 2])
+    png = encode(noise(64, 64, seed=13), "PNG")
+    (root / "cls2/trunc.png").write_bytes(png[: len(png) // 2])
+    noise(8, 8, seed=14).save(root / "cls2/small.png")
+    noise(40, 40, seed=15).convert("CMYK").save(root / "cls2/cmyk.jpg")
+    return root
+
+
+def test_clean_reports_without_changing_anything(tmp_path, data):
+    before = snapshot(data)
+    report = tmp_path / "report.csv"
+    r = run_tool("clean_dataset.py", data, "--report", report)
+    assert r.returncode == 0, r.stderr
+    # the CSV names every problem file with its category, and nothing else
+    with open(report, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {row["path"]: row["category"] for row in rows} == EXPECTED
+    # the printed report lists each file under its category's heading
+    lines = r.stdout.splitlines()
+    for rel, category in EXPECTED.items():
+        heading = lines.index(f"{category}:")
+        section = lines[heading + 1:]
+        section = section[: next((i for i, l in enumerate(section) if not l.startswith("  ")), len(section))]
+        assert any(l.strip().startswith(rel + "  (") for l in section), (rel, category, r.stdout)
+    assert "ok         1" in r.stdout
+    # report only: nothing moved, no rejected folder, and the fix is spelled out
+    assert snapshot(data) == before
+    assert not (tmp_path / "data_rejected").exists()
+    assert "--move" in r.stdout
+
+
+def test_clean_move_moves_bad_files_beside_dataset(tmp_path, data):
+    before = snapshot(data)
+    rejected = tmp_path / "data_rejected"
+    r = run_tool("clean_dataset.py", data, "--move")
+    assert r.returncode == 0, r.stderr
+    for rel, category in EXPECTED.items():
+        if category == "odd_mode":
+            continue  # a warning only: stays without --move_odd_mode
+        assert (rejected / category / rel).read_bytes() == before[rel]
+        assert not (data / rel).exists()
+    # the good image, the first copy of the duplicate and the odd-mode image stay
+    assert snapshot(data) == {rel: before[rel] for rel in ["a_good.png", "cls2/cmyk.jpg"]}
+
+    # a second bad file with an already-used name must not overwrite the first one
+    (data / "cls1/corrupt.png").write_bytes(b"other garbage")
+    r = run_tool("clean_dataset.py", data, "--move", "--move_odd_mode")
+    assert r.returncode == 0, r.stderr
+    assert (rejected / "corrupted/cls1/corrupt.png").read_bytes() == before["cls1/corrupt.png"]
+    assert (rejected / "corrupted/cls1/corrupt_1.png").read_bytes() == b"other garbage"
+    assert (rejected / "odd_mode/cls2/cmyk.jpg").read_bytes() == before["cls2/cmyk.jpg"]
+    assert snapshot(data) == {"a_good.png": before["a_good.png"]}
+
+
+def test_clean_dry_run_move_changes_nothing(tmp_path, data):
+    before = snapshot(data)
+    r = run_tool("clean_dataset.py", data, "--move", "--dry_run")
+    assert r.returncode == 0, r.stderr
+    assert snapshot(data) == before
+    assert not (tmp_path / "data_rejected").exists()
+    assert "would move cls1/trunc.jpg" in r.stdout and "would move 5 files" in r.stdout
+
+
+def test_clean_bad_input_is_one_line_error(tmp_path, data):
+    assert_one_line_error(run_tool("clean_dataset.py", tmp_path / "nope"), "nope")
+    assert_one_line_error(run_tool("clean_dataset.py", data, "--move", "--rejected_dir", data / "rej"), "inside")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_tool("clean_dataset.py", tmp_path / "empty"), "no images")
+    assert not (data / "rej").exists()
