@@ -47,8 +47,9 @@ def default_attention_resolutions(image_size, channel_mults):
 
 
 def group_count(channels):
-    """GroupNorm groups: 32 as in DDPM, or the largest divisor of channels below that."""
-    return math.gcd(32, channels)
+    """GroupNorm groups: up to 32 as in DDPM, but at least 4 channels per group. With one channel
+    per group the norm would be per-channel and erase any per-channel signal added before it."""
+    return math.gcd(32, max(1, channels // 4))
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -62,14 +63,18 @@ def timestep_embedding(t, dim, max_period=10000.0):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, add the (time, class) embedding, GroupNorm -> SiLU -> dropout
-    -> conv, plus a skip connection (1x1 conv when the channel count changes)."""
+    """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the (time, class) embedding ->
+    SiLU -> dropout -> conv, plus a skip connection (1x1 conv when the channel count changes).
+
+    The embedding scales and shifts the normalised features, norm(h) * (1 + scale) + shift (ADM's
+    "adaptive group normalization", Dhariwal & Nichol 2021 Sec. 3). DDPM instead adds the embedding
+    before the norm; the norm then subtracts part of it again, all of it with one channel per group."""
 
     def __init__(self, in_channels, out_channels, embedding_dim, dropout):
         super().__init__()
         self.norm1 = nn.GroupNorm(group_count(in_channels), in_channels)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embedding = nn.Linear(embedding_dim, out_channels)  # per-channel shift from the embedding
+        self.embedding = nn.Linear(embedding_dim, 2 * out_channels)  # per-channel scale and shift
         self.norm2 = nn.GroupNorm(group_count(out_channels), out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -80,8 +85,9 @@ class ResBlock(nn.Module):
     def forward(self, x, embedding):
         # x: [B x C_in x H x W], embedding: [B x E] (already passed through SiLU)
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.embedding(embedding)[:, :, None, None]  # broadcast over H x W
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        scale, shift = self.embedding(embedding)[:, :, None, None].chunk(2, dim=1)  # each [B x C_out x 1 x 1]
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h                               # [B x C_out x H x W]
 
 

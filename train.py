@@ -246,7 +246,7 @@ def main(argv=None):
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     config["run_name"] = run_name
-    print(f"run {run_name}: {len(dataset)} images, {dataset.channels} channels, {args.image_size}x{args.image_size}, "
+    print(f"run {run_name}: {len(dataset)} images ({dataset.channels}-channel, {args.image_size}x{args.image_size}), "
           f"{len(class_names) or 'no'} classes, device {device}{', resuming at step ' + str(step) if resumed else ''}")
     print(diffusion.describe())
     print(f"model: {count_parameters(model) / 1e6:.2f} M parameters, {model_config}")

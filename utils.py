@@ -245,11 +245,16 @@ def save_checkpoint(state, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, a second Ctrl-C: drop the partial file, keep the old checkpoint
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def load_checkpoint(path, required=("model_config", "diffusion_config")):

@@ -1,0 +1,185 @@
+"""train.py and sample.py end to end, as a user runs them, on a tiny generated image folder."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+
+
+def read_log(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_then_sample_with_only_the_checkpoint_path(tmp_path, image_folder):
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "4",
+                        "--save_every", "2", "--sample_every", "2", cwd=tmp_path)
+    assert "run pets: 12 images (3-channel, 16x16), 2 classes" in result.stdout
+    assert "sqrt(alpha_bar_T)=" in result.stdout  # the start-up line names the terminal signal
+
+    # The run is named after the folder; both checkpoints describe themselves in plain types.
+    full = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+    ema = torch.load(tmp_path / "checkpoints" / "pets_ema.pt", map_location="cpu", weights_only=True)
+    assert full["step"] == ema["step"] == 4
+    assert ema["class_names"] == ["cat", "dog"] and ema["model_config"]["num_classes"] == 2
+    assert ema["model_config"]["image_size"] == 16 and ema["diffusion_config"]["timesteps"] == 20
+    assert set(ema) == {"kind", "ema", "model_config", "diffusion_config", "class_names", "step"}
+    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(full)
+    assert full["config"]["max_steps"] == 4 and full["config"]["channel_mults"] == [1, 2]
+    assert not any(str(p).endswith(".tmp") or ".tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert not torch.equal(full["model"]["output.2.weight"], ema["ema"]["output.2.weight"])  # EMA != live
+
+    samples = tmp_path / "samples" / "pets"
+    assert (samples / "step_0000002.png").is_file() and (samples / "step_0000004.png").is_file()
+    assert [row["step"] for row in read_log(samples / "loss.csv")] == ["1", "2", "3", "4"]
+    assert (samples / "loss.png").is_file()
+
+    result = run_script("sample.py", "--ckpt", "checkpoints/pets_ema.pt", cwd=tmp_path)
+    grid = Image.open(tmp_path / "samples" / "pets_ema.png")
+    assert grid.mode == "RGB" and grid.size == (2 + 4 * 18, 2 + 4 * 18)  # 16 samples of 16x16 in a 4x4 grid
+
+    # The full checkpoint samples too (with its EMA weights), and so do the optional outputs.
+    run_script("sample.py", "--ckpt", "checkpoints/pets.pt", "--num_samples", "3", "--batch_size", "2",
+               "--individual_dir", "each", "--gif", "reverse.gif", "--gif_frames", "5", "--out", "grid.png", cwd=tmp_path)
+    files = sorted(os.listdir(tmp_path / "each"))
+    assert files == ["sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    for name in files:
+        image = Image.open(tmp_path / "each" / name)
+        assert image.size == (16, 16) and image.mode == "RGB"
+    gif = Image.open(tmp_path / "reverse.gif")
+    assert gif.n_frames == 6  # the first step and every 4th of T = 20
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_resume_continues_at_the_saved_step_with_the_saved_settings(tmp_path, image_folder):
+    run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "3",
+               "--sample_every", "0", "--lr", "1e-3", cwd=tmp_path)
+    result = run_script("train.py", "--dataset_path", image_folder, "--resume", "--max_steps", "5",
+                        "--sample_every", "0", cwd=tmp_path)
+    assert "resuming at step 3" in result.stdout
+    full = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+    assert full["step"] == 5
+    assert full["config"]["lr"] == 1e-3 and full["config"]["image_size"] == 16  # not the defaults
+    assert full["optimizer"]["state"][0]["step"].item() == 5  # the optimizer continued too
+    assert [row["step"] for row in read_log(tmp_path / "samples" / "pets" / "loss.csv")] == ["1", "2", "3", "4", "5"]
+
+
+def test_unconditional_grayscale_folder(tmp_path):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("L", (20, 20), color=i * 80).save(folder / f"{i}.png")
+    result = run_script("train.py", "--dataset_path", folder, *TINY_TRAIN_FLAGS, "--max_steps", "2",
+                        "--sample_every", "0", cwd=tmp_path)
+    assert "3 images (1-channel, 16x16)" in result.stdout and "no classes" in result.stdout
+    assert "batch_size lowered" in result.stdout
+    run_script("sample.py", "--ckpt", "checkpoints/digits_ema.pt", "--individual_dir", "out", "--num_samples", "2",
+               cwd=tmp_path)
+    assert Image.open(tmp_path / "out" / "sample_00000.png").mode == "L"
+
+
+def test_builtin_shapes_dataset_is_the_default(tmp_path):
+    result = run_script("train.py", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0", cwd=tmp_path)
+    assert "run shapes: 10000 images (3-channel, 16x16)" in result.stdout
+    assert (tmp_path / "checkpoints" / "shapes_ema.pt").is_file()
+
+
+def start_training(tmp_path, folder, *extra):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataset_path", str(folder),
+                             *TINY_TRAIN_FLAGS, "--max_steps", "100000", "--sample_every", "0", *extra],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(tmp_path, process, timeout=60):
+    """Wait until the run has taken a few steps (its progress bar goes to stderr)."""
+    deadline = time.time() + timeout
+    seen = ""
+    while time.time() < deadline:
+        chunk = os.read(process.stderr.fileno(), 65536).decode(errors="ignore")
+        seen += chunk
+        if any(f" {n}/100000" in seen for n in range(3, 50)):
+            return
+        if not chunk and process.poll() is not None:
+            break
+    raise AssertionError("training did not start: " + seen[-2000:])
+
+
+def test_ctrl_c_and_sigterm_save_a_checkpoint_before_exiting(tmp_path, image_folder):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        process = start_training(tmp_path, image_folder, "--save_every", "100000")
+        wait_for_steps(tmp_path, process)
+        process.send_signal(sig)
+        stdout, _ = process.communicate(timeout=60)
+        assert process.returncode == 130
+        assert "interrupted at step" in stdout
+        state = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+        assert state["step"] >= 3
+        assert (tmp_path / "checkpoints" / "pets_ema.pt").is_file()
+        os.remove(tmp_path / "checkpoints" / "pets.pt")
+
+
+# --- bad input: one clear line, never a traceback --------------------------------------------
+
+def test_missing_dataset_folder(tmp_path):
+    assert_one_line_error(run_script("train.py", "--dataset_path", "nowhere", cwd=tmp_path, check=False),
+                          "--dataset_path nowhere", "no such folder")
+
+
+def test_empty_dataset_folder(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert_one_line_error(run_script("train.py", "--dataset_path", "empty", cwd=tmp_path, check=False),
+                          "no image files found")
+
+
+def test_folder_with_no_readable_image(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"this is not a png")
+    result = run_script("train.py", "--dataset_path", "broken", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "none of the 1 image files could be read", "tools/clean_dataset.py")
+
+
+def test_image_size_the_unet_cannot_halve(tmp_path, image_folder):
+    result = run_script("train.py", "--dataset_path", image_folder, "--image_size", "30", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--image_size 30", "divisible by 4")
+
+
+def test_resume_without_a_checkpoint(tmp_path, image_folder):
+    result = run_script("train.py", "--dataset_path", image_folder, "--resume", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--resume", "checkpoints/pets.pt")
+
+
+def test_bad_checkpoints(tmp_path, image_folder):
+    assert_one_line_error(run_script("sample.py", "--ckpt", "missing.pt", cwd=tmp_path, check=False),
+                          "--ckpt missing.pt", "no such file")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
+    assert_one_line_error(run_script("sample.py", "--ckpt", "junk.pt", cwd=tmp_path, check=False),
+                          "not a checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert_one_line_error(run_script("sample.py", "--ckpt", "other.pt", cwd=tmp_path, check=False),
+                          "lacks model_config")
+    # A checkpoint whose weights do not match its own config (a key removed): strict loading refuses.
+    run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1",
+               "--sample_every", "0", cwd=tmp_path)
+    state = torch.load(tmp_path / "checkpoints" / "pets_ema.pt", weights_only=True)
+    del state["ema"]["output.2.bias"]
+    torch.save(state, tmp_path / "edited.pt")
+    assert_one_line_error(run_script("sample.py", "--ckpt", "edited.pt", cwd=tmp_path, check=False),
+                          "do not match", "output.2.bias")
+
+
+def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
+    """An absurd learning rate makes the loss infinite within a few steps: training stops naming the
+    step and the t values, and the checkpoint on disk is the last one written with finite weights."""
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "200",
+                        "--lr", "1e30", "--grad_clip", "1e30", "--warmup_steps", "1", "--save_every", "1",
+                        "--sample_every", "0", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "loss became", "t values in the batch", "last good checkpoint")
+    state = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())

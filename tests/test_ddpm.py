@@ -1,0 +1,198 @@
+"""The identities of Ho et al. 2020 (and the schedules), stated in code. Each test is a worked example."""
+import math
+
+import pytest
+import torch
+
+from ddpm import GaussianDiffusion, cosine_beta_schedule, linear_beta_schedule, make_beta_schedule
+from utils import UsageError
+
+torch.set_default_dtype(torch.float32)
+
+
+def test_timestep_convention_code_t_is_paper_t_plus_one():
+    """Code t = 0 .. T-1 holds the paper's t = 1 .. T: betas[0] is beta_1 = 1e-4, betas[T-1] is
+    beta_T = 0.02 (DDPM Sec. 4), alphas_cumprod[t] multiplies alphas[0..t], and the 'previous'
+    alpha_bar of code t = 0 (paper alpha_bar_0) is 1."""
+    d = GaussianDiffusion(timesteps=1000, schedule="linear")
+    assert d.betas.shape == (1000,)
+    assert d.betas[0].item() == pytest.approx(1e-4)
+    assert d.betas[-1].item() == pytest.approx(0.02)
+    assert d.alphas_cumprod[0].item() == pytest.approx(1 - 1e-4)
+    assert d.alphas_cumprod[-1].item() == pytest.approx(torch.prod(1 - linear_beta_schedule(1000)).item(), rel=1e-5)
+    assert d.alphas_cumprod_prev[0].item() == 1.0
+    assert torch.allclose(d.alphas_cumprod_prev[1:], d.alphas_cumprod[:-1])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("timesteps", [10, 50, 100, 250, 1000, 4000])
+def test_terminal_signal_is_near_zero_for_every_schedule_and_T(schedule, timesteps):
+    """x_T must be (almost) pure noise so that sampling may start from N(0, I):
+    sqrt(alpha_bar_T) is the fraction of the image left at the end."""
+    d = GaussianDiffusion(timesteps=timesteps, schedule=schedule)
+    assert d.sqrt_alphas_cumprod[-1].item() < 0.01
+    assert torch.all(d.betas > 0) and torch.all(d.betas < 1)
+    assert torch.all(d.alphas_cumprod[1:] < d.alphas_cumprod[:-1])  # noise only ever grows
+
+
+def test_cosine_schedule_matches_iddpm_eq_17():
+    """alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), wherever beta was not clipped."""
+    T, s = 100, 0.008
+    alphas_cumprod = torch.cumprod(1 - cosine_beta_schedule(T), 0)
+    f = lambda t: math.cos(((t / T + s) / (1 + s)) * math.pi / 2) ** 2
+    for paper_t in (1, 10, 50, 90):
+        assert alphas_cumprod[paper_t - 1].item() == pytest.approx(f(paper_t) / f(0), rel=1e-9)
+
+
+def test_closed_form_marginal_matches_iterating_single_steps():
+    """q(x_t | x_0) of eq. 4 equals applying q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
+    (eq. 2) t times: the mean scale is prod sqrt(alpha_s) and the variance follows
+    var_t = alpha_t var_{t-1} + beta_t from 0, which must equal 1 - alpha_bar_t."""
+    d = GaussianDiffusion(timesteps=200, schedule="cosine")
+    scale, variance = 1.0, 0.0
+    for t in range(200):
+        scale *= math.sqrt(1 - d.betas[t].item())
+        variance = (1 - d.betas[t].item()) * variance + d.betas[t].item()
+        assert scale == pytest.approx(d.sqrt_alphas_cumprod[t].item(), rel=1e-4, abs=1e-6)
+        assert math.sqrt(variance) == pytest.approx(d.sqrt_one_minus_alphas_cumprod[t].item(), rel=1e-4)
+
+
+def test_closed_form_marginal_matches_iterated_sampling_empirically():
+    """The same identity by simulation: noise one image step by step and in one shot, compare statistics."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(timesteps=50)
+    x0 = torch.full((20000, 1), 0.7)
+    x = x0.clone()
+    for t in range(30):  # 30 single steps of eq. 2
+        x = (1 - d.betas[t]).sqrt() * x + d.betas[t].sqrt() * torch.randn_like(x)
+    direct = d.q_sample(x0, torch.full((20000,), 29), torch.randn_like(x0))  # one step of eq. 4
+    assert x.mean().item() == pytest.approx(direct.mean().item(), abs=0.03)
+    assert x.std().item() == pytest.approx(direct.std().item(), abs=0.03)
+
+
+def test_posterior_is_the_bayes_posterior_of_the_forward_process():
+    """Eq. 7 from Gaussian conditioning: with prior q(x_{t-1} | x_0) = N(sqrt(ab_{t-1}) x_0, 1 - ab_{t-1})
+    and likelihood q(x_t | x_{t-1}) = N(sqrt(a_t) x_{t-1}, beta_t), the posterior precision is
+    1/(1 - ab_{t-1}) + a_t/beta_t and the mean is variance * (prior mean/prior var + sqrt(a_t) x_t/beta_t)."""
+    d = GaussianDiffusion(timesteps=100, schedule="linear")
+    x0, xt = torch.tensor([[0.3]]), torch.tensor([[-0.5]])
+    for t in range(1, 100, 7):  # code t >= 1 (paper t >= 2), where the prior has variance
+        a, b, ab_prev = d.alphas[t].double(), d.betas[t].double(), d.alphas_cumprod_prev[t].double()
+        variance = 1 / (1 / (1 - ab_prev) + a / b)
+        mean = variance * (ab_prev.sqrt() * 0.3 / (1 - ab_prev) + a.sqrt() * -0.5 / b)
+        got_mean, got_variance, got_log_variance = d.q_posterior_mean_variance(x0, xt, torch.tensor([t]))
+        assert got_mean.item() == pytest.approx(mean.item(), rel=1e-4)
+        assert got_variance.item() == pytest.approx(variance.item(), rel=1e-4)
+        assert got_log_variance.item() == pytest.approx(math.log(variance.item()), rel=1e-4)
+
+
+def test_posterior_log_variance_is_clipped_at_t0():
+    d = GaussianDiffusion(timesteps=100)
+    assert d.posterior_variance[0].item() == 0.0  # x_0 is known exactly given x_1 and x_0
+    assert d.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(d.posterior_variance[1].item()))
+    assert torch.isfinite(d.posterior_log_variance_clipped).all()
+
+
+def test_predict_x0_from_eps_inverts_q_sample():
+    """Eq. 15 undoes eq. 4 exactly when given the true noise."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(timesteps=1000)
+    x0, noise = torch.rand(8, 3, 4, 4) * 2 - 1, torch.randn(8, 3, 4, 4)
+    t = torch.tensor([0, 1, 10, 100, 500, 900, 998, 999])
+    x0_back = d.predict_x0_from_eps(d.q_sample(x0, t, noise), t, noise)
+    assert torch.allclose(x0_back, x0, atol=2e-3)  # float32; the worst case is t = T-1, ab ~ 4e-5
+    assert torch.allclose(x0_back[:6], x0[:6], atol=1e-5)
+
+
+def test_both_forms_of_the_reverse_mean_agree():
+    """Eq. 11, mu = (x_t - beta_t / sqrt(1 - ab_t) eps) / sqrt(a_t), equals the posterior mean of
+    eq. 7 taken at x_0 = x^_0(x_t, eps) of eq. 15, which is how p_mean_variance computes it."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(timesteps=100, schedule="cosine")
+    xt, eps = torch.randn(6, 1, 3, 3), torch.randn(6, 1, 3, 3)
+    t = torch.tensor([0, 1, 20, 50, 80, 99])
+    model = lambda x, t_, y: eps
+    mean = d.p_mean_variance(model, xt, t, clip_denoised=False)["mean"]
+    b = d.betas[t].reshape(-1, 1, 1, 1)
+    eq11 = (xt - b / d.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1) * eps) / d.alphas[t].sqrt().reshape(-1, 1, 1, 1)
+    assert torch.allclose(mean, eq11, atol=1e-4)
+
+
+def test_training_loss_is_zero_for_a_model_that_knows_the_noise():
+    """Algorithm 1 line 5: the loss measures the distance to the true eps, so an oracle scores 0."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(timesteps=100)
+    x0, noise, t = torch.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randint(0, 100, (4,))
+    oracle = lambda x, t_, y: noise
+    for loss in ("l2", "l1", "huber"):
+        d.loss = loss
+        assert d.training_loss(oracle, x0, t=t, noise=noise)[0].item() == 0.0
+    d.loss = "l2"
+    zero = lambda x, t_, y: torch.zeros_like(x)
+    assert d.training_loss(zero, x0, t=t, noise=noise)[0].item() == pytest.approx(noise.pow(2).mean().item())
+
+
+def test_training_draws_t_uniformly_from_0_to_T_minus_1():
+    d = GaussianDiffusion(timesteps=5)
+    seen = []
+    model = lambda x, t, y: (seen.append(t.clone()), torch.zeros_like(x))[1]
+    torch.manual_seed(0)
+    for _ in range(50):
+        d.training_loss(model, torch.zeros(64, 1, 2, 2))
+    counts = torch.bincount(torch.cat(seen), minlength=5)
+    assert len(counts) == 5 and counts.min() > 500  # each of 0..4 about 640 times of 3200, nothing else
+
+
+def test_sampler_visits_each_t_exactly_once_from_T_minus_1_to_0():
+    """Algorithm 2 line 2 (for t = T, ..., 1), in code t = T-1, ..., 0: T network calls in order."""
+    d = GaussianDiffusion(timesteps=25)
+    calls = []
+    def model(x, t, y):
+        calls.append(t.tolist())
+        return torch.zeros_like(x)
+    out = d.sample(model, (3, 1, 4, 4), progress=False)
+    assert [c[0] for c in calls] == list(range(24, -1, -1))
+    assert all(len(set(c)) == 1 and len(c) == 3 for c in calls)
+    assert out.shape == (3, 1, 4, 4)
+
+
+def test_last_sampling_step_adds_no_noise():
+    """Algorithm 2 line 3: z = 0 at paper t = 1 (code t = 0), so that step is deterministic,
+    while every other step is random."""
+    d = GaussianDiffusion(timesteps=10)
+    model = lambda x, t, y: torch.zeros_like(x)
+    x = torch.randn(2, 1, 4, 4)
+    last = [d.p_sample(model, x, torch.zeros(2, dtype=torch.long))[0] for _ in range(2)]
+    assert torch.equal(last[0], last[1])
+    other = [d.p_sample(model, x, torch.full((2,), 5))[0] for _ in range(2)]
+    assert not torch.equal(other[0], other[1])
+
+
+def test_sampling_with_the_true_noise_recovers_a_single_training_image():
+    """If the 'model' is the exact denoiser for a data set of one image x*, eps(x_t, t) =
+    (x_t - sqrt(ab_t) x*) / sqrt(1 - ab_t), Algorithm 2 must return x* (each x^_0 is exactly x*)."""
+    torch.manual_seed(0)
+    d = GaussianDiffusion(timesteps=50)
+    target = torch.rand(1, 3, 4, 4) * 1.6 - 0.8
+    def exact(x, t, y):
+        return (x - d.sqrt_alphas_cumprod[t].reshape(-1, 1, 1, 1) * target) / d.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    out, trajectory = d.sample(exact, (2, 3, 4, 4), trajectory_every=10, progress=False)
+    assert torch.allclose(out, target.expand(2, -1, -1, -1), atol=1e-4)
+    assert [step for step, _, _ in trajectory] == [49, 40, 30, 20, 10, 0]
+    assert all(x0.shape == (2, 3, 4, 4) for _, _, x0 in trajectory)
+
+
+def test_bad_schedule_settings_are_usage_errors():
+    with pytest.raises(UsageError, match="--timesteps"):
+        make_beta_schedule("linear", 1)
+    with pytest.raises(UsageError, match="--schedule"):
+        make_beta_schedule("quadratic", 100)
+    with pytest.raises(UsageError, match="--loss"):
+        GaussianDiffusion(loss="l3")
+
+
+def test_config_rebuilds_the_same_diffusion():
+    d = GaussianDiffusion(timesteps=123, schedule="cosine", loss="huber", variance="beta")
+    again = GaussianDiffusion(**d.config())
+    assert torch.equal(d.posterior_mean_coef1, again.posterior_mean_coef1) and again.config() == d.config()
+    assert all(type(v) in (int, str) for v in d.config().values())

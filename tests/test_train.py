@@ -1,0 +1,106 @@
+"""The training aids around Algorithm 1: accumulation, EMA, learning-rate schedule, and that it learns."""
+import copy
+
+import pytest
+import torch
+
+from ddpm import GaussianDiffusion
+from model import build_model
+from train import accumulate_gradients, lr_lambda, update_ema
+
+TINY = dict(image_size=8, base_channels=16, channel_mults=[1, 2], num_res_blocks=1, dropout=0.0)
+
+
+def gradients(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
+    """Each micro-batch's mean loss is divided by k, so the summed gradient is that of the mean over k*B."""
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(timesteps=50)
+    model = build_model(TINY)
+    for p in model.parameters():  # leave the zero start so every layer gets a gradient
+        torch.nn.init.normal_(p, std=0.05)
+    x0, noise, t = torch.randn(12, 3, 8, 8), torch.randn(12, 3, 8, 8), torch.randint(0, 50, (12,))
+    loss_fn = lambda idx: diffusion.training_loss(model, x0[idx], t=t[idx], noise=noise[idx])
+    no_scaling = torch.amp.GradScaler("cuda", enabled=False)
+
+    big_loss = accumulate_gradients(loss_fn, [torch.arange(12)], no_scaling)
+    big = gradients(model)
+    model.zero_grad()
+    micro_loss = accumulate_gradients(loss_fn, [torch.arange(0, 4), torch.arange(4, 8), torch.arange(8, 12)], no_scaling)
+    micro = gradients(model)
+    assert micro_loss == pytest.approx(big_loss, rel=1e-5)
+    for a, b in zip(big, micro):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_non_finite_loss_stops_with_the_t_values():
+    from train import NonFiniteLoss
+    bad = lambda batch: (torch.tensor(float("nan"), requires_grad=True), torch.tensor([3, 17]))
+    with pytest.raises(NonFiniteLoss, match=r"t values in the batch: \[3, 17\]"):
+        accumulate_gradients(bad, [None], torch.amp.GradScaler("cuda", enabled=False))
+
+
+def test_ema_is_a_separate_copy_that_trails_the_live_weights():
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    for p, e in zip(model.parameters(), ema.parameters()):
+        assert p.data_ptr() != e.data_ptr()  # never aliased
+    before = [e.clone() for e in ema.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_ema(ema, model, decay=0.999, step=10 ** 6)  # warm-up long over: decay 0.999
+    for e, b, p in zip(ema.parameters(), before, model.parameters()):
+        assert torch.allclose(e, b + 0.001, atol=1e-6)  # moved 0.1% of the way
+        assert not torch.equal(e, p)
+
+
+def test_ema_warm_up_forgets_the_random_start_quickly():
+    """decay_used = min(decay, (1 + step) / (10 + step)): 0.1 at step 0, so the EMA jumps 90% of the way."""
+    ema, live = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(ema.weight)
+    torch.nn.init.ones_(live.weight)
+    update_ema(ema, live, decay=0.999, step=0)
+    assert ema.weight.item() == pytest.approx(0.9)
+    update_ema(ema, live, decay=0.5, step=10 ** 6)  # later the given decay rules
+    assert ema.weight.item() == pytest.approx(0.95)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factors = [lr_lambda(s, warmup_steps=10, max_steps=110) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    assert factors[60] == pytest.approx(0.5, abs=1e-6)  # half-way through the cosine
+    assert factors[110] == pytest.approx(0.0, abs=1e-9)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+def test_a_tiny_model_overfits_one_batch():
+    """Algorithm 1 on one fixed batch of 4 images: the eps-loss, measured on a fixed set of (t, eps),
+    falls by a large factor. If the model, the loss or the update were wired wrong it would not."""
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(timesteps=100)
+    model = build_model(TINY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    eval_t, eval_noise = torch.tensor([5, 30, 60, 95] * 4), torch.randn(16, 3, 8, 8)
+    eval_x0 = x0.repeat(4, 1, 1, 1)
+
+    def eval_loss():
+        with torch.no_grad():
+            return diffusion.training_loss(model.eval(), eval_x0, t=eval_t, noise=eval_noise)[0].item()
+
+    before = eval_loss()
+    model.train()
+    for _ in range(300):
+        loss, _ = diffusion.training_loss(model, x0.repeat(4, 1, 1, 1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = eval_loss()
+    assert before == pytest.approx(1.0, abs=0.2)  # the zero-initialised output predicts 0: loss = E[eps^2]
+    assert after < before / 5, (before, after)

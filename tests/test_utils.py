@@ -1,0 +1,101 @@
+"""Datasets, checkpoints and pictures: the plumbing must not lose data or hide bad input."""
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import utils
+from conftest import make_image_folder
+from utils import (ImageFolderDataset, UsageError, from_model_range, load_builtin_dataset, load_checkpoint,
+                   make_shapes_dataset, save_checkpoint, to_model_range)
+
+
+def test_folder_dataset_labels_sizes_and_modes(tmp_path):
+    folder = make_image_folder(tmp_path / "pets")
+    data = ImageFolderDataset(folder, image_size=16)
+    assert data.class_names == ["cat", "dog"] and len(data) == 12 and data.channels == 3
+    image, label = data[7]
+    assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and label == 1
+    gray = ImageFolderDataset(folder, image_size=8, channels=1)
+    assert gray[0][0].shape == (1, 8, 8)
+
+
+def test_resize_keeps_aspect_and_crops_the_centre(tmp_path):
+    """An 80x20 image, black with a white middle half, becomes all white at 8x8: the shorter side
+    is resized to 8 (the width to 32) and only the centre 8 columns are kept."""
+    image = Image.new("RGB", (80, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (20, 0, 60, 20))
+    (tmp_path / "one").mkdir()
+    image.save(tmp_path / "one" / "wide.png")
+    x, label = ImageFolderDataset(tmp_path / "one", image_size=8)[0]
+    assert label == 0 and x.min().item() >= 250
+
+
+def test_unreadable_and_truncated_files_are_skipped_with_a_warning_naming_them(tmp_path):
+    folder = make_image_folder(tmp_path / "pets", per_class=2)
+    (folder / "cat" / "junk.png").write_bytes(b"not an image")
+    good = folder / "dog" / "big.jpg"
+    noise = torch.randint(0, 256, (128, 128, 3), dtype=torch.uint8).numpy()
+    Image.fromarray(noise).save(good, quality=95)  # big enough that half the file still holds the header
+    data = good.read_bytes()
+    (folder / "dog" / "cut.jpg").write_bytes(data[: len(data) // 2])  # header fine, pixels missing
+    with pytest.warns(UserWarning, match="junk.png"):
+        dataset = ImageFolderDataset(folder, image_size=16)
+    assert len(dataset) == 6  # 4 good + big.jpg + cut.jpg (its header still reads)
+    index = [p for p, _ in dataset.samples].index(str(folder / "dog" / "cut.jpg"))
+    with pytest.warns(UserWarning, match="cut.jpg"):
+        image, label = dataset[index]
+    assert image.shape == (3, 16, 16)  # a neighbour came back instead
+
+
+def test_loose_images_beside_class_folders_are_ignored_with_a_warning(tmp_path):
+    folder = make_image_folder(tmp_path / "pets", per_class=1)
+    Image.new("RGB", (8, 8)).save(folder / "stray.png")
+    with pytest.warns(UserWarning, match="ignored"):
+        assert len(ImageFolderDataset(folder, image_size=8)) == 2
+
+
+def test_shapes_dataset_is_deterministic_and_labelled():
+    images, labels, names = make_shapes_dataset(num_images=200, image_size=24, seed=3)
+    again, _, _ = make_shapes_dataset(num_images=200, image_size=24, seed=3)
+    assert images.shape == (200, 3, 24, 24) and images.dtype == torch.uint8 and torch.equal(images, again)
+    assert set(labels.tolist()) == {0, 1, 2, 3} and names == ["circle", "square", "triangle", "ring"]
+    # Each image has a bright shape on a dark background.
+    assert (images.amax(dim=(1, 2, 3)) > 80).all() and (images.amin(dim=(1, 2, 3)) < 70).all()
+
+
+def test_downloadable_dataset_offline_is_one_clear_error(monkeypatch, tmp_path):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    with pytest.raises(UsageError, match="--dataset mnist: could not download"):
+        load_builtin_dataset("mnist", 32, root=str(tmp_path))
+    with pytest.raises(UsageError, match="--dataset imagenet: unknown"):
+        load_builtin_dataset("imagenet", 32)
+
+
+def test_model_range_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    scaled = to_model_range(x)
+    assert scaled.min().item() == -1.0 and scaled.max().item() == 1.0
+    assert torch.equal(from_model_range(scaled), x)
+    assert from_model_range(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # clamped
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """If writing fails half-way (a crash, a full disk), the previous checkpoint is untouched."""
+    path = tmp_path / "run.pt"
+    save_checkpoint({"step": 1, "model_config": {}, "diffusion_config": {}}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(utils.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(str(path))["step"] == 1
+    assert os.listdir(tmp_path) == ["run.pt"]  # the partial temporary file was removed
