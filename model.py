@@ -3,7 +3,7 @@ model.py: the network. UNet(x_t, t, y) -> a tensor shaped like x_t (the predicte
 
 It knows nothing about diffusion: it maps an image, an integer timestep and an optional class
 label to an image. ddpm.py decides what the output means. The architecture follows the DDPM
-paper's (Ho et al. 2020, Appendix B: a PixelCNN++-style UNet with group normalisation, a
+paper's (Ho et al. 2020, Sec. 4: a PixelCNN++-style UNet with group normalisation, a
 Transformer sinusoidal timestep embedding and self-attention at low resolutions), as refined in
 Improved DDPM and ADM (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
 
@@ -53,7 +53,7 @@ def group_count(channels):
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of integer timesteps, as in the Transformer (DDPM Appendix B).
+    """Sinusoidal embedding of integer timesteps, as in the Transformer (DDPM Sec. 4).
     t: int64 [B] -> float [B x dim]; half the dimensions are sines, half cosines, at
     frequencies from 1 down to 1/max_period, so nearby t get nearby (but distinct) vectors."""
     half = dim // 2
@@ -66,9 +66,10 @@ class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the (time, class) embedding ->
     SiLU -> dropout -> conv, plus a skip connection (1x1 conv when the channel count changes).
 
-    The embedding scales and shifts the normalised features, norm(h) * (1 + scale) + shift (ADM's
-    "adaptive group normalization", Dhariwal & Nichol 2021 Sec. 3). DDPM instead adds the embedding
-    before the norm; the norm then subtracts part of it again, all of it with one channel per group."""
+    The embedding scales and shifts the normalised features, norm(h) * (1 + scale) + shift: the
+    "adaptive group normalization" of Dhariwal & Nichol 2021 (their architecture section). DDPM
+    adds the embedding before the norm instead, which then subtracts part of it again (all of it
+    with one channel per group)."""
 
     def __init__(self, in_channels, out_channels, embedding_dim, dropout):
         super().__init__()
@@ -127,7 +128,7 @@ class UNet(nn.Module):
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         embedding_dim = 4 * base_channels
 
-        # Timestep t -> sinusoid -> MLP (DDPM Appendix B); a class label adds a learned vector.
+        # Timestep t -> sinusoid -> MLP (DDPM Sec. 4); a class label adds a learned vector.
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, embedding_dim), nn.SiLU(),
                                       nn.Linear(embedding_dim, embedding_dim))
         # num_classes + 1 rows: the last row is "no label", used for unconditional samples

@@ -17,13 +17,13 @@ from PIL import Image
 
 from ddpm import VARIANCES, GaussianDiffusion
 from model import build_model
-from utils import (UsageError, from_model_range, load_checkpoint, load_weights, make_grid_image, pick_device,
-                   save_gif, save_grid, seed_everything)
+from utils import (HelpFormatter, UsageError, from_model_range, load_checkpoint, load_weights, make_grid_image,
+                   pick_device, save_gif, save_grid, seed_everything)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a checkpoint written by train.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoints/<run>_ema.pt or checkpoints/<run>.pt")
     p.add_argument("--num_samples", type=int, default=16, help="how many images to draw")
     p.add_argument("--batch_size", type=int, default=64, help="images denoised at once (lower it if memory is short)")

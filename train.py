@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from ddpm import LOSSES, SCHEDULES, GaussianDiffusion
 from model import build_model, count_parameters, resolve_model_config
-from utils import (ImageFolderDataset, UsageError, from_model_range, load_builtin_dataset, load_checkpoint,
-                   load_weights, pick_device, plot_loss, save_checkpoint, save_grid, seed_everything,
-                   to_model_range)
+from utils import (HelpFormatter, ImageFolderDataset, UsageError, from_model_range, load_builtin_dataset,
+                   load_checkpoint, load_weights, pick_device, plot_loss, save_checkpoint, save_grid,
+                   seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Flags that only steer this run (where to write, how long, on what device): on --resume these come
@@ -41,7 +41,7 @@ RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a DDPM (Ho et al. 2020) on a folder of images.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--dataset_path", default=None, help="folder of images; images in class subfolders "
                       "become labels, images directly inside mean unconditional")

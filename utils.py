@@ -12,6 +12,7 @@ Images travel through the project as uint8 tensors [C x H x W] in 0..255 until t
 turns a batch into floats in [-1, 1] (to_model_range); samples come back with from_model_range.
 DDPM Sec. 3.3 scales data this way so that the prior N(0, I) and the data share one scale.
 """
+import argparse
 import os
 import random
 import warnings
@@ -23,6 +24,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 class UsageError(Exception):
     """Bad input the user can fix (a wrong path, flag or file). Entry points print it as one line."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except None: those flags' help says what happens then."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 # ---------------------------------------------------------------------------------------------
