@@ -234,6 +234,13 @@ def main(argv=None):
 
     step = 0
     if resumed:
+        if resumed["model_config"] != model_config:  # e.g. a class folder was added since
+            saved_config = resumed["model_config"]
+            changed = [k for k in model_config if saved_config.get(k) != model_config[k]]
+            was = ", ".join(f"{k}={saved_config.get(k)}" for k in changed)
+            now = ", ".join(f"{k}={model_config[k]}" for k in changed)
+            raise UsageError(f"--resume: {full_path} was trained with {was}, but the data now gives {now}; "
+                             "restore the dataset or start a new --run_name")
         load_weights(model, resumed["model"], full_path)
         load_weights(ema_model, resumed["ema"], full_path)
         optimizer.load_state_dict(resumed["optimizer"])

@@ -183,3 +183,12 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image
     assert_one_line_error(result, "loss became", "t values in the batch", "last good checkpoint")
     state = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_after_the_dataset_changed_names_what_changed(tmp_path, image_folder):
+    run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1",
+               "--sample_every", "0", cwd=tmp_path)
+    make_image_folder(image_folder, classes=("bird",), per_class=2)  # a third class appears
+    result = run_script("train.py", "--dataset_path", image_folder, "--resume", "--max_steps", "2",
+                        cwd=tmp_path, check=False)
+    assert_one_line_error(result, "num_classes=2", "num_classes=3")

@@ -243,3 +243,20 @@ def test_clean_bad_input_is_one_line_error(tmp_path, data):
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_tool("clean_dataset.py", tmp_path / "empty"), "no images")
     assert not (data / "rej").exists()
+
+
+# --------------------------------------------------------------------------- export_npz.py
+
+
+def test_export_npz_writes_one_folder_per_label(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 6, 7), dtype=np.uint8)
+    np.savez(tmp_path / "digits.npz", x_train=x, y_train=np.array([3, 1, 3, 0, 1]))
+    result = run_tool("export_npz.py", tmp_path / "digits.npz", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0", "1", "3"]
+    assert sorted(p.name for p in (tmp_path / "out" / "3").iterdir()) == ["0.png", "2.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "3" / "2.png")), x[2])  # lossless
+    again = run_tool("export_npz.py", tmp_path / "digits.npz", tmp_path / "out")
+    assert_one_line_error(again, "not empty")
+    assert_one_line_error(run_tool("export_npz.py", tmp_path / "none.npz", tmp_path / "o2"), "no such file")
