@@ -31,7 +31,7 @@ DEFAULT_MODEL_CONFIG = dict(
     base_channels=32,         # channels at the highest resolution
     channel_mults=(1, 2, 2),  # channels per level = base_channels * mult; one level per entry
     num_res_blocks=2,         # residual blocks per level on the way down
-    attention_resolutions=None,  # resolutions that get self-attention; None = default_attention_resolutions
+    attention_resolutions=None,  # feature-map sizes with self-attention; None = default_attention_resolutions
     dropout=0.1,              # inside residual blocks (DDPM used 0.1 on CIFAR-10)
     num_classes=0,            # 0 = unconditional; else labels 0..num_classes-1, and num_classes = "no label"
     head_channels=32,         # channels per attention head
@@ -39,11 +39,13 @@ DEFAULT_MODEL_CONFIG = dict(
 
 
 def default_attention_resolutions(image_size, channel_mults):
-    """Attention where the feature map is 16x16 or smaller (DDPM used 16x16 on 32x32 CIFAR-10);
-    at least the lowest resolution always gets it. Attention is quadratic in the number of pixels,
-    which is why it is kept off the large maps."""
+    """Attention where the feature map is 8x8 or smaller, and always at the lowest resolution (the
+    middle block has attention too). DDPM used 16x16 on 32x32 CIFAR-10, but attention is quadratic in
+    the number of pixels: on a 2-CPU machine, attention at 16x16 as well cost the default model about
+    a quarter of its training speed (tools/peer_contender.py; README, Speed). Pass
+    --attention_resolutions 16 8 to get it back."""
     resolutions = [image_size // 2 ** level for level in range(len(channel_mults))]
-    return [r for r in resolutions if r <= 16] or [resolutions[-1]]
+    return [r for r in resolutions if r <= 8] or [resolutions[-1]]
 
 
 def group_count(channels):

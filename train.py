@@ -68,7 +68,7 @@ def parse_args(argv=None):
                        help="channel multiplier per UNet level; each extra level halves the resolution")
     model.add_argument("--num_res_blocks", type=int, default=2, help="residual blocks per level")
     model.add_argument("--attention_resolutions", type=int, nargs="*", default=None,
-                       help="feature-map sizes that get self-attention; default: 16 and below")
+                       help="feature-map sizes that get self-attention; default: 8x8 and below (at least the lowest level)")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout inside residual blocks")
 
     train = p.add_argument_group("optimisation")
