@@ -37,8 +37,15 @@ from tqdm import tqdm
 from utils import UsageError
 
 SCHEDULES = ("linear", "cosine")
-LOSSES = ("l2", "l1", "huber")
-VARIANCES = ("posterior", "beta")
+# Distances for the simple objective (Algorithm 1), and the two objectives built on the variational
+# bound that improved_ddpm.py implements (Improved DDPM eq. 16 'hybrid', and the bound alone, 'kl').
+SIMPLE_LOSSES = ("l2", "l1", "huber")
+VLB_LOSSES = ("hybrid", "kl")
+LOSSES = SIMPLE_LOSSES + VLB_LOSSES
+# sigma_t^2 of the reverse step: beta~_t, beta_t (DDPM Sec. 3.2), or learned (Improved DDPM eq. 15).
+VARIANCES = ("posterior", "beta", "learned")
+# What the network predicts: the noise eps (DDPM), the clean image x_0, or v (Salimans & Ho 2022).
+PREDICTIONS = ("eps", "x0", "v")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,17 +95,44 @@ def extract(constant, t, ndim):
 class GaussianDiffusion:
     """The DDPM forward process, its posterior, Algorithm 1 (training loss) and Algorithm 2
     (ancestral sampling). Holds no network: every method that needs one takes a callable
-    model(x_t, t, y) -> predicted eps."""
+    model(x_t, t, y) -> prediction [B x C x H x W] (or [B x 2C x H x W] with learned variances).
 
-    def __init__(self, timesteps=1000, schedule="linear", loss="l2", variance="posterior"):
+    Two later ideas are built in here because the sampler cannot work without them; each is marked
+    where it appears:
+      prediction = 'eps' | 'x0' | 'v'    what the network outputs (DDPM eq. 15; Salimans & Ho 2022)
+      learn_sigma                        the network also outputs the variance (Improved DDPM eq. 15)
+      min_snr_gamma                      the Min-SNR loss weighting (Hang et al. 2023), 0 = off
+    The variational-bound losses ('hybrid', 'kl') and respacing live in improved_ddpm.py."""
+
+    def __init__(self, timesteps=1000, schedule="linear", loss="l2", variance=None, prediction="eps",
+                 learn_sigma=False, min_snr_gamma=0.0):
         if loss not in LOSSES:
             raise UsageError(f"--loss {loss}: unknown; choose one of {', '.join(LOSSES)}")
+        if prediction not in PREDICTIONS:
+            raise UsageError(f"--prediction {prediction}: unknown; choose one of {', '.join(PREDICTIONS)}")
+        variance = variance or ("learned" if learn_sigma else "posterior")
         if variance not in VARIANCES:
             raise UsageError(f"variance {variance}: unknown; choose one of {', '.join(VARIANCES)}")
+        if variance == "learned" and not learn_sigma:
+            raise UsageError("--variance learned: this model does not output variances (it was not trained "
+                             "with --learn_sigma); use posterior or beta")
+        if learn_sigma and loss not in VLB_LOSSES:
+            raise UsageError(f"--learn_sigma with --loss {loss}: the simple loss gives the variance output no "
+                             "gradient; use --loss hybrid (Improved DDPM eq. 16) or --loss kl")
+        if loss == "hybrid" and not learn_sigma:
+            raise UsageError("--loss hybrid: its L_vlb part trains only the learned variances (Improved DDPM "
+                             "eq. 16), so it needs --learn_sigma; without it, use l2 (the same objective)")
+        if min_snr_gamma < 0:
+            raise UsageError(f"--min_snr_gamma {min_snr_gamma}: must be >= 0 (0 = off; the paper uses 5)")
         self.timesteps, self.schedule, self.loss, self.variance = timesteps, schedule, loss, variance
+        self.prediction, self.learn_sigma, self.min_snr_gamma = prediction, learn_sigma, float(min_snr_gamma)
+        self.set_betas(make_beta_schedule(schedule, timesteps))
 
+    def set_betas(self, betas, timestep_map=None):
+        """Precompute every constant from a float64 schedule betas [T'] (the constants table at the top).
+        timestep_map [T'] says which t of the network's training each step is: the identity, except for
+        a respaced diffusion (improved_ddpm.respace), whose step i is the network's t = timestep_map[i]."""
         # Computed in float64 (products of 1000 numbers near 1 lose digits in float32), stored in float32.
-        betas = make_beta_schedule(schedule, timesteps)
         alphas = 1.0 - betas                                                    # alpha_t (eq. 4 text)
         alphas_cumprod = torch.cumprod(alphas, dim=0)                           # alpha_bar_t (eq. 4)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -121,6 +155,8 @@ class GaussianDiffusion:
             # coef2 = sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            # SNR(t) = alpha_bar_t / (1 - alpha_bar_t): signal-to-noise ratio of x_t (Min-SNR, Hang et al.)
+            snr=alphas_cumprod / (1.0 - alphas_cumprod),
         )
         # beta~ is 0 at t = 0 (x_0 is then known exactly), so its log would be -inf: use beta~ of
         # the next step there, as Improved DDPM's code does. Only used where a log-variance is needed.
@@ -128,10 +164,13 @@ class GaussianDiffusion:
         constants["posterior_log_variance_clipped"] = variance_for_log.log()
         for name, value in constants.items():
             setattr(self, name, value.float())
+        self.timestep_map = torch.arange(len(betas)) if timestep_map is None else timestep_map.long()
+        return self  # on the CPU; .to(device) moves it
 
     def config(self):
         """The plain dict a checkpoint stores; GaussianDiffusion(**config) rebuilds this object."""
-        return dict(timesteps=self.timesteps, schedule=self.schedule, loss=self.loss, variance=self.variance)
+        return dict(timesteps=self.timesteps, schedule=self.schedule, loss=self.loss, variance=self.variance,
+                    prediction=self.prediction, learn_sigma=self.learn_sigma, min_snr_gamma=self.min_snr_gamma)
 
     def to(self, device):
         """Move every constant to device (the constants are plain tensor attributes)."""
@@ -143,9 +182,12 @@ class GaussianDiffusion:
     def describe(self):
         """One line for start-up: T, the beta range and the terminal signal sqrt(alpha_bar_T),
         which must be near 0 so that x_T is (almost) pure noise, matching the prior N(0, I)."""
-        return (f"diffusion: T={self.timesteps} {self.schedule} schedule, beta from {self.betas[0].item():.2e} "
-                f"to {self.betas[-1].item():.3g}, sqrt(alpha_bar_T)={self.sqrt_alphas_cumprod[-1].item():.2e}, "
-                f"loss {self.loss}")
+        steps = len(self.betas)
+        respaced = f" (respaced to {steps} steps)" if steps != self.timesteps else ""
+        return (f"diffusion: T={self.timesteps}{respaced} {self.schedule} schedule, beta from "
+                f"{self.betas[0].item():.2e} to {self.betas[-1].item():.3g}, sqrt(alpha_bar_T)="
+                f"{self.sqrt_alphas_cumprod[-1].item():.2e}, predicts {self.prediction}, loss {self.loss}, "
+                f"variance {self.variance}" + (f", min-SNR gamma {self.min_snr_gamma:g}" if self.min_snr_gamma else ""))
 
     # --- the forward process -------------------------------------------------------------------
 
@@ -163,28 +205,92 @@ class GaussianDiffusion:
         return (mean, extract(self.posterior_variance, t, xt.ndim),
                 extract(self.posterior_log_variance_clipped, t, xt.ndim))
 
+    # --- prediction targets: eps, x_0 and v are three views of one quantity ----------------------
+    # Given x_t, knowing any one of eps, x_0 or v fixes the other two (eq. 4 is one linear equation).
+    # Write a = sqrt(alpha_bar_t), s = sqrt(1 - alpha_bar_t), so a^2 + s^2 = 1 and x_t = a x_0 + s eps.
+
     def predict_x0_from_eps(self, xt, t, eps):
         """Invert eq. 4 for x_0 given the noise (eq. 15): x^_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         return (extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
 
+    def predict_eps_from_x0(self, xt, t, x0):
+        """Invert eq. 4 for the noise given x_0: eps = (x_t - a x_0) / s = (x_t / a - x_0) / sqrt(1/alpha_bar_t - 1)."""
+        return ((extract(self.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
+                / extract(self.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+
+    def v_target(self, x0, t, eps):
+        """v := a eps - s x_0 (Salimans & Ho 2022, Progressive Distillation; section unverified).
+        Like eps it has unit variance at every t, but unlike eps it stays informative at high noise."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * eps
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
+
+    def predict_x0_from_v(self, xt, t, v):
+        """x_0 = a x_t - s v (Salimans & Ho 2022): substitute x_t = a x_0 + s eps and use a^2 + s^2 = 1."""
+        return (extract(self.sqrt_alphas_cumprod, t, xt.ndim) * xt
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, xt.ndim) * v)
+
+    def predict_eps_from_v(self, xt, t, v):
+        """eps = s x_t + a v (Salimans & Ho 2022), by the same substitution."""
+        return (extract(self.sqrt_one_minus_alphas_cumprod, t, xt.ndim) * xt
+                + extract(self.sqrt_alphas_cumprod, t, xt.ndim) * v)
+
     # --- the reverse process -------------------------------------------------------------------
 
-    def p_mean_variance(self, model, xt, t, y=None, clip_denoised=True):
+    def model_output(self, model, xt, t, y=None):
+        """Call the network. t indexes this diffusion's steps; timestep_map turns it into the t the
+        network was trained with (they differ only for a respaced diffusion). [B x C(or 2C) x H x W]."""
+        return model(xt, self.timestep_map[t], y)
+
+    def split_output(self, output, channels):
+        """With learn_sigma the network outputs 2C channels: the prediction, then the variance values v
+        of Improved DDPM eq. 15. Returns (prediction [B x C x H x W], v [B x C x H x W] or None)."""
+        if self.learn_sigma:
+            return output[:, :channels], output[:, channels:]
+        return output, None
+
+    def predictions(self, xt, t, prediction, clip_denoised=True):
+        """(x^_0, eps^) from the network's prediction, whichever of eps, x_0, v it predicts. With clipping,
+        x^_0 is clipped to the data range [-1, 1] (Ho et al.'s code does this) and eps^ recomputed from the
+        clipped x^_0, so the pair stays consistent with x_t (DDIM's update relies on that)."""
+        if self.prediction == "eps":
+            eps = prediction
+            pred_x0 = self.predict_x0_from_eps(xt, t, eps)                     # eq. 15
+        elif self.prediction == "x0":
+            pred_x0 = prediction
+            eps = self.predict_eps_from_x0(xt, t, pred_x0)
+        else:
+            pred_x0 = self.predict_x0_from_v(xt, t, prediction)
+            eps = self.predict_eps_from_v(xt, t, prediction)
+        if clip_denoised:
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            eps = self.predict_eps_from_x0(xt, t, pred_x0)
+        return pred_x0, eps
+
+    def p_mean_variance(self, model, xt, t, y=None, clip_denoised=True, output=None):
         """The learned reverse step p_theta(x_{t-1} | x_t) = N(mu_theta, sigma_t^2 I)  (eq. 1).
 
         mu_theta is eq. 11, mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) / sqrt(alpha_t),
-        computed the equivalent way: predict x^_0 from eps_theta (eq. 15), then take the posterior
-        mean mu~_t(x_t, x^_0) (eq. 7). The detour lets x^_0 be clipped to the data range [-1, 1]
-        first, which keeps an imperfect model's samples in range (Ho et al.'s code does this).
-        sigma_t^2 is beta~_t ('posterior') or beta_t ('beta'); Sec. 3.2 reports similar results.
-        Returns dict(mean, variance, log_variance, pred_x0, eps)."""
-        eps = model(xt, t, y)
-        pred_x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_denoised:
-            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+        computed the equivalent way: predict x^_0 (eq. 15), then take the posterior mean
+        mu~_t(x_t, x^_0) (eq. 7). The detour lets x^_0 be clipped to [-1, 1] first, which keeps an
+        imperfect model's samples in range, and serves x_0- and v-predicting networks unchanged.
+        sigma_t^2 is beta~_t ('posterior') or beta_t ('beta'), Sec. 3.2 reports similar results; or
+        'learned', Improved DDPM eq. 15. output: the network's output if already computed (the hybrid
+        loss passes one whose mean half is detached). Returns dict(mean, variance, log_variance, pred_x0, eps)."""
+        if output is None:
+            output = self.model_output(model, xt, t, y)
+        prediction, v = self.split_output(output, xt.shape[1])
+        pred_x0, eps = self.predictions(xt, t, prediction, clip_denoised)
         mean, posterior_variance, posterior_log_variance = self.q_posterior_mean_variance(pred_x0, xt, t)
-        if self.variance == "posterior":
+        if self.variance == "learned":
+            # Improved DDPM eq. 15: Sigma = exp(v log beta_t + (1 - v) log beta~_t), per dimension. The
+            # network's raw output lies around [-1, 1]; like the authors' code we map it to v = (out + 1) / 2.
+            # Interpolating the logs, not the variances, matters (a real bug in one library).
+            frac = (v.float() + 1.0) / 2.0
+            log_variance = (frac * extract(self.betas, t, xt.ndim).log()
+                            + (1.0 - frac) * extract(self.posterior_log_variance_clipped, t, xt.ndim))
+            variance = log_variance.exp()
+        elif self.variance == "posterior":
             variance, log_variance = posterior_variance, posterior_log_variance
         else:
             variance = extract(self.betas, t, xt.ndim)
@@ -193,28 +299,61 @@ class GaussianDiffusion:
 
     # --- Algorithm 1 ---------------------------------------------------------------------------
 
+    def prediction_target(self, x0, t, noise):
+        """What the network should output at x_t: eps (DDPM), x_0, or v (Salimans & Ho 2022)."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return self.v_target(x0, t, noise)
+
+    def min_snr_weight(self, t):
+        """Min-SNR-gamma weighting (Hang et al. 2023, Sec. 3.4): weigh each t's x_0-error by
+        min(SNR(t), gamma), so that the many nearly-clean steps (huge SNR) stop dominating. The same
+        weight written for the loss actually computed: / SNR for eps, / (SNR + 1) for v (the
+        authors' code; not min(SNR + 1, gamma) / (SNR + 1)). 1 when gamma = 0 (off). [B]."""
+        if not self.min_snr_gamma:
+            return torch.ones(t.shape, device=t.device)
+        snr, gamma = self.snr[t], self.min_snr_gamma
+        if self.prediction == "eps":
+            return (gamma / snr).clamp(max=1.0)              # min(SNR, gamma) / SNR, safe where SNR -> 0
+        if self.prediction == "x0":
+            return snr.clamp(max=gamma)                      # min(SNR, gamma)
+        return snr.clamp(max=gamma) / (snr + 1.0)            # min(SNR, gamma) / (SNR + 1)
+
+    def simple_loss(self, prediction, x0, t, noise):
+        """The distance between prediction and target, averaged over each image: [B]. With eps, 'l2'
+        and no weighting this is L_simple (eq. 14)."""
+        target = self.prediction_target(x0, t, noise)
+        prediction = prediction.float()
+        if self.loss == "l1":
+            distance = F.l1_loss(prediction, target, reduction="none")
+        elif self.loss == "huber":
+            distance = F.smooth_l1_loss(prediction, target, reduction="none")      # Huber with delta = 1
+        else:
+            distance = F.mse_loss(prediction, target, reduction="none")            # the hybrid's L_simple too
+        return distance.mean(dim=tuple(range(1, x0.ndim))) * self.min_snr_weight(t)
+
     def training_loss(self, model, x0, y=None, t=None, noise=None):
         """Algorithm 1 (Training), one step's loss:
             2: x_0 ~ q(x_0)                  (the batch x0, given)
             3: t ~ Uniform({1, ..., T})      (code: t uniform on {0, ..., T-1})
             4: eps ~ N(0, I)
             5: gradient descent step on || eps - eps_theta(sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, t) ||^2
-        The squared error is L_simple (eq. 14); 'l1' and 'huber' swap the distance. t and noise
-        may be passed in (tests do) instead of drawn. Returns (mean loss, t [B])."""
+        The squared error is L_simple (eq. 14); 'l1' and 'huber' swap the distance; x0- or v-prediction
+        swap the target; min_snr_gamma weighs each t. t (for example importance-sampled, improved_ddpm.py)
+        and noise may be passed in instead of drawn. The 'hybrid' and 'kl' losses are
+        improved_ddpm.training_loss. Returns (per-image losses [B], t [B]); the step uses their mean."""
+        if self.loss in VLB_LOSSES:
+            raise ValueError(f"loss {self.loss} is improved_ddpm.training_loss, not Algorithm 1")
         b = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.timesteps, (b,), device=x0.device)   # line 3
         if noise is None:
             noise = torch.randn_like(x0)                                   # line 4
         xt = self.q_sample(x0, t, noise)                                   # the argument in line 5 (eq. 4)
-        predicted_noise = model(xt, t, y)
-        if self.loss == "l2":
-            loss = F.mse_loss(predicted_noise.float(), noise)              # line 5 / eq. 14
-        elif self.loss == "l1":
-            loss = F.l1_loss(predicted_noise.float(), noise)
-        else:
-            loss = F.smooth_l1_loss(predicted_noise.float(), noise)        # Huber with delta = 1
-        return loss, t
+        prediction = self.model_output(model, xt, t, y)
+        return self.simple_loss(prediction, x0, t, noise), t               # line 5 / eq. 14
 
     # --- Algorithm 2 ---------------------------------------------------------------------------
 
@@ -236,17 +375,18 @@ class GaussianDiffusion:
             2: for t = T, ..., 1 do          (code: t = T-1, ..., 0: each visited exactly once)
             3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z      (p_sample)
             6: return x_0
+        On a respaced diffusion (improved_ddpm.respace) the loop runs over its fewer steps.
         shape: (B, C, H, W); y: int64 [B] labels or None; noise: x_T to start from (else drawn).
         With trajectory_every = k > 0 also returns [(t, x after the step at t, predicted x_0 at t)] for
-        the first step and every k-th (on the CPU), for GIFs of the reverse process. Returns x_0 [B x C x H x W] in [-1, 1]
-        (or (x_0, trajectory))."""
+        the first step and every k-th (on the CPU), for GIFs of the reverse process. Returns x_0
+        [B x C x H x W] in [-1, 1] (or (x_0, trajectory))."""
         device = self.betas.device
+        steps = len(self.betas)
         x = noise.to(device) if noise is not None else torch.randn(shape, device=device)
         trajectory = []
-        for step in tqdm(reversed(range(self.timesteps)), total=self.timesteps, desc="sampling",
-                         disable=not progress, leave=False):
+        for step in tqdm(reversed(range(steps)), total=steps, desc="sampling", disable=not progress, leave=False):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
             x, pred_x0 = self.p_sample(model, x, t, y, clip_denoised)
-            if trajectory_every and (step % trajectory_every == 0 or step == self.timesteps - 1):
+            if trajectory_every and (step % trajectory_every == 0 or step == steps - 1):
                 trajectory.append((step, x.cpu(), pred_x0.cpu()))
         return (x, trajectory) if trajectory_every else x

@@ -23,7 +23,11 @@ def test_accumulating_k_micro_batches_equals_one_batch_k_times_larger():
     for p in model.parameters():  # leave the zero start so every layer gets a gradient
         torch.nn.init.normal_(p, std=0.05)
     x0, noise, t = torch.randn(12, 3, 8, 8), torch.randn(12, 3, 8, 8), torch.randint(0, 50, (12,))
-    loss_fn = lambda idx: diffusion.training_loss(model, x0[idx], t=t[idx], noise=noise[idx])
+
+    def loss_fn(idx):
+        losses, t_used = diffusion.training_loss(model, x0[idx], t=t[idx], noise=noise[idx])
+        return losses.mean(), t_used
+
     no_scaling = torch.amp.GradScaler("cuda", enabled=False)
 
     big_loss = accumulate_gradients(loss_fn, [torch.arange(12)], no_scaling)
@@ -92,12 +96,12 @@ def test_a_tiny_model_overfits_one_batch():
 
     def eval_loss():
         with torch.no_grad():
-            return diffusion.training_loss(model.eval(), eval_x0, t=eval_t, noise=eval_noise)[0].item()
+            return diffusion.training_loss(model.eval(), eval_x0, t=eval_t, noise=eval_noise)[0].mean().item()
 
     before = eval_loss()
     model.train()
     for _ in range(300):
-        loss, _ = diffusion.training_loss(model, x0.repeat(4, 1, 1, 1))
+        loss = diffusion.training_loss(model, x0.repeat(4, 1, 1, 1))[0].mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
