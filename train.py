@@ -26,7 +26,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from ddpm import LOSSES, SCHEDULES, GaussianDiffusion
+import improved_ddpm
+from ddpm import LOSSES, PREDICTIONS, SCHEDULES, VLB_LOSSES, GaussianDiffusion
+from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import build_model, count_parameters, resolve_model_config
 from utils import (HelpFormatter, ImageFolderDataset, UsageError, from_model_range, load_builtin_dataset,
                    load_checkpoint, load_weights, pick_device, plot_loss, save_checkpoint, save_grid,
@@ -60,7 +62,19 @@ def parse_args(argv=None):
     diffusion.add_argument("--schedule", default="linear", choices=SCHEDULES,
                            help="beta schedule: linear (DDPM) or cosine (Improved DDPM eq. 17)")
     diffusion.add_argument("--loss", default="l2", choices=LOSSES,
-                           help="distance between true and predicted noise: l2 is L_simple (eq. 14)")
+                           help="l2 is L_simple (eq. 14); l1, huber swap the distance; hybrid = L_simple + "
+                           "0.001 L_vlb (Improved DDPM eq. 16, needs --learn_sigma); kl = L_vlb alone")
+    diffusion.add_argument("--prediction", default="eps", choices=PREDICTIONS,
+                           help="what the network predicts: the noise eps (DDPM), the image x0, or v "
+                           "(Salimans & Ho 2022)")
+    diffusion.add_argument("--learn_sigma", action="store_true",
+                           help="the network also outputs the reverse variances (Improved DDPM eq. 15); "
+                           "better with few sampling steps; use with --loss hybrid")
+    diffusion.add_argument("--min_snr_gamma", type=float, default=0.0,
+                           help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's; 0 = off")
+    diffusion.add_argument("--timestep_sampler", default="uniform", choices=TIMESTEP_SAMPLERS,
+                           help="how t is drawn: uniform (Algorithm 1) or loss-aware importance sampling "
+                           "(Improved DDPM, for --loss kl)")
 
     model = p.add_argument_group("model (model.py)")
     model.add_argument("--base_channels", type=int, default=32, help="UNet channels at full resolution")
@@ -172,14 +186,14 @@ def accumulate_gradients(loss_fn, micro_batches, scaler):
 
 
 def checkpoint_states(step, model, ema_model, optimizer, scheduler, scaler, config, model_config,
-                      diffusion_config, class_names):
+                      diffusion_config, class_names, timestep_sampler):
     """The two checkpoint dicts, all plain Python types and tensors (loadable with weights_only=True)."""
     describes_itself = dict(model_config=model_config, diffusion_config=diffusion_config,
                             class_names=class_names, step=step)
     ema_state = dict(kind="ema", ema=ema_model.state_dict(), **describes_itself)
     full_state = dict(kind="full", model=model.state_dict(), ema=ema_model.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                      scaler=scaler.state_dict(), config=config,
+                      scaler=scaler.state_dict(), config=config, timestep_sampler=timestep_sampler.state_dict(),
                       rng=dict(torch=torch.get_rng_state(),
                                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
                       **describes_itself)
@@ -208,6 +222,10 @@ def main(argv=None):
 
     device = pick_device(args.device)
     seed_everything(args.seed)
+    # Diffusion before data: it checks that the loss, prediction and variance settings fit together.
+    diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.loss, prediction=args.prediction,
+                                  learn_sigma=args.learn_sigma, min_snr_gamma=args.min_snr_gamma).to(device)
+    timestep_sampler = TimestepSampler(args.timesteps, args.timestep_sampler)
     dataset = load_dataset(args)
     class_names = list(dataset.class_names) if len(dataset.class_names) > 1 else []
     hflip = args.hflip == "on" or (args.hflip == "auto" and args.dataset not in ("mnist", "fashion_mnist"))
@@ -217,11 +235,11 @@ def main(argv=None):
 
     model_config = resolve_model_config(
         image_size=args.image_size, in_channels=dataset.channels, base_channels=args.base_channels,
+        out_channels=dataset.channels * (2 if args.learn_sigma else 1),  # learned variances: 2x channels
         channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
         attention_resolutions=args.attention_resolutions, dropout=args.dropout, num_classes=len(class_names))
     model = build_model(model_config).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # a separate copy, never the live weights
-    diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.loss).to(device)
 
     # AdamW; the fused kernel on CUDA, the multi-tensor ("foreach") one elsewhere.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -250,6 +268,8 @@ def main(argv=None):
         if device.type == "cuda" and resumed["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
         step = resumed["step"]
+        if "timestep_sampler" in resumed:
+            timestep_sampler.load_state_dict(resumed["timestep_sampler"])
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     config["run_name"] = run_name
@@ -272,8 +292,14 @@ def main(argv=None):
             flip = torch.rand(x0.shape[0], device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         y = labels.to(device) if class_names else None
+        t, weights = timestep_sampler.sample(x0.shape[0], device)           # Alg. 1 line 3 (weights 1 if uniform)
         with autocast:
-            return diffusion.training_loss(model, x0, y)                    # Algorithm 1
+            if args.loss in VLB_LOSSES:
+                losses, t = improved_ddpm.training_loss(diffusion, model, x0, y, t)   # IDDPM eq. 16 / L_vlb
+            else:
+                losses, t = diffusion.training_loss(model, x0, y, t)        # Algorithm 1
+        timestep_sampler.update(t, losses)
+        return (losses.float() * weights).mean(), t
 
     # Fixed noise (and labels) for every sample grid, so grids over training are comparable.
     generator = torch.Generator().manual_seed(args.seed)
@@ -299,7 +325,7 @@ def main(argv=None):
 
     def save():
         full_state, ema_state = checkpoint_states(step, model, ema_model, optimizer, scheduler, scaler, config,
-                                                  model_config, diffusion.config(), class_names)
+                                                  model_config, diffusion.config(), class_names, timestep_sampler)
         save_checkpoint(full_state, full_path)
         save_checkpoint(ema_state, ema_path)
 
