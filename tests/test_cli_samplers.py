@@ -1,0 +1,118 @@
+"""Issue 3 end to end through the command line: learned variances, the hybrid loss, v-prediction,
+importance sampling of t, and every sampler of sample.py (DDIM, respaced DDPM, interpolation, inversion)."""
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TRAIN_FLAGS, assert_one_line_error, run_script
+
+IMPROVED_FLAGS = ["--learn_sigma", "--loss", "hybrid", "--prediction", "v", "--min_snr_gamma", "5",
+                  "--timestep_sampler", "loss-aware"]
+
+
+@pytest.fixture(scope="module")
+def improved_run(tmp_path_factory):
+    """One tiny run with every Improved DDPM option, shared by the tests below (T = 20)."""
+    from conftest import make_image_folder
+    root = tmp_path_factory.mktemp("improved")
+    folder = make_image_folder(root / "pets")
+    run_script("train.py", "--dataset_path", folder, *TINY_TRAIN_FLAGS, *IMPROVED_FLAGS, "--max_steps", "4",
+               "--save_every", "2", "--sample_every", "4", cwd=root)
+    return root, folder
+
+
+def test_learned_sigma_hybrid_v_run_saves_everything_sampling_needs(improved_run):
+    root, _ = improved_run
+    ema = torch.load(root / "checkpoints" / "pets_ema.pt", map_location="cpu", weights_only=True)
+    full = torch.load(root / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+    assert ema["diffusion_config"] == dict(timesteps=20, schedule="linear", loss="hybrid", variance="learned",
+                                           prediction="v", learn_sigma=True, min_snr_gamma=5.0)
+    assert ema["model_config"]["out_channels"] == 6  # 3 channels of v and 3 of variance values
+    assert ema["ema"]["output.2.weight"].shape[0] == 6
+    history = full["timestep_sampler"]
+    assert history["kind"] == "loss-aware" and history["loss_counts"].sum().item() == 4 * 4  # 4 steps x batch 4
+    assert (root / "samples" / "pets" / "step_0000004.png").is_file()
+
+
+def test_resume_keeps_the_importance_sampling_history(improved_run, tmp_path):
+    root, folder = improved_run
+    import shutil
+    shutil.copytree(root / "checkpoints", tmp_path / "checkpoints")
+    result = run_script("train.py", "--dataset_path", folder, "--resume", "--max_steps", "6", "--sample_every", "0",
+                        cwd=tmp_path)
+    assert "resuming at step 4" in result.stdout and "loss hybrid" in result.stdout
+    full = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+    assert full["timestep_sampler"]["loss_counts"].sum().item() == 6 * 4
+
+
+@pytest.mark.parametrize("flags,calls", [
+    (["--sampler", "ddim", "--steps", "5"], "5 of 20 steps"),
+    (["--sampler", "ddim", "--steps", "5", "--eta", "1", "--spacing", "quadratic"], "5 of 20 steps (quadratic"),
+    (["--steps", "5"], "DDPM (Algorithm 2), 5 of 20 steps"),          # respaced, learned variances
+    (["--steps", "5", "--variance", "posterior"], "5 of 20 steps"),
+    ([], "DDPM (Algorithm 2), 20 of 20 steps"),
+])
+def test_every_sampler_draws_from_the_checkpoint_alone(improved_run, tmp_path, flags, calls):
+    root, _ = improved_run
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--num_samples", "4",
+                        "--out", tmp_path / "grid.png", *flags, cwd=tmp_path)
+    assert calls in result.stdout
+    assert Image.open(tmp_path / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)
+
+
+def test_interpolation_strip_and_gif_with_ddim(improved_run, tmp_path):
+    root, _ = improved_run
+    ckpt = root / "checkpoints" / "pets_ema.pt"
+    result = run_script("sample.py", "--ckpt", ckpt, "--interpolate", "6", "--num_samples", "3", "--steps", "4",
+                        cwd=tmp_path)
+    assert "3 interpolation rows of 6" in result.stdout
+    assert Image.open(tmp_path / "samples" / "pets_ema_interpolation.png").size == (2 + 6 * 18, 2 + 3 * 18)
+    run_script("sample.py", "--ckpt", ckpt, "--sampler", "ddim", "--steps", "10", "--num_samples", "2",
+               "--gif", "ddim.gif", "--gif_frames", "5", cwd=tmp_path)
+    assert Image.open(tmp_path / "ddim.gif").n_frames == 6  # the first step and every 2nd of 10
+
+
+def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path):
+    root, folder = improved_run
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--invert", folder,
+                        "--num_samples", "3", "--steps", "20", cwd=tmp_path)
+    assert "3 images -> x_T -> images" in result.stdout and "mean absolute error" in result.stdout
+    assert Image.open(tmp_path / "samples" / "pets_ema_inversion.png").size == (2 + 3 * 18, 2 + 2 * 18)
+    # a class-conditional model must know each image's class: a loose file in an unknown folder is refused
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    Image.new("RGB", (16, 16)).save(loose / "x.png")
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--invert", loose / "x.png",
+                        cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--invert", "not one of its classes")
+
+
+@pytest.mark.parametrize("flags,fragments", [
+    (["--eta", "0.5"], ("--eta", "--sampler ddim")),
+    (["--sampler", "ddim", "--steps", "21"], ("--steps 21", "T = 20")),
+    (["--steps", "0"], ("--steps 0",)),
+    (["--interpolate", "1"], ("--interpolate 1",)),
+    (["--interpolate", "4", "--eta", "1"], ("--interpolate", "eta")),
+    (["--invert", "no/such/folder"], ("--invert no/such/folder",)),
+    (["--variance", "learned"], ("--variance learned",)),
+])
+def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fragments):
+    root, _ = improved_run
+    ckpt = root / "checkpoints" / "pets_ema.pt"
+    if flags == ["--variance", "learned"]:  # only a model without learned variances refuses this
+        run_script("train.py", "--dataset_path", improved_run[1], *TINY_TRAIN_FLAGS, "--max_steps", "1",
+                   "--sample_every", "0", cwd=tmp_path)
+        ckpt = tmp_path / "checkpoints" / "pets_ema.pt"
+    result = run_script("sample.py", "--ckpt", ckpt, *flags, cwd=tmp_path, check=False)
+    assert_one_line_error(result, *fragments)
+
+
+@pytest.mark.parametrize("flags,fragments", [
+    (["--learn_sigma"], ("--learn_sigma", "--loss hybrid")),
+    (["--loss", "hybrid"], ("--loss hybrid", "--learn_sigma")),
+    (["--min_snr_gamma", "-1"], ("--min_snr_gamma",)),
+])
+def test_bad_training_combinations_are_one_line_errors(tmp_path, image_folder, flags, fragments):
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, *flags, cwd=tmp_path,
+                        check=False)
+    assert_one_line_error(result, *fragments)
