@@ -1,0 +1,101 @@
+"""tools/classifier.py, tools/sampler_sweep.py and tools/nll.py: the Frechet distance's mathematics and
+each tool end to end on tiny data."""
+import csv
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+
+sys.path.insert(0, str(ROOT / "tools"))
+from classifier import build_classifier, features_and_logits, feature_statistics, frechet_distance, sqrtm_psd  # noqa: E402
+
+
+def test_matrix_square_root_of_known_and_random_psd_matrices():
+    assert np.allclose(sqrtm_psd(np.diag([4.0, 9.0])), np.diag([2.0, 3.0]))
+    rotation = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
+    a = rotation @ np.diag([16.0, 1.0]) @ rotation.T
+    assert np.allclose(sqrtm_psd(a), rotation @ np.diag([4.0, 1.0]) @ rotation.T)
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(20, 20))
+    psd = m @ m.T
+    root = sqrtm_psd(psd)
+    assert np.allclose(root @ root, psd) and np.allclose(root, root.T)
+
+
+def test_frechet_distance_known_cases():
+    # 1-D: N(0, 1) vs N(1, 4): (0 - 1)^2 + 1 + 4 - 2 sqrt(1 * 4) = 2
+    assert frechet_distance(np.zeros(1), np.eye(1), np.ones(1), 4 * np.eye(1)) == pytest.approx(2.0)
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(8, 8))
+    sigma, mu = m @ m.T, rng.normal(size=8)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    assert frechet_distance(mu, sigma, mu + 1, sigma) == pytest.approx(8.0)  # a pure shift costs |shift|^2
+
+
+def test_frechet_distance_of_images_is_near_zero_for_the_same_set_and_grows_with_noise():
+    torch.manual_seed(0)
+    classifier = build_classifier(dict(image_size=16, channels=1, num_classes=3))
+    images = (torch.rand(300, 1, 16, 16) * 255).to(torch.uint8)
+    stats = feature_statistics(features_and_logits(classifier, images)[0])
+    assert abs(frechet_distance(*stats, *stats)) < 1e-9
+    distances = []
+    for noise in (10, 40, 120):
+        noisy = (images.float() + noise * torch.randn_like(images.float())).clamp(0, 255).to(torch.uint8)
+        distances.append(frechet_distance(*feature_statistics(features_and_logits(classifier, noisy)[0]), *stats))
+    assert 0 < distances[0] < distances[1] < distances[2], distances
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny diffusion checkpoint and a tiny classifier on the same generated folder (16x16, 2 classes)."""
+    root = tmp_path_factory.mktemp("quality")
+    folder = make_image_folder(root / "pets", per_class=10)
+    run_script("train.py", "--dataset_path", folder, *TINY_TRAIN_FLAGS, "--max_steps", "2", "--sample_every", "0",
+               cwd=root)
+    result = run_script("tools/classifier.py", "--train_path", folder, "--test_path", folder, "--out",
+                        root / "classifier.pt", "--image_size", "16", "--epochs", "1", "--batch_size", "8", cwd=root)
+    assert "test accuracy" in result.stdout
+    return root, folder
+
+
+def test_classifier_checkpoint_describes_itself(trained):
+    root, _ = trained
+    state = torch.load(root / "classifier.pt", map_location="cpu", weights_only=True)
+    assert state["config"] == dict(image_size=16, channels=3, num_classes=2)
+    assert state["class_names"] == ["cat", "dog"] and 0.0 <= state["test_accuracy"] <= 1.0 and state["seed"] == 0
+
+
+def test_sampler_sweep_writes_rows_and_a_plot(trained):
+    root, folder = trained
+    csv_path, plot_path = root / "sweep.csv", root / "sweep.png"
+    args = ["--ckpt", root / "checkpoints" / "pets_ema.pt", "--classifier", root / "classifier.pt",
+            "--reference_path", folder, "--steps", "2", "20", "--num_samples", "8", "--batch_size", "5",
+            "--csv", csv_path, "--plot", plot_path, "--grids", root / "grids", "--device", "cpu"]
+    result = run_script("tools/sampler_sweep.py", *args, cwd=root)
+    assert "real images: FD" in result.stdout
+    run_script("tools/sampler_sweep.py", *args, "--samplers", "ddim", "--run_name", "again", cwd=root)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], r["sampler"], r["steps"]) for r in rows] == [
+        ("pets_ema", "real", "0"), ("pets_ema", "ddpm", "2"), ("pets_ema", "ddpm", "20"), ("pets_ema", "ddim", "2"),
+        ("pets_ema", "ddim", "20"), ("again", "real", "0"), ("again", "ddim", "2"), ("again", "ddim", "20")]
+    assert all(float(r["fd"]) >= -1e-6 and r["num_samples"] == "8" for r in rows)
+    assert plot_path.is_file() and (root / "grids" / "pets_ema_ddim_20.png").is_file()
+    result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False)
+    assert_one_line_error(result, "--steps [21]")
+
+
+def test_nll_tool_reports_bits_per_dim(trained):
+    root, folder = trained
+    result = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path", folder,
+                        "--num_images", "3", "--batch_size", "2", "--device", "cpu", cwd=root)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("NLL bound:"))
+    bits = float(line.split()[2])
+    assert 0 < bits < 20 and "over 3 images" in line
+    assert "t=0: " in result.stdout and "prior L_T" in result.stdout
+    result = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path",
+                        root / "checkpoints", cwd=root, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr

@@ -1,0 +1,177 @@
+"""
+Sample quality and wall time against the number of sampling steps, for DDPM (Algorithm 2, respaced
+by Improved DDPM eq. 19 below T steps) and DDIM (eq. 12), measured with the offline classifier of
+tools/classifier.py: the Frechet distance of its features to a reference folder ("FD", lower is
+better) and, for class-conditional models, the fraction of samples classified as the class asked for.
+
+    python tools/sampler_sweep.py --ckpt checkpoints/mnist_ema.pt --classifier checkpoints/mnist_classifier.pt \
+        --reference_path data/mnist_test --samplers ddpm ddim --steps 10 20 50 100 1000 --num_samples 200 \
+        --csv images/mnist_steps.csv --plot images/mnist_steps.png
+
+Rows are appended to --csv (so several checkpoints can share one table and plot); --plot redraws the
+figure from every row of the CSV. Every setting draws the same starting noise (--seed). The first
+row of each run is "real": --num_samples held-out reference images scored like samples, which is the
+floor the FD of that many images can reach (FD is biased upwards for small sets).
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
+from ddim import ddim_sample  # noqa: E402
+from ddpm import GaussianDiffusion  # noqa: E402
+from improved_ddpm import respace  # noqa: E402
+from model import build_model  # noqa: E402
+from utils import UsageError, from_model_range, load_checkpoint, load_weights, pick_device, save_grid  # noqa: E402
+
+FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample quality and time against sampling steps.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="diffusion checkpoint written by train.py")
+    p.add_argument("--classifier", required=True, help="checkpoint written by tools/classifier.py")
+    p.add_argument("--reference_path", required=True, help="held-out real images (class subfolders)")
+    p.add_argument("--num_reference", type=int, default=10000, help="reference images for the statistics (0 = all)")
+    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
+    p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 1000])
+    p.add_argument("--num_samples", type=int, default=200, help="samples per setting")
+    p.add_argument("--batch_size", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run_name", default=None, help="label in the table; default: the checkpoint's file name")
+    p.add_argument("--csv", required=True, help="results are appended here")
+    p.add_argument("--plot", default=None, help="PNG redrawn from the whole CSV")
+    p.add_argument("--grids", default=None, help="folder for one sample grid per setting (first 64 samples)")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def plot(csv_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if r["sampler"] != "real"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r["run"], r["sampler"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["run"], r["sampler"]) == key), key=lambda r: int(r["steps"]))
+        steps = [int(r["steps"]) for r in mine]
+        left.plot(steps, [float(r["fd"]) for r in mine], "o-", label=f"{key[0]} {key[1]}")
+        right.plot(steps, [float(r["seconds"]) for r in mine], "o-", label=f"{key[0]} {key[1]}")
+    for ax, label in ((left, "Frechet distance (classifier features), lower is better"),
+                      (right, "wall time for the samples (s)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps (network calls per image)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise UsageError("--num_samples must be at least 2 and --batch_size at least 1")
+    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
+    diffusion = GaussianDiffusion(**state["diffusion_config"])
+    bad = [s for s in args.steps if not 1 <= s <= diffusion.timesteps]
+    if bad:
+        raise UsageError(f"--steps {bad}: must be between 1 and the model's T = {diffusion.timesteps}")
+    device = pick_device(args.device)
+    model = build_model(state["model_config"])
+    load_weights(model, state["ema"], args.ckpt)
+    model = model.to(device).eval()
+    diffusion = diffusion.to(device)
+    classifier, classifier_state = load_classifier(args.classifier)
+    classifier = classifier.to(device)
+    config, class_names = state["model_config"], state.get("class_names") or []
+    size, channels = config["image_size"], config["in_channels"]
+    if (classifier_state["config"]["image_size"], classifier_state["config"]["channels"]) != (size, channels):
+        raise UsageError(f"--classifier {args.classifier}: made for {classifier_state['config']['image_size']}px, "
+                         f"{classifier_state['config']['channels']} channels; the model makes {size}px, {channels}")
+    if class_names and class_names != classifier_state["class_names"]:
+        raise UsageError(f"--classifier {args.classifier}: its classes differ from the model's")
+    run = args.run_name or os.path.splitext(os.path.basename(args.ckpt))[0]
+
+    # One random draw of real images: the first num_samples are scored like samples (the floor), the rest
+    # give the reference statistics.
+    limit = args.num_reference + args.num_samples if args.num_reference else 0
+    real, real_labels, _ = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
+                                       flag="--reference_path")
+    if len(real) < 2 * args.num_samples:
+        raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least twice "
+                         f"--num_samples ({2 * args.num_samples})")
+    reference = real[args.num_samples:]
+    ref_features, _ = features_and_logits(classifier, reference, device=device)
+    ref_mu, ref_sigma = feature_statistics(ref_features)
+    print(f"reference: {len(reference)} images from {args.reference_path}; classifier test accuracy "
+          f"{classifier_state['test_accuracy']:.4f}")
+
+    def score(images_uint8, labels):
+        features, logits = features_and_logits(classifier, images_uint8, device=device)
+        fd = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
+        accuracy = (logits.argmax(1) == labels).float().mean().item() if labels is not None else float("nan")
+        return fd, accuracy
+
+    rows = []
+    # The floor: num_samples real images, disjoint from the reference, scored the same way.
+    fd, accuracy = score(real[:args.num_samples], real_labels[:args.num_samples] if class_names else None)
+    rows.append(dict(run=run, sampler="real", steps=0, num_samples=args.num_samples, fd=f"{fd:.3f}",
+                     class_accuracy=f"{accuracy:.4f}", seconds=0, device=str(device)))
+    print(f"real images: FD {fd:.3f}, class accuracy {accuracy:.4f}")
+
+    noise = torch.randn(args.num_samples, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
+    labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
+    for sampler in args.samplers:
+        for steps in args.steps:
+            torch.manual_seed(args.seed)  # the same per-step noise for every DDPM setting
+            respaced = respace(diffusion, steps) if sampler == "ddpm" and steps < diffusion.timesteps else diffusion
+            started = time.perf_counter()
+            images = []
+            for start in range(0, args.num_samples, args.batch_size):
+                x_T = noise[start:start + args.batch_size].to(device)
+                y = labels[start:start + args.batch_size].to(device) if labels is not None else None
+                if sampler == "ddim":
+                    out = ddim_sample(diffusion, model, x_T.shape, steps, 0.0, "uniform", y, x_T)
+                else:
+                    out = respaced.sample(model, x_T.shape, y, x_T)
+                images.append(from_model_range(out))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            images = torch.cat(images)
+            fd, accuracy = score(images, labels)
+            rows.append(dict(run=run, sampler=sampler, steps=steps, num_samples=args.num_samples, fd=f"{fd:.3f}",
+                             class_accuracy=f"{accuracy:.4f}", seconds=f"{seconds:.1f}", device=str(device)))
+            print(f"{run} {sampler} {steps} steps: FD {fd:.3f}, class accuracy {accuracy:.4f}, {seconds:.1f} s")
+            if args.grids:
+                save_grid(images[:64], os.path.join(args.grids, f"{run}_{sampler}_{steps}.png"), nrow=8)
+
+    new_file = not os.path.isfile(args.csv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+    with open(args.csv, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"{len(rows)} rows appended to {args.csv}")
+    if args.plot:
+        plot(args.csv, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")
