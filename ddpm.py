@@ -24,9 +24,15 @@ Symbols (paper -> code), every tensor of shape [T], float32, indexed by code t:
     log beta~_t (clipped)       posterior_log_variance_clipped    beta~ at t = 0 is 0; its log uses beta~ at t = 1
     x_0 coefficient of mu~_t    posterior_mean_coef1              eq. 7
     x_t coefficient of mu~_t    posterior_mean_coef2              eq. 7
+    alpha_bar_t/(1-alpha_bar_t) snr                               signal-to-noise ratio SNR(t) (Min-SNR weighting)
 
 Tensor shapes: images x_0, x_t, eps are [B x C x H x W] in [-1, 1] (data scaled as in Sec. 3.3);
 t and labels y are int64 [B].
+
+Later papers reuse this file: ddim.py (a faster sampler) and improved_ddpm.py (learned variances,
+the variational bound, respacing) build on GaussianDiffusion. Three options they need live here,
+marked where they appear: what the network predicts (eps, x_0 or v), learned variances (Improved
+DDPM eq. 15) and Min-SNR loss weighting. With their defaults this file is exactly Ho et al.
 """
 import math
 

@@ -5,10 +5,12 @@ train.py: train a DDPM on a folder of your images (or a built-in dataset) and wr
     python train.py --dataset_path data/cars          # your folder; class subfolders become labels
     python train.py --dataset_path data/cars --resume # continue from checkpoints/cars.pt
 
-Every step is Algorithm 1 of Ho et al. (ddpm.py, GaussianDiffusion.training_loss) on a batch;
-around it sit the usual training aids: AdamW, learning-rate warm-up then cosine decay, gradient
-clipping, gradient accumulation, an exponential moving average (EMA) of the weights, and optional
-mixed precision. Outputs:
+Every step is Algorithm 1 of Ho et al. (ddpm.py, GaussianDiffusion.training_loss) on a batch, or
+with --loss hybrid / kl the variational-bound objectives of Improved DDPM (improved_ddpm.py);
+--prediction, --learn_sigma, --min_snr_gamma and --timestep_sampler choose what the network
+predicts, how each t is weighted and drawn. Around it sit the usual training aids: AdamW,
+learning-rate warm-up then cosine decay, gradient clipping, gradient accumulation, an exponential
+moving average (EMA) of the weights, and optional mixed precision. Outputs:
     checkpoints/<run>.pt       everything needed to resume (weights, EMA, optimizer, step, RNG, config)
     checkpoints/<run>_ema.pt   only what sampling needs (EMA weights, model and diffusion config, classes)
     samples/<run>/             sample grids from fixed noise, loss.csv and loss.png
@@ -57,7 +59,7 @@ def parse_args(argv=None):
     data.add_argument("--num_workers", type=int, default=None,
                       help="data-loading processes; default 0 on CPU (the model needs both cores), 4 on GPU")
 
-    diffusion = p.add_argument_group("diffusion (ddpm.py)")
+    diffusion = p.add_argument_group("diffusion (ddpm.py; Improved DDPM options: improved_ddpm.py)")
     diffusion.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
     diffusion.add_argument("--schedule", default="linear", choices=SCHEDULES,
                            help="beta schedule: linear (DDPM) or cosine (Improved DDPM eq. 17)")
