@@ -28,7 +28,8 @@ SPACINGS = ("uniform", "quadratic")
 
 
 def ddim_timesteps(timesteps, steps, spacing="uniform"):
-    """The sub-sequence tau of S = steps training steps, increasing, distinct, int64 [S] (DDIM Sec. 4.2).
+    """The sub-sequence tau of S = steps training steps, increasing, distinct, int64 [S]: DDIM's tau
+    (its section number is not confirmed here).
 
     uniform:   evenly spaced from 0 to T-1, rounded. (The authors' code strides by T // S from 0, which
                never reaches T-1, so it would start sampling from a slightly noisy-but-not-pure x; we
@@ -122,8 +123,8 @@ def ddim_invert(diffusion, model, x0, steps=50, spacing="uniform", y=None, progr
 
 
 def slerp(z0, z1, alpha):
-    """Spherical linear interpolation between two x_T (DDIM Sec. 5, interpolation; the formula from
-    Shoemake 1985): theta = arccos(<z0, z1> / (|z0| |z1|)),
+    """Spherical linear interpolation between two x_T (DDIM's interpolation experiment; the formula is
+    Shoemake's 1985 slerp): theta = arccos(<z0, z1> / (|z0| |z1|)),
         z = sin((1 - alpha) theta) / sin(theta) z0 + sin(alpha theta) / sin(theta) z1.
     Straight-line mixing would shrink the norm (two independent Gaussians are nearly orthogonal), giving
     an x_T that looks nothing like N(0, I) noise; slerp keeps it on the shell where such noise lives.

@@ -130,7 +130,7 @@ class TimestepSampler:
     """Which t each image trains on, and the weight that keeps the loss unbiased.
 
     uniform:     t ~ Uniform{0 .. T-1}, weight 1 (Algorithm 1 line 3).
-    loss-aware:  Improved DDPM's importance sampling (Sec. 3.3; the eq. number is unconfirmed):
+    loss-aware:  Improved DDPM's importance sampling (Sec. 3.3 as recalled; section and eq. unconfirmed):
                  p_t proportional to sqrt(E[L_t^2]), the root-mean-square of the last 10 losses seen
                  at t, mixed with a little uniform so no t is starved; weight 1 / (T p_t), so that
                  E_{t~p}[weight * L_t] = E_{t~uniform}[L_t]. The few t with huge, noisy losses (near
@@ -178,7 +178,7 @@ class TimestepSampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# Respacing: sampling with fewer steps (Sec. 4)
+# Respacing: sampling with fewer steps (the paper's Sec. 4, recalled; eq. 19 confirmed)
 # ---------------------------------------------------------------------------------------------
 
 def respace(diffusion, steps, spacing="uniform"):

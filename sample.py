@@ -58,7 +58,7 @@ def parse_args(argv=None):
     sampler.add_argument("--no_clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
     sampler.add_argument("--interpolate", type=int, default=None, metavar="N",
                          help="instead of samples: rows of N images decoded by DDIM (eta 0) from a spherical "
-                         "interpolation between two random x_T (DDIM Sec. 5)")
+                         "interpolation between two random x_T (as in the DDIM paper)")
     sampler.add_argument("--invert", default=None, metavar="PATH",
                          help="instead of samples: encode these images (a file or a folder) to x_T with DDIM "
                          "inversion and decode them back; writes originals over reconstructions")
