@@ -78,10 +78,11 @@ def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=Tru
     pred_x0, eps = diffusion.predictions(x, t_batch, prediction, clip_denoised)
     alpha_bar_t = diffusion.alphas_cumprod[t]
     alpha_bar_prev = diffusion.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(alpha_bar_t)
-    sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
+    sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)                                # eq. 16
+    # eq. 12, first two terms: "predicted x_0" + "direction pointing to x_t" (clamp: rounding at eta = 1)
     x_prev = alpha_bar_prev.sqrt() * pred_x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
     if eta > 0 and t_prev >= 0:
-        x_prev = x_prev + sigma * (torch.randn_like(x) if noise is None else noise)
+        x_prev = x_prev + sigma * (torch.randn_like(x) if noise is None else noise)   # eq. 12, "random noise"
     return x_prev, pred_x0
 
 
@@ -118,7 +119,7 @@ def ddim_invert(diffusion, model, x0, steps=50, spacing="uniform", y=None, progr
         prediction, _ = diffusion.split_output(diffusion.model_output(model, x, t_batch, y), x.shape[1])
         pred_x0, eps = diffusion.predictions(x, t_batch, prediction, clip_denoised=False)
         alpha_bar_next = diffusion.alphas_cumprod[tau[i + 1]]
-        x = alpha_bar_next.sqrt() * pred_x0 + (1 - alpha_bar_next).sqrt() * eps
+        x = alpha_bar_next.sqrt() * pred_x0 + (1 - alpha_bar_next).sqrt() * eps      # eq. 12 reversed, sigma = 0
     return x
 
 
