@@ -180,8 +180,14 @@ def main(argv=None):
         reconstructions = in_batches(latents, labels)
         error = (to_model_range(reconstructions) - x0).abs().mean().item()
         out_path = args.out or os.path.join("samples", f"{name}_inversion.png")
+        # Rows of up to 8 originals, each above its reconstructions; a short last pair of rows is
+        # padded with white so the pairs stay aligned.
         nrow = min(len(originals), 8)
-        rows = [torch.cat([originals[i:i + nrow], reconstructions[i:i + nrow]]) for i in range(0, len(x0), nrow)]
+        rows = []
+        for i in range(0, len(x0), nrow):
+            for part in (originals[i:i + nrow], reconstructions[i:i + nrow]):
+                blank = torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)
+                rows.append(torch.cat([part, blank]))
         save_grid(torch.cat(rows), out_path, nrow=nrow)
         print(f"{len(x0)} images -> x_T -> images in {time.perf_counter() - started:.1f} s, mean absolute error "
               f"{error:.4f} on [-1, 1]; originals above reconstructions: {out_path}")
