@@ -98,7 +98,8 @@ def prior_bits_per_dim(diffusion, x0):
 # ---------------------------------------------------------------------------------------------
 
 def training_loss(diffusion, model, x0, y=None, t=None, noise=None):
-    """The per-image loss for diffusion.loss = 'hybrid' or 'kl'; otherwise Algorithm 1 as in ddpm.py.
+    """The per-image loss for diffusion.loss = 'hybrid' or 'kl' (the other losses are Algorithm 1,
+    GaussianDiffusion.training_loss in ddpm.py).
 
     L_vlb = sum over all T terms; one image at one uniformly drawn t estimates it by T * term(t).
         'hybrid'  L_simple + lambda L_vlb, lambda = 0.001                                    (eq. 16)
@@ -109,7 +110,7 @@ def training_loss(diffusion, model, x0, y=None, t=None, noise=None):
     With L_vlb in bits per dimension, the logged 'kl' loss is itself an estimate of the model's
     bound in bits/dim (without the tiny prior term). Returns (per-image losses [B], t [B])."""
     if diffusion.loss not in ("hybrid", "kl"):
-        return diffusion.training_loss(model, x0, y, t, noise)
+        raise ValueError(f"loss {diffusion.loss} is Algorithm 1: GaussianDiffusion.training_loss")
     if t is None:
         t = torch.randint(0, diffusion.timesteps, (x0.shape[0],), device=x0.device)   # Alg. 1 line 3
     if noise is None:
