@@ -63,7 +63,7 @@ def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
 
 
 @torch.no_grad()
-def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=True, noise=None):
+def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=True, noise=None, cond_fn=None):
     """One DDIM update from step t to step t_prev < t (python ints; t_prev = -1 means "to x_0"):
     DDIM eq. 12,
         x_prev = sqrt(alpha_bar_prev) x^_0                        "predicted x_0"
@@ -71,12 +71,22 @@ def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=Tru
                  + sigma_t z                                       "random noise", z ~ N(0, I)
     with x^_0 and eps^ from the network (any of ddpm.py's prediction targets), sigma_t from eq. 16.
     A network's learned variances (Improved DDPM) are not used: eq. 16 sets the variance.
+    cond_fn(x_t, t, y) -> s * grad log p(y | x_t) adds classifier guidance the DDIM way (guidance.py;
+    Dhariwal & Nichol 2021, Algorithm 2, eq. 14): eps^ <- eps^ - sqrt(1 - alpha_bar_t) * s * grad, and
+    x^_0 follows from the corrected eps^.
     Returns (x_prev, x^_0), each [B x C x H x W]."""
     b = x.shape[0]
     t_batch = torch.full((b,), t, device=x.device, dtype=torch.long)
     prediction, _ = diffusion.split_output(diffusion.model_output(model, x, t_batch, y), x.shape[1])
     pred_x0, eps = diffusion.predictions(x, t_batch, prediction, clip_denoised)
     alpha_bar_t = diffusion.alphas_cumprod[t]
+    if cond_fn is not None:
+        # ADM eq. 14: eps^ = eps_theta(x_t) - sqrt(1 - alpha_bar_t) grad log p_phi(y | x_t) (s inside cond_fn)
+        eps = eps - (1 - alpha_bar_t).sqrt() * cond_fn(x, diffusion.timestep_map[t_batch], y)
+        pred_x0 = diffusion.predict_x0_from_eps(x, t_batch, eps)                      # DDPM eq. 15
+        if clip_denoised:  # keep the pair consistent, as GaussianDiffusion.predictions does
+            pred_x0 = pred_x0.clamp(-1.0, 1.0)
+            eps = diffusion.predict_eps_from_x0(x, t_batch, pred_x0)
     alpha_bar_prev = diffusion.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(alpha_bar_t)
     sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)                                # eq. 16
     # eq. 12, first two terms: "predicted x_0" + "direction pointing to x_t" (clamp: rounding at eta = 1)
@@ -88,17 +98,19 @@ def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=Tru
 
 @torch.no_grad()
 def ddim_sample(diffusion, model, shape, steps=50, eta=0.0, spacing="uniform", y=None, noise=None,
-                clip_denoised=True, trajectory_every=0, progress=True):
+                clip_denoised=True, trajectory_every=0, progress=True, cond_fn=None):
     """Generate with DDIM over S = steps sub-sequence steps: x_T ~ N(0, I), then eq. 12 from
     tau_{S-1} down to tau_0 and on to x_0. Calls the network exactly S times. Arguments and return
-    value as GaussianDiffusion.sample (trajectory entries are (tau_i, x after that step, x^_0))."""
+    value as GaussianDiffusion.sample (trajectory entries are (tau_i, x after that step, x^_0)); cond_fn
+    adds classifier guidance (ddim_step)."""
     device = diffusion.betas.device
     tau = ddim_timesteps(diffusion.timesteps, steps, spacing).tolist()
     x = noise.to(device) if noise is not None else torch.randn(shape, device=device)
     trajectory = []
     for i in tqdm(reversed(range(len(tau))), total=len(tau), desc=f"DDIM eta={eta:g}", disable=not progress,
                   leave=False):
-        x, pred_x0 = ddim_step(diffusion, model, x, tau[i], tau[i - 1] if i > 0 else -1, y, eta, clip_denoised)
+        x, pred_x0 = ddim_step(diffusion, model, x, tau[i], tau[i - 1] if i > 0 else -1, y, eta, clip_denoised,
+                               cond_fn=cond_fn)
         if trajectory_every and (i % trajectory_every == 0 or i == len(tau) - 1):
             trajectory.append((tau[i], x.cpu(), pred_x0.cpu()))
     return (x, trajectory) if trajectory_every else x

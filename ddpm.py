@@ -364,24 +364,31 @@ class GaussianDiffusion:
     # --- Algorithm 2 ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def p_sample(self, model, xt, t, y=None, clip_denoised=True):
+    def p_sample(self, model, xt, t, y=None, clip_denoised=True, cond_fn=None):
         """Algorithm 2 lines 3-4, one reverse step from x_t to x_{t-1}:
             3: z ~ N(0, I) if t > 1, else z = 0          (code: t > 0)
             4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
+        cond_fn(x_t, t, y) -> s * grad log p(y | x_t) turns this into classifier guidance (guidance.py;
+        Dhariwal & Nichol 2021, Algorithm 1 line 4, eq. 10): the mean moves to mu + Sigma * s * grad.
         Returns (x_{t-1}, predicted x_0)."""
         out = self.p_mean_variance(model, xt, t, y, clip_denoised)
+        mean = out["mean"]
+        if cond_fn is not None:  # ADM Alg. 1 line 4; the classifier sees the network's own t
+            mean = mean + out["variance"] * cond_fn(xt, self.timestep_map[t], y)
         z = torch.randn_like(xt)
         nonzero = (t > 0).float().reshape(-1, *([1] * (xt.ndim - 1)))       # no noise at the last step
-        return out["mean"] + nonzero * (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
+        return mean + nonzero * (0.5 * out["log_variance"]).exp() * z, out["pred_x0"]
 
     @torch.no_grad()
-    def sample(self, model, shape, y=None, noise=None, clip_denoised=True, trajectory_every=0, progress=True):
+    def sample(self, model, shape, y=None, noise=None, clip_denoised=True, trajectory_every=0, progress=True,
+               cond_fn=None):
         """Algorithm 2 (Sampling):
             1: x_T ~ N(0, I)
             2: for t = T, ..., 1 do          (code: t = T-1, ..., 0: each visited exactly once)
             3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z      (p_sample)
             6: return x_0
-        On a respaced diffusion (improved_ddpm.respace) the loop runs over its fewer steps.
+        On a respaced diffusion (improved_ddpm.respace) the loop runs over its fewer steps. cond_fn: see
+        p_sample (classifier guidance).
         shape: (B, C, H, W); y: int64 [B] labels or None; noise: x_T to start from (else drawn).
         With trajectory_every = k > 0 also returns [(t, x after the step at t, predicted x_0 at t)] for
         the first step and every k-th (on the CPU), for GIFs of the reverse process. Returns x_0
@@ -392,7 +399,7 @@ class GaussianDiffusion:
         trajectory = []
         for step in tqdm(reversed(range(steps)), total=steps, desc="sampling", disable=not progress, leave=False):
             t = torch.full((shape[0],), step, device=device, dtype=torch.long)
-            x, pred_x0 = self.p_sample(model, x, t, y, clip_denoised)
+            x, pred_x0 = self.p_sample(model, x, t, y, clip_denoised, cond_fn)
             if trajectory_every and (step % trajectory_every == 0 or step == steps - 1):
                 trajectory.append((step, x.cpu(), pred_x0.cpu()))
         return (x, trajectory) if trajectory_every else x

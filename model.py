@@ -1,5 +1,6 @@
 """
-model.py: the network. UNet(x_t, t, y) -> a tensor shaped like x_t (the predicted noise).
+model.py: the networks. UNet(x_t, t, y) -> a tensor shaped like x_t (the predicted noise), and
+NoisyClassifier(x_t, t) -> class logits, the encoder half of the same UNet (for classifier guidance).
 
 It knows nothing about diffusion: it maps an image, an integer timestep and an optional class
 label to an image. ddpm.py decides what the output means. The architecture follows the DDPM
@@ -12,6 +13,10 @@ Improved DDPM and ADM (Nichol & Dhariwal 2021; Dhariwal & Nichol 2021).
       middle: ResBlock, attention, ResBlock at the lowest resolution
       up:    per level, (num_res_blocks + 1) x ResBlock on [h, skip] (+ attention), then double S
     --GroupNorm, SiLU, zero-initialised conv--> prediction [B x C_out x S x S]
+
+Image-conditioned models (super-resolution, image-to-image; cascade.py) give the UNet a conditioning
+image of the same size that is concatenated to x_t as extra input channels (cond_channels), and, for
+the cascade's noise-conditioning augmentation, the augmentation level cond_t, embedded like t.
 
 A checkpoint stores the plain dict that build_model takes, so sample.py rebuilds the exact network.
 """
@@ -35,6 +40,8 @@ DEFAULT_MODEL_CONFIG = dict(
     dropout=0.1,              # inside residual blocks (DDPM used 0.1 on CIFAR-10)
     num_classes=0,            # 0 = unconditional; else labels 0..num_classes-1, and num_classes = "no label"
     head_channels=32,         # channels per attention head
+    cond_channels=0,          # channels of a conditioning image concatenated to x_t (0 = none; cascade.py)
+    cond_augment=False,       # also embed the conditioning image's noise-augmentation level cond_t
 )
 
 
@@ -116,44 +123,73 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
+def check_image_size(image_size, channel_mults):
+    levels = len(channel_mults)
+    if image_size % 2 ** (levels - 1) != 0:
+        raise UsageError(f"--image_size {image_size}: the UNet halves it {levels - 1} times "
+                         f"(--channel_mults has {levels} levels), so it must be divisible by {2 ** (levels - 1)}; "
+                         f"try {max(2 ** (levels - 1), image_size // 2 ** (levels - 1) * 2 ** (levels - 1))}")
+
+
+def time_mlp(base_channels, embedding_dim):
+    """Timestep t -> sinusoid (timestep_embedding) -> this MLP (DDPM Sec. 4)."""
+    return nn.Sequential(nn.Linear(base_channels, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+
+
+def down_path(image_size, base_channels, channel_mults, num_res_blocks, attention_resolutions, dropout,
+              head_channels, embedding_dim):
+    """The UNet's encoder: per level, num_res_blocks ResBlocks (+ attention), then a strided conv that
+    halves the resolution. Returns (blocks, skip_channels: the channels each block hands to the up path,
+    the channels and resolution at the bottom). Shared by UNet and NoisyClassifier."""
+    blocks = nn.ModuleList()
+    channels, skip_channels, resolution = base_channels, [base_channels], image_size
+    for level, mult in enumerate(channel_mults):
+        for _ in range(num_res_blocks):
+            block = nn.ModuleList([ResBlock(channels, base_channels * mult, embedding_dim, dropout)])
+            channels = base_channels * mult
+            if resolution in attention_resolutions:
+                block.append(AttentionBlock(channels, head_channels))
+            blocks.append(block)
+            skip_channels.append(channels)
+        if level < len(channel_mults) - 1:  # halve the resolution with a strided convolution
+            blocks.append(nn.ModuleList([nn.Conv2d(channels, channels, 3, stride=2, padding=1)]))
+            skip_channels.append(channels)
+            resolution //= 2
+    return blocks, skip_channels, channels, resolution
+
+
+def run_block(block, h, embedding):
+    for layer in block:
+        h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+    return h
+
+
 class UNet(nn.Module):
-    """UNet(x_t [B x C x S x S], t int64 [B], y int64 [B] or None) -> [B x C_out x S x S]."""
+    """UNet(x_t [B x C x S x S], t int64 [B], y int64 [B] or None, cond [B x C_cond x S x S] or None,
+    cond_t int64 [B] or None) -> [B x C_out x S x S]."""
 
     def __init__(self, image_size, in_channels, out_channels, base_channels, channel_mults, num_res_blocks,
-                 attention_resolutions, dropout, num_classes, head_channels):
+                 attention_resolutions, dropout, num_classes, head_channels, cond_channels, cond_augment):
         super().__init__()
-        levels = len(channel_mults)
-        if image_size % 2 ** (levels - 1) != 0:
-            raise UsageError(f"--image_size {image_size}: the UNet halves it {levels - 1} times "
-                             f"(--channel_mults has {levels} levels), so it must be divisible by {2 ** (levels - 1)}; "
-                             f"try {max(2 ** (levels - 1), image_size // 2 ** (levels - 1) * 2 ** (levels - 1))}")
+        check_image_size(image_size, channel_mults)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
+        self.cond_channels = cond_channels
         embedding_dim = 4 * base_channels
 
         # Timestep t -> sinusoid -> MLP (DDPM Sec. 4); a class label adds a learned vector.
-        self.time_mlp = nn.Sequential(nn.Linear(base_channels, embedding_dim), nn.SiLU(),
-                                      nn.Linear(embedding_dim, embedding_dim))
-        # num_classes + 1 rows: the last row is "no label", used for unconditional samples
-        # (and later by classifier-free guidance).
+        self.time_mlp = time_mlp(base_channels, embedding_dim)
+        # num_classes + 1 rows: the last row is "no label", used for unconditional samples and trained
+        # by classifier-free guidance's label dropout (guidance.py).
         self.class_embedding = nn.Embedding(num_classes + 1, embedding_dim) if num_classes > 0 else None
+        # The conditioning image's augmentation level (cascade.py), embedded like t by its own MLP.
+        self.cond_t_mlp = time_mlp(base_channels, embedding_dim) if cond_augment else None
 
-        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.input_conv = nn.Conv2d(in_channels + cond_channels, base_channels, 3, padding=1)
 
         # Down path. skip_channels records what each block hands to the up path.
-        self.down = nn.ModuleList()
-        channels, skip_channels, resolution = base_channels, [base_channels], image_size
-        for level, mult in enumerate(channel_mults):
-            for _ in range(num_res_blocks):
-                block = nn.ModuleList([ResBlock(channels, base_channels * mult, embedding_dim, dropout)])
-                channels = base_channels * mult
-                if resolution in attention_resolutions:
-                    block.append(AttentionBlock(channels, head_channels))
-                self.down.append(block)
-                skip_channels.append(channels)
-            if level < levels - 1:  # halve the resolution with a strided convolution
-                self.down.append(nn.ModuleList([nn.Conv2d(channels, channels, 3, stride=2, padding=1)]))
-                skip_channels.append(channels)
-                resolution //= 2
+        self.down, skip_channels, channels, resolution = down_path(
+            image_size, base_channels, channel_mults, num_res_blocks, attention_resolutions, dropout,
+            head_channels, embedding_dim)
 
         self.middle = nn.ModuleList([ResBlock(channels, channels, embedding_dim, dropout),
                                      AttentionBlock(channels, head_channels),
@@ -179,7 +215,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.output[-1].weight)  # the first prediction is 0: a calm start for the loss
         nn.init.zeros_(self.output[-1].bias)
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, cond=None, cond_t=None):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet built for [B x {self.in_channels} x {self.image_size} x {self.image_size}], "
                              f"got {list(x.shape)}")
@@ -188,21 +224,58 @@ class UNet(nn.Module):
             if y is None:  # no label given: the reserved "no label" row
                 y = torch.full_like(t, self.num_classes)
             embedding = embedding + self.class_embedding(y)
+        if self.cond_t_mlp is not None:  # no level given: 0, an (almost) clean conditioning image
+            cond_t = torch.zeros_like(t) if cond_t is None else cond_t
+            embedding = embedding + self.cond_t_mlp(timestep_embedding(cond_t, self.input_conv.out_channels))
         embedding = F.silu(embedding)  # every ResBlock applies its Linear to SiLU(embedding)
 
+        if self.cond_channels:
+            if cond is None or cond.shape[1] != self.cond_channels or cond.shape[-2:] != x.shape[-2:]:
+                raise ValueError(f"this UNet is image-conditioned: it needs cond [B x {self.cond_channels} x "
+                                 f"{self.image_size} x {self.image_size}], got {None if cond is None else list(cond.shape)}")
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)  # [B x (C + C_cond) x S x S]
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:
-            for layer in block:
-                h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+            h = run_block(block, h, embedding)
             skips.append(h)
-        for layer in self.middle:
-            h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+        h = run_block(self.middle, h, embedding)
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)  # [B x (C + C_skip) x H x W]
-            for layer in block:
-                h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
+            h = run_block(block, h, embedding)
         return self.output(h)
+
+
+class NoisyClassifier(nn.Module):
+    """p_phi(y | x_t): a classifier of *noisy* images, for classifier guidance (Dhariwal & Nichol 2021,
+    Sec. 4; guidance.py). As in their paper it is the UNet's encoder half, conditioned on t the same way,
+    then the middle block and a pooled linear head (they pool with attention; a mean is enough here).
+    NoisyClassifier(x_t [B x C x S x S], t int64 [B]) -> logits [B x num_classes]."""
+
+    def __init__(self, image_size, in_channels, base_channels, channel_mults, num_res_blocks,
+                 attention_resolutions, dropout, num_classes, head_channels):
+        super().__init__()
+        check_image_size(image_size, channel_mults)
+        self.image_size, self.in_channels = image_size, in_channels
+        embedding_dim = 4 * base_channels
+        self.time_mlp = time_mlp(base_channels, embedding_dim)
+        self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down, _, channels, _ = down_path(image_size, base_channels, channel_mults, num_res_blocks,
+                                              attention_resolutions, dropout, head_channels, embedding_dim)
+        self.middle = nn.ModuleList([ResBlock(channels, channels, embedding_dim, dropout),
+                                     AttentionBlock(channels, head_channels)])
+        self.head = nn.Sequential(nn.GroupNorm(group_count(channels), channels), nn.SiLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+
+    def forward(self, x, t):
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size or x.shape[1] != self.in_channels:
+            raise ValueError(f"classifier built for [B x {self.in_channels} x {self.image_size} x "
+                             f"{self.image_size}], got {list(x.shape)}")
+        embedding = F.silu(self.time_mlp(timestep_embedding(t, self.input_conv.out_channels)))  # [B x E]
+        h = self.input_conv(x)
+        for block in self.down:
+            h = run_block(block, h, embedding)
+        return self.head(run_block(self.middle, h, embedding))  # [B x num_classes]
 
 
 def resolve_model_config(**overrides):
@@ -223,6 +296,23 @@ def resolve_model_config(**overrides):
 def build_model(config):
     """Rebuild the UNet from the plain dict stored in a checkpoint (see resolve_model_config)."""
     return UNet(**resolve_model_config(**config))
+
+
+# The noisy classifier takes the UNet's settings, minus those only a denoiser has.
+CLASSIFIER_ONLY_UNET = ("out_channels", "cond_channels", "cond_augment")
+
+
+def resolve_classifier_config(**overrides):
+    """Like resolve_model_config, for NoisyClassifier (num_classes must be given)."""
+    config = resolve_model_config(**overrides)
+    for name in CLASSIFIER_ONLY_UNET:
+        config.pop(name)
+    return config
+
+
+def build_classifier(config):
+    """Rebuild the NoisyClassifier from the plain dict stored in its checkpoint."""
+    return NoisyClassifier(**resolve_classifier_config(**config))
 
 
 def count_parameters(model):

@@ -8,9 +8,19 @@ sample.py: draw images from a trained checkpoint.
     python sample.py --ckpt checkpoints/cars_ema.pt --invert my_photos/      # image -> x_T -> image (DDIM inversion)
     python sample.py --ckpt checkpoints/cars_ema.pt --num_samples 64 --individual_dir out/ --gif rev.gif
 
+Conditioning and upscaling (guidance.py, cascade.py, realesrgan.py):
+
+    python sample.py --ckpt checkpoints/mnist_ema.pt --class_name 3 7 --guidance_scale 3   # classifier-free
+    python sample.py --ckpt checkpoints/mnist_ema.pt --classifier_ckpt checkpoints/mnist_classifier_ema.pt \\
+                     --classifier_scale 2                                                   # classifier guidance
+    python sample.py --ckpt checkpoints/cars_ema.pt --sr_ckpt checkpoints/cars_sr_ema.pt    # a cascade
+    python sample.py --ckpt checkpoints/cars_sr_ema.pt --cond_images small_photos/          # SR your own images
+    python sample.py --ckpt checkpoints/cars_ema.pt --upscale 4 --upscale_mode bicubic     # or realesrgan
+
 The checkpoint describes itself (model and diffusion configuration, class names, the prediction
-target, learned variances), so no other flag is needed. Either file works: <run>_ema.pt, or the
-full <run>.pt (sampled with its EMA weights, which give better images than the raw training weights).
+target, learned variances, what it is conditioned on), so no other flag is needed. Either file works:
+<run>_ema.pt, or the full <run>.pt (sampled with its EMA weights, which give better images than the
+raw training weights).
 """
 import argparse
 import os
@@ -18,15 +28,21 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import cascade
 from ddim import SPACINGS, ddim_invert, ddim_sample, interpolation_noise
 from ddpm import VARIANCES, GaussianDiffusion
+from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
-from model import build_model
+from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, from_model_range, is_image_file, list_images, load_checkpoint,
                    load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid, seed_everything,
                    to_model_range)
+
+UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
+MAX_CLASS_ROWS = 20  # with no --class_name/--class_label, a grid shows at most this many classes
 
 
 def parse_args(argv=None):
@@ -34,8 +50,9 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoints/<run>_ema.pt or checkpoints/<run>.pt")
     p.add_argument("--num_samples", type=int, default=None,
-                   help="images to draw (default 16); rows of the --interpolate strip (default 4); "
-                   "images to --invert (default: all, at most 16)")
+                   help="images to draw (default 16), or for a class-conditional model images per class "
+                   "(default 8, one row per class); rows of the --interpolate strip (default 4); "
+                   "images to --invert or --cond_images to use (default: all, at most 16)")
     p.add_argument("--batch_size", type=int, default=64, help="images denoised at once (lower it if memory is short)")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and every step's noise")
     p.add_argument("--out", default=None, help="grid PNG; default samples/<checkpoint name>[_interpolation|_inversion].png")
@@ -62,6 +79,28 @@ def parse_args(argv=None):
     sampler.add_argument("--invert", default=None, metavar="PATH",
                          help="instead of samples: encode these images (a file or a folder) to x_T with DDIM "
                          "inversion and decode them back; writes originals over reconstructions")
+    cond = p.add_argument_group("classes and guidance (guidance.py)")
+    cond.add_argument("--class_name", nargs="+", default=None, help="draw these classes (folder names)")
+    cond.add_argument("--class_label", type=int, nargs="+", default=None, help="draw these classes (indices)")
+    cond.add_argument("--guidance_scale", type=float, default=1.0,
+                      help="classifier-free guidance s: eps_uncond + s (eps_cond - eps_uncond); 1 = no guidance "
+                      "(the conditional model), 0 = unconditional, > 1 = stronger class features")
+    cond.add_argument("--classifier_ckpt", default=None,
+                      help="a noisy classifier (train.py --task classifier) for classifier guidance (ADM)")
+    cond.add_argument("--classifier_scale", type=float, default=1.0,
+                      help="classifier guidance gradient scale s (ADM Sec. 4.3); 0 = no guidance")
+    image = p.add_argument_group("image conditioning and upscaling (cascade.py, realesrgan.py)")
+    image.add_argument("--cond_images", default=None, metavar="PATH",
+                       help="for a super_resolution or image_to_image --ckpt: the input images (a file or a folder)")
+    image.add_argument("--sr_ckpt", default=None,
+                       help="a super_resolution checkpoint: upsample the samples with it (a cascade)")
+    image.add_argument("--upscale", type=int, default=None,
+                       help="enlarge the samples by this factor (default: the --sr_ckpt's factor, else 4)")
+    image.add_argument("--upscale_mode", default=None, choices=UPSCALE_MODES,
+                       help="how to --upscale: plain interpolation, the --sr_ckpt model, or Real-ESRGAN "
+                       "(default: sr with --sr_ckpt, else bicubic)")
+    image.add_argument("--realesrgan_weights", default=os.path.join("weights", "RealESRGAN_x4plus.pth"),
+                       help="RealESRGAN_x4plus.pth for --upscale_mode realesrgan (never downloaded for you)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     return p.parse_args(argv)
 
@@ -81,10 +120,25 @@ def check_args(args, timesteps):
         raise UsageError("--interpolate and --invert use deterministic DDIM (eta 0); leave out --eta")
     if args.eta is not None and args.eta < 0:
         raise UsageError(f"--eta {args.eta}: must be >= 0 (0 = DDIM, 1 = DDPM-like)")
-    if args.invert and not os.path.exists(args.invert):
-        raise UsageError(f"--invert {args.invert}: no such file or folder")
+    for flag in ("invert", "cond_images"):
+        if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+            raise UsageError(f"--{flag} {getattr(args, flag)}: no such file or folder")
     if args.steps is not None and not 1 <= args.steps <= timesteps:
         raise UsageError(f"--steps {args.steps}: must be between 1 and the model's T = {timesteps}")
+    if args.class_name and args.class_label:
+        raise UsageError("give --class_name or --class_label, not both")
+    if args.guidance_scale < 0 or args.classifier_scale < 0:
+        raise UsageError("--guidance_scale and --classifier_scale must be >= 0 (1 and 0 mean no guidance)")
+    if args.upscale is not None and args.upscale < 2:
+        raise UsageError(f"--upscale {args.upscale}: must be at least 2")
+    if args.upscale_mode == "sr" and not args.sr_ckpt:
+        raise UsageError("--upscale_mode sr needs --sr_ckpt (a model trained with train.py --task super_resolution)")
+    if args.upscale_mode == "realesrgan" and not os.path.isfile(args.realesrgan_weights):
+        from realesrgan import load_realesrgan
+        load_realesrgan(args.realesrgan_weights)  # says where to put the file, before any sampling
+    if (args.interpolate or args.invert or args.cond_images) and (args.sr_ckpt or args.upscale or args.upscale_mode):
+        raise UsageError("--sr_ckpt, --upscale and --upscale_mode apply to drawn samples; leave out "
+                         "--interpolate, --invert and --cond_images")
 
 
 def load_images_to_invert(path, limit, size, channels, class_names):
@@ -109,51 +163,181 @@ def load_images_to_invert(path, limit, size, channels, class_names):
     return images, torch.tensor(labels)
 
 
+def load_diffusion_model(path, flag, device, variance=None):
+    """A diffusion checkpoint -> (state, GaussianDiffusion, UNet in eval mode on device)."""
+    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"))
+    if state.get("task") == "classifier":
+        raise UsageError(f"{flag} {path}: this is a noisy classifier; pass it as --classifier_ckpt, with a "
+                         "diffusion model as --ckpt")
+    diffusion = GaussianDiffusion(**dict(state["diffusion_config"], **({"variance": variance} if variance else {})))
+    model = build_model(state["model_config"])
+    load_weights(model, state["ema"], path)
+    return state, diffusion.to(device), model.to(device).eval()
+
+
+def load_noisy_classifier(path, diffusion, class_names, device):
+    """The classifier for classifier guidance, checked against the diffusion model it will steer."""
+    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema", "class_names"))
+    if state.get("task") != "classifier":
+        raise UsageError(f"--classifier_ckpt {path}: not a classifier; train one with train.py --task classifier")
+    saved = state["diffusion_config"]
+    if (saved["timesteps"], saved["schedule"]) != (diffusion.timesteps, diffusion.schedule):
+        raise UsageError(f"--classifier_ckpt {path}: trained on a T={saved['timesteps']} {saved['schedule']} "
+                         f"schedule, but the model uses T={diffusion.timesteps} {diffusion.schedule}; the noise "
+                         "levels must match, so train the classifier with the model's --timesteps and --schedule")
+    if class_names and state["class_names"] != class_names:
+        raise UsageError(f"--classifier_ckpt {path}: its classes differ from the model's; train both on the same folder")
+    classifier = build_classifier(state["model_config"])
+    load_weights(classifier, state["ema"], path)
+    return classifier.to(device).eval(), state["class_names"]
+
+
+def choose_classes(args, class_names):
+    """The class indices to draw, one grid row each: --class_name / --class_label, or every class
+    (at most MAX_CLASS_ROWS). A wrong name gets the list of valid names."""
+    if args.class_name:
+        unknown = [n for n in args.class_name if n not in class_names]
+        if unknown:
+            shown = ", ".join(class_names[:30]) + (f", ... ({len(class_names)} in all)" if len(class_names) > 30 else "")
+            raise UsageError(f"--class_name {unknown[0]}: not a class of this model; valid names: {shown}")
+        return [class_names.index(n) for n in args.class_name]
+    if args.class_label:
+        bad = [c for c in args.class_label if not 0 <= c < len(class_names)]
+        if bad:
+            raise UsageError(f"--class_label {bad[0]}: this model has classes 0 .. {len(class_names) - 1}")
+        return list(args.class_label)
+    if len(class_names) > MAX_CLASS_ROWS:
+        print(f"note: showing the first {MAX_CLASS_ROWS} of {len(class_names)} classes; pick others with --class_name")
+    return list(range(min(len(class_names), MAX_CLASS_ROWS)))
+
+
+def load_cond_images(path, limit, size, channels):
+    """uint8 [N x C x size x size] from a file or a folder, for --cond_images."""
+    if os.path.isfile(path) and not is_image_file(path):
+        raise UsageError(f"--cond_images {path}: not an image file")
+    paths = ([path] if os.path.isfile(path) else list_images(path))[:limit]
+    if not paths:
+        raise UsageError(f"--cond_images {path}: no images found in this folder")
+    return torch.stack([load_image(p, size, channels) for p in paths])
+
+
+def resize_uint8(images, size, mode):
+    """uint8 [N x C x s x s] -> uint8 [N x C x size x size], nearest or bicubic (antialiased when shrinking)."""
+    if mode == "nearest":
+        out = F.interpolate(images.float(), size=(size, size), mode="nearest")
+    else:
+        out = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False,
+                            antialias=size < images.shape[-1])
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def save_individual(images, folder, names=None):
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()
+        name = f"sample_{i:05d}" + (f"_{names[i]}" if names else "") + ".png"
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(os.path.join(folder, name))
+    print(f"{len(images)} images: {folder}/")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
-    diffusion_config = dict(state["diffusion_config"], **({"variance": args.variance} if args.variance else {}))
-    diffusion = GaussianDiffusion(**diffusion_config)
-    check_args(args, diffusion.timesteps)
     device = pick_device(args.device)
+    state, diffusion, model = load_diffusion_model(args.ckpt, "--ckpt", device, args.variance)
+    check_args(args, diffusion.timesteps)
     seed_everything(args.seed)
-
-    model = build_model(state["model_config"])
-    load_weights(model, state["ema"], args.ckpt)
-    model = model.to(device).eval()
-    diffusion = diffusion.to(device)
+    task = state.get("task", "diffusion")
     class_names = state.get("class_names") or []
     size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
-    print(f"{args.ckpt}: step {state.get('step')}, {size}x{size}x{channels}, "
+    print(f"{args.ckpt}: {task} model, step {state.get('step')}, {size}x{size}x{channels}, "
           f"{len(class_names) or 'no'} classes; {diffusion.describe()}")
 
     # Which sampler, with how many network calls per image.
     use_ddim = args.sampler == "ddim" or bool(args.interpolate or args.invert)
     steps = args.steps or (min(50, diffusion.timesteps) if use_ddim else diffusion.timesteps)
     eta = args.eta or 0.0
-    sampling_diffusion = diffusion
-    if not use_ddim and steps < diffusion.timesteps:
-        sampling_diffusion = respace(diffusion, steps, args.spacing)  # Improved DDPM Sec. 4, eq. 19
     print(f"sampler: {'DDIM eta=' + format(eta, 'g') if use_ddim else 'DDPM (Algorithm 2)'}, "
           f"{steps} of {diffusion.timesteps} steps ({args.spacing} spacing)")
 
-    def generate(noise, y, trajectory_every=0):
-        if use_ddim:
-            return ddim_sample(diffusion, model, noise.shape, steps, eta, args.spacing, y, noise,
-                               clip_denoised=not args.no_clip, trajectory_every=trajectory_every)
-        return sampling_diffusion.sample(model, noise.shape, y, noise, clip_denoised=not args.no_clip,
-                                         trajectory_every=trajectory_every)
+    def make_generate(diffusion):
+        """generate(network, x_T, y, cond_fn, trajectory_every) for one diffusion (the base or the SR model)."""
+        respaced = diffusion
+        if not use_ddim and min(steps, diffusion.timesteps) < diffusion.timesteps:
+            respaced = respace(diffusion, steps, args.spacing)  # Improved DDPM Sec. 4, eq. 19
 
-    def in_batches(noise, labels):
-        """Decode x_T [N x C x S x S] batch by batch; returns uint8 images."""
+        def generate(network, noise, y=None, cond_fn=None, trajectory_every=0):
+            if use_ddim:
+                return ddim_sample(diffusion, network, noise.shape, min(steps, diffusion.timesteps), eta,
+                                   args.spacing, y, noise, clip_denoised=not args.no_clip,
+                                   trajectory_every=trajectory_every, cond_fn=cond_fn)
+            return respaced.sample(network, noise.shape, y, noise, clip_denoised=not args.no_clip,
+                                   trajectory_every=trajectory_every, cond_fn=cond_fn)
+        return generate
+    generate = make_generate(diffusion)
+
+    # Guidance (guidance.py): classifier-free wraps the network; classifier guidance adds a cond_fn.
+    network, cond_fn = model, None
+    if args.guidance_scale != 1.0:
+        if not class_names or task != "diffusion":
+            raise UsageError(f"--guidance_scale {args.guidance_scale:g}: {args.ckpt} is not class-conditional "
+                             "(train on a folder with one subfolder per class); leave it at 1")
+        if not state.get("p_uncond"):
+            print("warning: this model was trained without label dropout (--p_uncond 0, or before it existed), "
+                  "so its 'no label' prediction is untrained and guided samples will be poor")
+        network = classifier_free_guidance(model, args.guidance_scale, len(class_names))
+        print(f"classifier-free guidance: scale {args.guidance_scale:g} (1 = none; CFG paper's w = "
+              f"{args.guidance_scale - 1:g}), one batched pass for both predictions")
+    if args.classifier_ckpt:
+        if task != "diffusion":
+            raise UsageError("--classifier_ckpt: guidance needs a --ckpt that draws samples (task diffusion)")
+        classifier, classifier_names = load_noisy_classifier(args.classifier_ckpt, diffusion, class_names, device)
+        class_names = class_names or classifier_names  # an unconditional model steered towards a class
+        cond_fn = classifier_guidance(classifier, args.classifier_scale)
+        print(f"classifier guidance: scale {args.classifier_scale:g} with {args.classifier_ckpt}")
+
+    def in_batches(noise, labels, cond=None, cond_t=None):
+        """Decode x_T [N x C x S x S] batch by batch (with labels [N] and conditioning images [N x ...]);
+        returns uint8 images."""
         out = []
         for start in range(0, len(noise), args.batch_size):
-            y = labels[start:start + args.batch_size].to(device) if labels is not None else None
-            out.append(from_model_range(generate(noise[start:start + args.batch_size].to(device), y)).cpu())
+            part = slice(start, start + args.batch_size)
+            y = labels[part].to(device) if labels is not None else None
+            net = network
+            if cond is not None:
+                net = cascade.conditioned(model, cond[part].to(device), cond_t[part].to(device) if cond_t is not None else None)
+            out.append(from_model_range(generate(net, noise[part].to(device), y, cond_fn=cond_fn)).cpu())
         return torch.cat(out)
 
     name = os.path.splitext(os.path.basename(args.ckpt))[0]
     started = time.perf_counter()
+    if task in ("super_resolution", "image_to_image"):
+        # An image-conditioned model: its outputs for your input images.
+        if not args.cond_images:
+            raise UsageError(f"--ckpt {args.ckpt}: a {task} model needs input images; give --cond_images PATH "
+                             + ("(or use it as --sr_ckpt after a base model)" if task == "super_resolution" else ""))
+        settings = state.get("conditioning") or {}
+        if task == "super_resolution":
+            low = load_cond_images(args.cond_images, args.num_samples or 16, settings["low_res"], channels)
+            level = settings.get("sample_aug_t") if state["model_config"].get("cond_augment") else None
+            cond, cond_t = cascade.sr_condition(diffusion, to_model_range(low).to(device), size, level)
+        else:
+            low = load_cond_images(args.cond_images, args.num_samples or 16, size, state["model_config"]["cond_channels"])
+            cond, cond_t = to_model_range(low).to(device), None
+        images = in_batches(torch.randn(len(low), channels, size, size), None, cond, cond_t)
+        shown = resize_uint8(low, size, "nearest")
+        shown = shown if shown.shape[1] == channels else shown.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, channels, -1, -1)
+        out_path = args.out or os.path.join("samples", f"{name}_outputs.png")
+        nrow = min(len(low), 8)
+        rows = []
+        for i in range(0, len(low), nrow):
+            for part in (shown[i:i + nrow], images[i:i + nrow]):
+                rows.append(torch.cat([part, torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)]))
+        save_grid(torch.cat(rows), out_path, nrow=nrow)
+        print(f"{len(low)} inputs -> outputs in {time.perf_counter() - started:.1f} s; inputs above outputs: {out_path}")
+        if args.individual_dir:
+            save_individual(images, args.individual_dir)
+        return
+
     if args.interpolate:
         # Each row: two random x_T and the slerp between them, every point decoded deterministically.
         rows = args.num_samples or 4
@@ -167,12 +351,13 @@ def main(argv=None):
         return
 
     if args.invert:
-        originals, labels = load_images_to_invert(args.invert, args.num_samples or 16, size, channels, class_names)
+        originals, labels = load_images_to_invert(args.invert, args.num_samples or 16, size, channels,
+                                                  state.get("class_names") or [])
         x0 = to_model_range(originals)
         latents = []
         for start in range(0, len(x0), args.batch_size):
             y = labels[start:start + args.batch_size].to(device) if labels is not None else None
-            latents.append(ddim_invert(diffusion, model, x0[start:start + args.batch_size].to(device), steps,
+            latents.append(ddim_invert(diffusion, network, x0[start:start + args.batch_size].to(device), steps,
                                        args.spacing, y).cpu())
         latents = torch.cat(latents)
         # Decode without clipping: inversion did not clip, and the round trip should retrace the same path.
@@ -193,14 +378,26 @@ def main(argv=None):
               f"{error:.4f} on [-1, 1]; originals above reconstructions: {out_path}")
         return
 
-    num_samples = args.num_samples or 16
+    sr = load_sr_model(args, channels, device) if args.sr_ckpt else None
+    # Samples. A class-conditional (or classifier-guided) model draws one row per chosen class.
+    if class_names:
+        classes = choose_classes(args, class_names)
+        per_class = args.num_samples or 8
+        all_labels = torch.tensor(classes).repeat_interleave(per_class)
+        nrow = per_class
+        print(f"classes, one row each: {', '.join(class_names[c] for c in classes)}")
+    else:
+        if args.class_name or args.class_label:
+            raise UsageError(f"--class_name/--class_label: {args.ckpt} is unconditional (it has no classes)")
+        all_labels, nrow = None, None
+    num_samples = len(all_labels) if all_labels is not None else (args.num_samples or 16)
     images, trajectory = [], None
     for start in range(0, num_samples, args.batch_size):
         b = min(args.batch_size, num_samples - start)
-        # A class-conditional model draws the classes in turn: sample i has label i mod #classes.
-        y = (torch.arange(start, start + b, device=device) % len(class_names)) if class_names else None
+        y = all_labels[start:start + b].to(device) if all_labels is not None else None
         every = max(1, steps // args.gif_frames) if (args.gif and trajectory is None) else 0
-        out = generate(torch.randn(b, channels, size, size, device=device), y, trajectory_every=every)
+        out = generate(network, torch.randn(b, channels, size, size, device=device), y, cond_fn=cond_fn,
+                       trajectory_every=every)
         if every:
             out, trajectory = out
         images.append(from_model_range(out).cpu())
@@ -209,15 +406,11 @@ def main(argv=None):
     elapsed = time.perf_counter() - started
 
     out_path = args.out or os.path.join("samples", f"{name}.png")
-    save_grid(images, out_path)
+    save_grid(images, out_path, nrow=nrow)
     print(f"grid of {len(images)} samples in {elapsed:.1f} s ({steps} network calls each): {out_path}")
+    names = [class_names[c] for c in all_labels.tolist()] if all_labels is not None else None
     if args.individual_dir:
-        os.makedirs(args.individual_dir, exist_ok=True)
-        for i, image in enumerate(images):
-            array = image.permute(1, 2, 0).numpy()
-            Image.fromarray(array[:, :, 0] if channels == 1 else array).save(
-                os.path.join(args.individual_dir, f"sample_{i:05d}.png"))
-        print(f"{len(images)} images: {args.individual_dir}/sample_00000.png ...")
+        save_individual(images, args.individual_dir, names)
     if args.gif:
         frames = []
         for _, xt, pred_x0 in trajectory:
@@ -228,6 +421,68 @@ def main(argv=None):
             frames.append(frame)
         save_gif(frames, args.gif)
         print(f"reverse process, {len(frames)} frames: {args.gif}")
+
+    if args.sr_ckpt or args.upscale or args.upscale_mode:
+        upscale_samples(args, images, name, nrow, sr, make_generate)
+
+
+def load_sr_model(args, channels, device):
+    """The --sr_ckpt of a cascade, checked before any sampling: (state, diffusion, model)."""
+    state, sr_diffusion, sr_model = load_diffusion_model(args.sr_ckpt, "--sr_ckpt", device)
+    if state.get("task") != "super_resolution":
+        raise UsageError(f"--sr_ckpt {args.sr_ckpt}: not a super-resolution model (train.py --task super_resolution)")
+    low_res, out_size = state["conditioning"]["low_res"], state["model_config"]["image_size"]
+    if args.upscale and args.upscale * low_res != out_size:
+        raise UsageError(f"--upscale {args.upscale}: {args.sr_ckpt} turns {low_res}x{low_res} into "
+                         f"{out_size}x{out_size} (x{out_size // low_res}); leave out --upscale")
+    if state["model_config"]["in_channels"] != channels:
+        raise UsageError(f"--sr_ckpt {args.sr_ckpt}: made for {state['model_config']['in_channels']}-channel "
+                         f"images, the base model's have {channels}")
+    return state, sr_diffusion, sr_model
+
+
+def upscale_samples(args, images, name, nrow, sr, make_generate):
+    """--sr_ckpt / --upscale: enlarge the samples and save them beside the originals as <name>_x<F>.png.
+    'sr' is the cascade of Ho et al. 2021: the SR model's outputs conditioned on the base samples."""
+    mode = args.upscale_mode or ("sr" if args.sr_ckpt else "bicubic")
+    size = images.shape[-1]
+    started = time.perf_counter()
+    if mode == "sr":
+        state, sr_diffusion, sr_model = sr
+        device = sr_diffusion.betas.device
+        settings = state["conditioning"]
+        low_res, out_size = settings["low_res"], state["model_config"]["image_size"]
+        if size != low_res:
+            print(f"note: resizing the {size}x{size} samples to the SR model's input, {low_res}x{low_res}")
+        low = to_model_range(resize_uint8(images, low_res, "bicubic") if size != low_res else images)
+        level = settings.get("sample_aug_t") if state["model_config"].get("cond_augment") else None
+        sr_generate = make_generate(sr_diffusion)
+        out = []
+        for start in range(0, len(low), args.batch_size):
+            cond, cond_t = cascade.sr_condition(sr_diffusion, low[start:start + args.batch_size].to(device),
+                                                out_size, level)
+            noise = torch.randn(len(cond), images.shape[1], out_size, out_size, device=device)
+            out.append(from_model_range(sr_generate(cascade.conditioned(sr_model, cond, cond_t), noise)).cpu())
+        upscaled = torch.cat(out)
+        factor = out_size // size
+        how = f"the SR model {args.sr_ckpt} (conditioning augmentation level {level})"
+    elif mode == "realesrgan":
+        from realesrgan import SCALE, load_realesrgan, realesrgan_upscale
+        factor = args.upscale or SCALE
+        upscaled = realesrgan_upscale(load_realesrgan(args.realesrgan_weights).to(pick_device(args.device)), images)
+        if factor != SCALE:  # the network is x4; other factors resize its output, as Real-ESRGAN's --outscale does
+            upscaled = resize_uint8(upscaled, size * factor, "bicubic")
+        how = "Real-ESRGAN (RealESRGAN_x4plus)"
+    else:
+        factor = args.upscale or 4
+        upscaled = resize_uint8(images, size * factor, mode)
+        how = f"{mode} interpolation"
+    out_path = os.path.join(os.path.dirname(args.out) if args.out else "samples", f"{name}_x{factor}.png")
+    save_grid(upscaled, out_path, nrow=nrow)
+    print(f"upscaled x{factor} to {upscaled.shape[-1]}x{upscaled.shape[-1]} by {how} in "
+          f"{time.perf_counter() - started:.1f} s: {out_path}")
+    if args.individual_dir:
+        save_individual(upscaled, os.path.join(args.individual_dir, f"x{factor}"))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ train.py: train a DDPM on a folder of your images (or a built-in dataset) and wr
     python train.py                                   # the offline built-in 'shapes' dataset
     python train.py --dataset_path data/cars          # your folder; class subfolders become labels
     python train.py --dataset_path data/cars --resume # continue from checkpoints/cars.pt
+    python train.py --dataset_path data/cars --task super_resolution --low_res 32 --image_size 64
+    python train.py --dataset_path data/cars --task classifier     # a noisy classifier for guidance
 
 Every step is Algorithm 1 of Ho et al. (ddpm.py, GaussianDiffusion.training_loss) on a batch, or
 with --loss hybrid / kl the variational-bound objectives of Improved DDPM (improved_ddpm.py);
@@ -15,6 +17,12 @@ moving average (EMA) of the weights, and optional mixed precision. Outputs:
     checkpoints/<run>_ema.pt   only what sampling needs (EMA weights, model and diffusion config, classes)
     samples/<run>/             sample grids from fixed noise, loss.csv and loss.png
 Checkpoints are written atomically every --save_every steps, at the end, and on Ctrl-C.
+
+--task picks what is trained (cascade.py, guidance.py): 'diffusion' (the default; class subfolders make
+it class-conditional, with classifier-free guidance's label dropout --p_uncond), 'classifier' (a
+classifier of noisy images for classifier guidance), 'super_resolution' (a diffusion model conditioned on
+a --low_res copy of each image, with conditioning augmentation) or 'image_to_image' (conditioned on a
+paired input image from --cond_path).
 """
 import argparse
 import copy
@@ -26,15 +34,20 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import improved_ddpm
 from ddpm import LOSSES, PREDICTIONS, SCHEDULES, VLB_LOSSES, GaussianDiffusion
+from guidance import drop_labels
+import cascade
+from cascade import TASKS
 from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
-from model import build_model, count_parameters, resolve_model_config
-from utils import (HelpFormatter, ImageFolderDataset, UsageError, from_model_range, load_builtin_dataset,
-                   load_checkpoint, load_weights, pick_device, plot_loss, save_checkpoint, save_grid,
-                   seed_everything, to_model_range)
+from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
+                   resolve_model_config)
+from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, from_model_range,
+                   load_builtin_dataset, load_checkpoint, load_weights, pick_device, plot_loss, save_checkpoint,
+                   save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Flags that only steer this run (where to write, how long, on what device): on --resume these come
@@ -46,6 +59,9 @@ RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a DDPM (Ho et al. 2020) on a folder of images.",
                                 formatter_class=HelpFormatter)
+    p.add_argument("--task", default="diffusion", choices=TASKS,
+                   help="what to train: a diffusion model; a noisy-image classifier for classifier guidance; "
+                   "a super-resolution model; an image-to-image model (cascade.py)")
     data = p.add_argument_group("data")
     data.add_argument("--dataset_path", default=None, help="folder of images; images in class subfolders "
                       "become labels, images directly inside mean unconditional")
@@ -77,6 +93,21 @@ def parse_args(argv=None):
     diffusion.add_argument("--timestep_sampler", default="uniform", choices=TIMESTEP_SAMPLERS,
                            help="how t is drawn: uniform (Algorithm 1) or loss-aware importance sampling "
                            "(Improved DDPM, for --loss kl)")
+
+    guidance = p.add_argument_group("conditioning (guidance.py, cascade.py)")
+    guidance.add_argument("--p_uncond", type=float, default=0.1,
+                          help="class-conditional runs: probability that a sample's label is replaced by 'no "
+                          "label' (classifier-free guidance, Ho & Salimans 2022, Algorithm 1); 0 = never")
+    guidance.add_argument("--low_res", type=int, default=None,
+                          help="super_resolution: the input resolution; --image_size is the output's")
+    guidance.add_argument("--aug_max_t", type=int, default=None,
+                          help="super_resolution: conditioning augmentation (Cascaded Diffusion) noises the "
+                          "low-res input to a random level 0..this; default T/10; 0 = off")
+    guidance.add_argument("--sample_aug_t", type=int, default=None,
+                          help="super_resolution: the fixed level used at sampling, saved in the checkpoint; "
+                          "default T/50")
+    guidance.add_argument("--cond_path", default=None,
+                          help="image_to_image: folder of input images, named like their targets in --dataset_path")
 
     model = p.add_argument_group("model (model.py)")
     model.add_argument("--base_channels", type=int, default=32, help="UNet channels at full resolution")
@@ -126,11 +157,28 @@ def check_args(args):
         raise UsageError(f"--lr {args.lr}: must be positive")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"--ema_decay {args.ema_decay}: must be in [0, 1)")
+    if not 0.0 <= args.p_uncond < 1.0:
+        raise UsageError(f"--p_uncond {args.p_uncond}: must be in [0, 1) (0.1 is the usual; 1 would never use the labels)")
     if args.dataset_path and args.dataset:
         raise UsageError("give either --dataset_path (your folder) or --dataset (a built-in), not both")
+    if args.task == "super_resolution":
+        if args.low_res is None or not 1 <= args.low_res < args.image_size:
+            raise UsageError(f"--task super_resolution needs --low_res smaller than --image_size {args.image_size} "
+                             "(for example --low_res 32 --image_size 64)")
+        for name in ("aug_max_t", "sample_aug_t"):
+            value = getattr(args, name)
+            if value is not None and not 0 <= value < args.timesteps:
+                raise UsageError(f"--{name} {value}: a level of the forward process, 0 .. T-1 = {args.timesteps - 1}")
+    elif args.low_res is not None or args.aug_max_t is not None or args.sample_aug_t is not None:
+        raise UsageError("--low_res, --aug_max_t and --sample_aug_t belong to --task super_resolution")
+    if (args.task == "image_to_image") != (args.cond_path is not None) or (args.cond_path and not args.dataset_path):
+        raise UsageError("--task image_to_image needs --dataset_path (targets) and --cond_path (inputs), "
+                         "and --cond_path belongs to that task only")
 
 
 def load_dataset(args):
+    if args.task == "image_to_image":
+        return PairedImageDataset(args.dataset_path, args.cond_path, args.image_size, args.channels)
     if args.dataset_path:
         return ImageFolderDataset(args.dataset_path, args.image_size, args.channels)
     dataset = load_builtin_dataset(args.dataset or "shapes", args.image_size)
@@ -187,11 +235,26 @@ def accumulate_gradients(loss_fn, micro_batches, scaler):
     return total
 
 
+RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr", image_to_image="_i2i")
+
+
+def conditioning_settings(args):
+    """What sample.py needs to feed an image-conditioned model, as a plain dict ({} for the others)."""
+    if args.task == "super_resolution":
+        return dict(low_res=args.low_res, aug_max_t=args.aug_max_t, sample_aug_t=args.sample_aug_t)
+    return {}
+
+
 def checkpoint_states(step, model, ema_model, optimizer, scheduler, scaler, config, model_config,
                       diffusion_config, class_names, timestep_sampler):
-    """The two checkpoint dicts, all plain Python types and tensors (loadable with weights_only=True)."""
-    describes_itself = dict(model_config=model_config, diffusion_config=diffusion_config,
-                            class_names=class_names, step=step)
+    """The two checkpoint dicts, all plain Python types and tensors (loadable with weights_only=True).
+    task says what the network is (cascade.TASKS); conditioning holds a super-resolution model's
+    low_res and augmentation levels; p_uncond tells sample.py whether the "no label" input was trained
+    (classifier-free guidance)."""
+    task = config["task"]
+    describes_itself = dict(task=task, model_config=model_config, diffusion_config=diffusion_config,
+                            class_names=class_names, step=step, conditioning=config["conditioning"],
+                            p_uncond=config["p_uncond"] if class_names and task == "diffusion" else 0.0)
     ema_state = dict(kind="ema", ema=ema_model.state_dict(), **describes_itself)
     full_state = dict(kind="full", model=model.state_dict(), ema=ema_model.state_dict(),
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
@@ -204,8 +267,8 @@ def checkpoint_states(step, model, ema_model, optimizer, scheduler, scaler, conf
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    run_name = args.run_name or (os.path.basename(os.path.normpath(args.dataset_path)) if args.dataset_path
-                                 else args.dataset or "shapes")
+    run_name = args.run_name or ((os.path.basename(os.path.normpath(args.dataset_path)) if args.dataset_path
+                                  else args.dataset or "shapes") + RUN_SUFFIX[args.task])
     full_path = os.path.join(args.checkpoint_dir, f"{run_name}.pt")
     ema_path = os.path.join(args.checkpoint_dir, f"{run_name}_ema.pt")
 
@@ -220,7 +283,13 @@ def main(argv=None):
             if getattr(args, name) != parser.get_default(name) and name in saved:
                 saved[name] = getattr(args, name)
         args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
+        if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
+            args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
+    args.task = getattr(args, "task", None) or "diffusion"  # runs saved before --task existed
     check_args(args)
+    if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
+        args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
+        args.sample_aug_t = args.timesteps // 50 if args.sample_aug_t is None else args.sample_aug_t
 
     device = pick_device(args.device)
     seed_everything(args.seed)
@@ -230,17 +299,29 @@ def main(argv=None):
     timestep_sampler = TimestepSampler(args.timesteps, args.timestep_sampler)
     dataset = load_dataset(args)
     class_names = list(dataset.class_names) if len(dataset.class_names) > 1 else []
+    if args.task == "classifier" and not class_names:
+        raise UsageError(f"--task classifier: the data has no classes; put the images in one subfolder per class")
+    if args.task in ("super_resolution", "image_to_image"):
+        class_names = []  # these models are conditioned on an image, not on a label
     hflip = args.hflip == "on" or (args.hflip == "auto" and args.dataset not in ("mnist", "fashion_mnist"))
     if len(dataset) < args.batch_size:
         print(f"note: the dataset has only {len(dataset)} images; --batch_size lowered from {args.batch_size}")
         args.batch_size = len(dataset)
 
-    model_config = resolve_model_config(
-        image_size=args.image_size, in_channels=dataset.channels, base_channels=args.base_channels,
-        out_channels=dataset.channels * (2 if args.learn_sigma else 1),  # learned variances: 2x channels
-        channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
-        attention_resolutions=args.attention_resolutions, dropout=args.dropout, num_classes=len(class_names))
-    model = build_model(model_config).to(device)
+    network = dict(image_size=args.image_size, in_channels=dataset.channels, base_channels=args.base_channels,
+                   channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
+                   attention_resolutions=args.attention_resolutions, dropout=args.dropout,
+                   num_classes=len(class_names))
+    if args.task == "classifier":
+        resolve_config, build = resolve_classifier_config, build_classifier
+    else:
+        resolve_config, build = resolve_model_config, build_model
+        network.update(out_channels=dataset.channels * (2 if args.learn_sigma else 1),  # learned variances: 2C
+                       cond_channels={"super_resolution": dataset.channels, "diffusion": 0}.get(
+                           args.task, getattr(dataset, "input_channels", 0)),
+                       cond_augment=args.task == "super_resolution" and args.aug_max_t > 0)
+    model_config = resolve_config(**network)
+    model = build(model_config).to(device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # a separate copy, never the live weights
 
     # AdamW; the fused kernel on CUDA, the multi-tensor ("foreach") one elsewhere.
@@ -254,8 +335,8 @@ def main(argv=None):
 
     step = 0
     if resumed:
-        if resumed["model_config"] != model_config:  # e.g. a class folder was added since
-            saved_config = resumed["model_config"]
+        saved_config = resolve_config(**resumed["model_config"])  # with settings added since filled in
+        if saved_config != model_config:  # e.g. a class folder was added since
             changed = [k for k in model_config if saved_config.get(k) != model_config[k]]
             was = ", ".join(f"{k}={saved_config.get(k)}" for k in changed)
             now = ", ".join(f"{k}={model_config[k]}" for k in changed)
@@ -275,6 +356,8 @@ def main(argv=None):
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     config["run_name"] = run_name
+    config["attention_resolutions"] = model_config["attention_resolutions"]  # the resolved default, not None
+    config["conditioning"] = conditioning_settings(args)
     print(f"run {run_name}: {len(dataset)} images ({dataset.channels}-channel, {args.image_size}x{args.image_size}), "
           f"{len(class_names) or 'no'} classes, device {device}{', resuming at step ' + str(step) if resumed else ''}")
     print(diffusion.describe())
@@ -288,26 +371,54 @@ def main(argv=None):
     batches = forever(loader)
 
     def loss_fn(batch):
-        images, labels = batch
+        """One micro-batch -> (mean loss, t [B]), for whichever --task."""
+        images, labels = batch  # labels: class indices; for image_to_image, the paired input images
         x0 = to_model_range(images.to(device, non_blocking=True))           # uint8 -> [-1, 1]
-        if hflip:  # flip a random half of the batch, each image on its own coin
-            flip = torch.rand(x0.shape[0], device=device) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        y = labels.to(device) if class_names else None
+        cond = to_model_range(labels.to(device)) if args.task == "image_to_image" else None
+        if hflip:  # flip a random half of the batch, each image on its own coin (a pair flips together)
+            flip = torch.rand(x0.shape[0], device=device)[:, None, None, None] < 0.5
+            x0 = torch.where(flip, x0.flip(-1), x0)
+            cond = torch.where(flip, cond.flip(-1), cond) if cond is not None else None
+
+        if args.task == "classifier":  # a classifier of x_t ~ q(x_t | x_0) at uniform t (ADM Sec. 4)
+            t = torch.randint(0, args.timesteps, (x0.shape[0],), device=device)
+            xt = diffusion.q_sample(x0, t, torch.randn_like(x0))            # DDPM eq. 4
+            with autocast:
+                logits = model(xt, t)
+            return F.cross_entropy(logits.float(), labels.to(device)), t    # -log p_phi(y | x_t)
+
+        y, network = None, model
+        if class_names:  # CFG Algorithm 1: each label dropped to "no label" (index K) with prob p_uncond
+            y = drop_labels(labels.to(device), args.p_uncond, len(class_names))
+        if args.task == "super_resolution":  # SR3 input, with Cascaded Diffusion's conditioning augmentation
+            cond = cascade.low_res_condition(x0, args.low_res)
+            cond_t = None
+            if args.aug_max_t > 0:
+                cond_t = cascade.random_augmentation_levels(x0.shape[0], args.aug_max_t, device)
+                cond = cascade.augment_condition(diffusion, cond, cond_t)
+            network = cascade.conditioned(model, cond, cond_t)
+        elif cond is not None:
+            network = cascade.conditioned(model, cond)
         t, weights = timestep_sampler.sample(x0.shape[0], device)           # Alg. 1 line 3 (weights 1 if uniform)
         with autocast:
             if args.loss in VLB_LOSSES:
-                losses, t = improved_ddpm.training_loss(diffusion, model, x0, y, t)   # IDDPM eq. 16 / L_vlb
+                losses, t = improved_ddpm.training_loss(diffusion, network, x0, y, t)   # IDDPM eq. 16 / L_vlb
             else:
-                losses, t = diffusion.training_loss(model, x0, y, t)        # Algorithm 1
+                losses, t = diffusion.training_loss(network, x0, y, t)      # Algorithm 1
         timestep_sampler.update(t, losses)
         return (losses.float() * weights).mean(), t
 
-    # Fixed noise (and labels) for every sample grid, so grids over training are comparable.
+    # Fixed noise (and labels, or conditioning images) for every sample grid, so grids over training
+    # are comparable.
     generator = torch.Generator().manual_seed(args.seed)
     fixed_noise = torch.randn(args.num_samples, dataset.channels, args.image_size, args.image_size,
                               generator=generator).to(device)
     fixed_labels = (torch.arange(args.num_samples, device=device) % len(class_names)) if class_names else None
+    fixed_pairs = None
+    if args.task != "diffusion":  # a fixed set of real images: conditioning inputs and targets
+        picks = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
+        fixed_pairs = [torch.stack(items) if isinstance(items[0], torch.Tensor) else torch.tensor(items)
+                       for items in zip(*(dataset[i] for i in picks))]
     run_sample_dir = os.path.join(args.sample_dir, run_name)
     os.makedirs(run_sample_dir, exist_ok=True)
     log_path = os.path.join(run_sample_dir, "loss.csv")
@@ -332,10 +443,37 @@ def main(argv=None):
         save_checkpoint(ema_state, ema_path)
 
     def sample_grid():
-        images = diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
+        """A grid from the EMA model; for image-conditioned models, rows of input, sample, target; for a
+        classifier, its accuracy on the fixed images noised to a few levels t."""
         path = os.path.join(run_sample_dir, f"step_{step:07d}.png")
-        save_grid(from_model_range(images), path)
-        return path
+        if args.task == "classifier":
+            images, labels = fixed_pairs
+            x0 = to_model_range(images.to(device))
+            accuracy = []
+            for t_value in (0, args.timesteps // 4, args.timesteps // 2, 3 * args.timesteps // 4):
+                t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
+                with torch.no_grad():
+                    predicted = ema_model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t).argmax(1).cpu()
+                accuracy.append(f"t={t_value}: {(predicted == labels).float().mean().item():.0%}")
+            return "accuracy on noisy images, " + ", ".join(accuracy)
+        if args.task == "diffusion":
+            images = diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
+            save_grid(from_model_range(images), path)
+            return f"samples in {path}"
+        targets, inputs = fixed_pairs
+        x0 = to_model_range(targets.to(device))
+        if args.task == "super_resolution":
+            low = cascade.downsample(x0, args.low_res)
+            cond, cond_t = cascade.sr_condition(diffusion, low, args.image_size,
+                                                args.sample_aug_t if args.aug_max_t > 0 else None)
+            shown = cascade.upsample(low, args.image_size)  # the input, without its augmentation noise
+        else:
+            cond, cond_t = to_model_range(inputs.to(device)), None
+            shown = cond if cond.shape[1] == x0.shape[1] else cond.mean(1, keepdim=True).expand_as(x0)
+        images = diffusion.sample(cascade.conditioned(ema_model, cond, cond_t), fixed_noise.shape, noise=fixed_noise,
+                                  progress=False)
+        save_grid(from_model_range(torch.cat([shown, images, x0])), path, nrow=len(x0))
+        return f"input / sample / target rows in {path}"
 
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     model.train()
@@ -367,7 +505,7 @@ def main(argv=None):
                 flush_log()
                 save()
             if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-                bar.write(f"step {step}: samples in {sample_grid()}")
+                bar.write(f"step {step}: {sample_grid()}")
     except KeyboardInterrupt:
         bar.close()
         flush_log()

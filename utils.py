@@ -169,6 +169,51 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         raise UsageError("no image in the dataset could be decoded")
 
 
+class PairedImageDataset(torch.utils.data.Dataset):
+    """Two folders whose images pair up by name, for image-to-image models (cascade.py):
+
+    data/photos/001.jpg  <->  data/sketches/001.png      (the extension may differ; subfolders too)
+
+    Items are (target uint8 [C x S x S], input uint8 [C_in x S x S]). Targets without an input (or the
+    reverse) are left out with a warning that counts them."""
+
+    def __init__(self, target_folder, input_folder, image_size, channels=None, input_channels=None):
+        for flag, folder in (("--dataset_path", target_folder), ("--cond_path", input_folder)):
+            if not os.path.isdir(folder):
+                raise UsageError(f"{flag} {folder}: no such folder; image-to-image needs a folder of targets "
+                                 "(--dataset_path) and one of inputs with the same file names (--cond_path)")
+
+        def by_name(folder):  # "sub/001.jpg" -> "sub/001"
+            return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in list_images(folder)}
+        targets, inputs = by_name(target_folder), by_name(input_folder)
+        names = sorted(set(targets) & set(inputs))
+        if not names:
+            raise UsageError(f"--cond_path {input_folder}: none of its {len(inputs)} images has a partner with the "
+                             f"same name in --dataset_path {target_folder} ({len(targets)} images)")
+        unpaired = len(targets) + len(inputs) - 2 * len(names)
+        if unpaired:
+            warnings.warn(f"{unpaired} images have no partner of the same name in the other folder and are left out")
+        self.pairs = [(targets[n], inputs[n]) for n in names]
+
+        def colour(paths):
+            for path in paths:
+                with Image.open(path) as img:
+                    if img.mode not in ("L", "1", "I", "I;16", "F", "LA"):
+                        return 3
+            return 1
+        self.channels = channels or colour(t for t, _ in self.pairs)
+        self.input_channels = input_channels or colour(i for _, i in self.pairs)
+        self.image_size, self.class_names = image_size, []
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        target, source = self.pairs[index]
+        return (load_image(target, self.image_size, self.channels),
+                load_image(source, self.image_size, self.input_channels))
+
+
 # ---------------------------------------------------------------------------------------------
 # Built-in datasets
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def test_attention_block_is_softmax_attention_plus_residual():
 
 def test_config_is_plain_and_rebuilds_the_same_network():
     config = resolve_model_config(image_size=32, in_channels=1, num_classes=10)
-    assert all(type(v) in (int, float, list, type(None)) for v in config.values())
+    assert all(type(v) in (int, float, bool, list, type(None)) for v in config.values())
     assert config["attention_resolutions"] == [8] and config["out_channels"] == 1
     assert resolve_model_config(image_size=64)["attention_resolutions"] == [16]  # the lowest level
     a, b = build_model(config), build_model(config)
