@@ -423,7 +423,7 @@ def main(argv=None):
         print(f"reverse process, {len(frames)} frames: {args.gif}")
 
     if args.sr_ckpt or args.upscale or args.upscale_mode:
-        upscale_samples(args, images, name, nrow, sr, make_generate)
+        upscale_samples(args, images, out_path, nrow, sr, make_generate)
 
 
 def load_sr_model(args, channels, device):
@@ -441,8 +441,8 @@ def load_sr_model(args, channels, device):
     return state, sr_diffusion, sr_model
 
 
-def upscale_samples(args, images, name, nrow, sr, make_generate):
-    """--sr_ckpt / --upscale: enlarge the samples and save them beside the originals as <name>_x<F>.png.
+def upscale_samples(args, images, grid_path, nrow, sr, make_generate):
+    """--sr_ckpt / --upscale: enlarge the samples and save them beside their grid as <grid>_x<F>.png.
     'sr' is the cascade of Ho et al. 2021: the SR model's outputs conditioned on the base samples."""
     mode = args.upscale_mode or ("sr" if args.sr_ckpt else "bicubic")
     size = images.shape[-1]
@@ -477,7 +477,7 @@ def upscale_samples(args, images, name, nrow, sr, make_generate):
         factor = args.upscale or 4
         upscaled = resize_uint8(images, size * factor, mode)
         how = f"{mode} interpolation"
-    out_path = os.path.join(os.path.dirname(args.out) if args.out else "samples", f"{name}_x{factor}.png")
+    out_path = f"{os.path.splitext(grid_path)[0]}_x{factor}.png"
     save_grid(upscaled, out_path, nrow=nrow)
     print(f"upscaled x{factor} to {upscaled.shape[-1]}x{upscaled.shape[-1]} by {how} in "
           f"{time.perf_counter() - started:.1f} s: {out_path}")

@@ -29,7 +29,9 @@ def test_train_then_sample_with_only_the_checkpoint_path(tmp_path, image_folder)
     assert full["step"] == ema["step"] == 4
     assert ema["class_names"] == ["cat", "dog"] and ema["model_config"]["num_classes"] == 2
     assert ema["model_config"]["image_size"] == 16 and ema["diffusion_config"]["timesteps"] == 20
-    assert set(ema) == {"kind", "ema", "model_config", "diffusion_config", "class_names", "step"}
+    assert set(ema) == {"kind", "ema", "task", "model_config", "diffusion_config", "class_names", "step",
+                        "conditioning", "p_uncond"}
+    assert ema["task"] == "diffusion" and ema["conditioning"] == {} and ema["p_uncond"] == 0.1
     assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(full)
     assert full["config"]["max_steps"] == 4 and full["config"]["channel_mults"] == [1, 2]
     assert not any(str(p).endswith(".tmp") or ".tmp" in p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -42,13 +44,14 @@ def test_train_then_sample_with_only_the_checkpoint_path(tmp_path, image_folder)
 
     result = run_script("sample.py", "--ckpt", "checkpoints/pets_ema.pt", cwd=tmp_path)
     grid = Image.open(tmp_path / "samples" / "pets_ema.png")
-    assert grid.mode == "RGB" and grid.size == (2 + 4 * 18, 2 + 4 * 18)  # 16 samples of 16x16 in a 4x4 grid
+    assert grid.mode == "RGB" and grid.size == (2 + 8 * 18, 2 + 2 * 18)  # one row of 8 16x16 samples per class
 
     # The full checkpoint samples too (with its EMA weights), and so do the optional outputs.
     run_script("sample.py", "--ckpt", "checkpoints/pets.pt", "--num_samples", "3", "--batch_size", "2",
                "--individual_dir", "each", "--gif", "reverse.gif", "--gif_frames", "5", "--out", "grid.png", cwd=tmp_path)
-    files = sorted(os.listdir(tmp_path / "each"))
-    assert files == ["sample_00000.png", "sample_00001.png", "sample_00002.png"]
+    files = sorted(os.listdir(tmp_path / "each"))  # 3 per class, named with their class
+    assert files == ["sample_00000_cat.png", "sample_00001_cat.png", "sample_00002_cat.png",
+                     "sample_00003_dog.png", "sample_00004_dog.png", "sample_00005_dog.png"]
     for name in files:
         image = Image.open(tmp_path / "each" / name)
         assert image.size == (16, 16) and image.mode == "RGB"

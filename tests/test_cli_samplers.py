@@ -54,10 +54,10 @@ def test_resume_keeps_the_importance_sampling_history(improved_run, tmp_path):
 ])
 def test_every_sampler_draws_from_the_checkpoint_alone(improved_run, tmp_path, flags, calls):
     root, _ = improved_run
-    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--num_samples", "4",
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--num_samples", "2",
                         "--out", tmp_path / "grid.png", *flags, cwd=tmp_path)
     assert calls in result.stdout
-    assert Image.open(tmp_path / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)
+    assert Image.open(tmp_path / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)  # 2 classes x 2 images
 
 
 def test_interpolation_strip_and_gif_with_ddim(improved_run, tmp_path):

@@ -1,0 +1,142 @@
+"""Classes, guidance, super-resolution, cascades, image-to-image and upscaling through the CLI, on tiny data."""
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+
+STEPS = ["--max_steps", "3", "--save_every", "3", "--sample_every", "3"]
+
+
+def flags(**overrides):
+    """TINY_TRAIN_FLAGS with some values replaced."""
+    out = list(TINY_TRAIN_FLAGS)
+    for name, value in overrides.items():
+        out[out.index(f"--{name}") + 1] = str(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A class-conditional base model at 8x8, a noisy classifier, and an 8 -> 16 super-resolution model."""
+    root = tmp_path_factory.mktemp("conditioning")
+    make_image_folder(root / "pets", classes=("cat", "dog", "fox"), per_class=4)
+    run_script("train.py", "--dataset_path", "pets", *flags(image_size=8), *STEPS, cwd=root)
+    result = run_script("train.py", "--dataset_path", "pets", "--task", "classifier", *flags(image_size=8), *STEPS,
+                        cwd=root)
+    assert "accuracy on noisy images, t=0:" in result.stdout
+    result = run_script("train.py", "--dataset_path", "pets", "--task", "super_resolution", "--low_res", "8",
+                        *TINY_TRAIN_FLAGS, *STEPS, cwd=root)
+    assert "input / sample / target rows" in result.stdout
+    return root
+
+
+def test_checkpoints_say_what_they_are(trained):
+    load = lambda name: torch.load(trained / "checkpoints" / name, map_location="cpu", weights_only=True)  # noqa: E731
+    base, classifier, sr = load("pets_ema.pt"), load("pets_classifier_ema.pt"), load("pets_sr_ema.pt")
+    assert base["task"] == "diffusion" and base["p_uncond"] == 0.1 and base["model_config"]["num_classes"] == 3
+    assert classifier["task"] == "classifier" and classifier["class_names"] == ["cat", "dog", "fox"]
+    assert classifier["model_config"]["num_classes"] == 3
+    assert sr["task"] == "super_resolution" and sr["class_names"] == [] and sr["model_config"]["cond_channels"] == 3
+    # T = 20: augmentation levels default to T/10 in training and T/50 at sampling, saved for sample.py.
+    assert sr["conditioning"] == {"low_res": 8, "aug_max_t": 2, "sample_aug_t": 0}
+
+
+def test_class_choice_and_classifier_free_guidance(trained, tmp_path):
+    result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--class_name", "fox", "dog",
+                        "--num_samples", "3", "--guidance_scale", "3", "--sampler", "ddim", "--steps", "4",
+                        "--out", tmp_path / "guided.png", "--individual_dir", tmp_path / "each", cwd=tmp_path)
+    assert "classifier-free guidance: scale 3 (1 = none; CFG paper's w = 2)" in result.stdout
+    assert Image.open(tmp_path / "guided.png").size == (2 + 3 * 10, 2 + 2 * 10)   # 2 rows (classes) of 3
+    assert sorted(p.name for p in (tmp_path / "each").iterdir())[0] == "sample_00000_fox.png"
+    run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--class_label", "2",
+               "--num_samples", "2", "--steps", "3", "--out", tmp_path / "label.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "label.png").size == (2 + 2 * 10, 12)
+    bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--class_name", "cow",
+                     cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--class_name cow", "valid names: cat, dog, fox")
+
+
+def test_classifier_guidance_with_both_samplers(trained, tmp_path):
+    ckpt, clf = trained / "checkpoints" / "pets_ema.pt", trained / "checkpoints" / "pets_classifier_ema.pt"
+    for sampler in (["--steps", "4"], ["--sampler", "ddim", "--steps", "4"]):
+        result = run_script("sample.py", "--ckpt", ckpt, "--classifier_ckpt", clf, "--classifier_scale", "5",
+                            "--num_samples", "2", "--out", tmp_path / "cg.png", *sampler, cwd=tmp_path)
+        assert "classifier guidance: scale 5" in result.stdout
+        assert Image.open(tmp_path / "cg.png").size == (2 + 2 * 10, 2 + 3 * 10)
+    bad = run_script("sample.py", "--ckpt", clf, cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "noisy classifier", "--classifier_ckpt")
+    bad = run_script("sample.py", "--ckpt", ckpt, "--classifier_ckpt", ckpt, cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--classifier_ckpt", "not a classifier")
+
+
+def test_cascade_base_then_super_resolution(trained, tmp_path):
+    result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--num_samples", "2",
+                        "--sr_ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--steps", "4",
+                        "--out", tmp_path / "base.png", cwd=tmp_path)
+    assert "upscaled x2 to 16x16 by the SR model" in result.stdout
+    assert Image.open(tmp_path / "base.png").size == (2 + 2 * 10, 2 + 3 * 10)      # 8x8 base samples
+    assert Image.open(tmp_path / "base_x2.png").size == (2 + 2 * 18, 2 + 3 * 18)   # 16x16 from the SR model
+    bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--sr_ckpt",
+                     trained / "checkpoints" / "pets_ema.pt", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--sr_ckpt", "not a super-resolution model")
+
+
+def test_super_resolution_of_your_own_images(trained, tmp_path):
+    result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--cond_images",
+                        trained / "pets" / "cat", "--num_samples", "3", "--steps", "4", "--out", tmp_path / "sr.png",
+                        cwd=tmp_path)
+    assert "3 inputs -> outputs" in result.stdout
+    assert Image.open(tmp_path / "sr.png").size == (2 + 3 * 18, 2 + 2 * 18)   # inputs above outputs, at 16x16
+    bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "needs input images", "--cond_images")
+
+
+def test_upscaling_modes(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "pets_ema.pt"
+    run_script("sample.py", "--ckpt", ckpt, "--num_samples", "1", "--steps", "3", "--upscale", "3",
+               "--upscale_mode", "nearest", "--out", tmp_path / "g.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "g_x3.png").size == (2 + 1 * 26, 2 + 3 * 26)
+    bad = run_script("sample.py", "--ckpt", ckpt, "--upscale_mode", "realesrgan", "--realesrgan_weights",
+                     tmp_path / "nope.pth", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "nope.pth", "download RealESRGAN_x4plus.pth")
+    assert not (tmp_path / "samples").exists()  # refused before any sampling
+
+
+def test_guidance_needs_a_class_conditional_model(tmp_path):
+    make_image_folder(tmp_path / "flat", classes=("only",), per_class=4)
+    shutil.move(str(tmp_path / "flat" / "only"), str(tmp_path / "faces"))
+    run_script("train.py", "--dataset_path", "faces", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0",
+               cwd=tmp_path)
+    bad = run_script("sample.py", "--ckpt", "checkpoints/faces_ema.pt", "--guidance_scale", "3", cwd=tmp_path,
+                     check=False)
+    assert_one_line_error(bad, "--guidance_scale 3", "not class-conditional")
+    bad = run_script("train.py", "--dataset_path", "faces", "--task", "classifier", *TINY_TRAIN_FLAGS, cwd=tmp_path,
+                     check=False)
+    assert_one_line_error(bad, "--task classifier", "no classes")
+    bad = run_script("train.py", "--dataset_path", "faces", "--task", "super_resolution", *TINY_TRAIN_FLAGS,
+                     cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--low_res")
+
+
+def test_image_to_image_from_paired_folders(tmp_path):
+    make_image_folder(tmp_path / "raw", classes=("a", "b"), per_class=3)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "sketches").mkdir()
+    for i, path in enumerate(sorted((tmp_path / "raw").rglob("*.*"))):
+        image = Image.open(path).convert("RGB")
+        image.save(tmp_path / "photos" / f"{i}.png")
+        image.convert("L").save(tmp_path / "sketches" / f"{i}.jpg")   # same name, other extension
+    result = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", "--cond_path", "sketches",
+                        *TINY_TRAIN_FLAGS, *STEPS, cwd=tmp_path)
+    assert "run photos_i2i: 6 images" in result.stdout
+    ema = torch.load(tmp_path / "checkpoints" / "photos_i2i_ema.pt", map_location="cpu", weights_only=True)
+    assert ema["task"] == "image_to_image" and ema["model_config"]["cond_channels"] == 1
+    run_script("sample.py", "--ckpt", "checkpoints/photos_i2i_ema.pt", "--cond_images", "sketches", "--steps", "3",
+               "--out", "out.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "out.png").size == (2 + 6 * 18, 2 + 2 * 18)    # 6 inputs above 6 outputs
+    bad = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", *TINY_TRAIN_FLAGS,
+                     cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--cond_path")
