@@ -140,3 +140,15 @@ def test_image_to_image_from_paired_folders(tmp_path):
     bad = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", *TINY_TRAIN_FLAGS,
                      cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--cond_path")
+
+
+def test_guidance_sweep_tool_draws_classes_against_scales(trained, tmp_path):
+    ckpt = trained / "checkpoints" / "pets_ema.pt"
+    result = run_script("tools/guidance_sweep.py", "--ckpt", ckpt, "--scales", "0", "1", "3", "--per_class", "2",
+                        "--show", "2", "--steps", "3", "--out", tmp_path / "cfg.png", cwd=tmp_path)
+    assert "columns: scales 0, 1, 3" in result.stdout
+    assert Image.open(tmp_path / "cfg.png").size == (2 + 6 * 10, 2 + 3 * 10)   # 3 classes x (3 scales x 2)
+    run_script("tools/guidance_sweep.py", "--ckpt", ckpt, "--mode", "classifier", "--classifier_ckpt",
+               trained / "checkpoints" / "pets_classifier_ema.pt", "--scales", "0", "5", "--steps", "3",
+               "--sampler", "ddim", "--out", tmp_path / "cg.png", cwd=tmp_path)
+    assert Image.open(tmp_path / "cg.png").size == (2 + 2 * 10, 2 + 3 * 10)

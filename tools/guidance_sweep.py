@@ -1,0 +1,160 @@
+"""
+The effect of the guidance scale, as a picture and as numbers: one row per class, one column per
+scale, every column starting from the same noise, so a row shows one sample's journey from
+unguided to strongly guided.
+
+    # classifier-free guidance (guidance.py): s = 1 is the plain conditional model, s = 0 unconditional
+    python tools/guidance_sweep.py --ckpt checkpoints/mnist_ema.pt --scales 0 1 2 4 --out images/mnist_cfg.png
+
+    # classifier guidance (ADM) of the same network's unconditional half ("no label"), with a noisy classifier
+    python tools/guidance_sweep.py --ckpt checkpoints/mnist_ema.pt --mode classifier \
+        --classifier_ckpt checkpoints/mnist_classifier_ema.pt --scales 0 1 3 10 --out images/mnist_cg.png
+
+With --eval_classifier (tools/classifier.py) and --reference_path it also scores each scale: the
+fraction of samples that the offline classifier assigns to the class asked for, and the Frechet
+distance of its features to real images (lower is better), appended to --csv. Guidance trades the
+second for the first: the README's Results show by how much.
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
+from ddim import ddim_sample  # noqa: E402
+from ddpm import GaussianDiffusion  # noqa: E402
+from guidance import classifier_free_guidance, classifier_guidance  # noqa: E402
+from improved_ddpm import respace  # noqa: E402
+from model import build_classifier, build_model  # noqa: E402
+from utils import UsageError, from_model_range, load_checkpoint, load_weights, pick_device, save_grid  # noqa: E402
+
+FIELDS = ["run", "mode", "scale", "sampler", "steps", "num_samples", "class_accuracy", "fd", "seconds", "device"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Samples and scores against the guidance scale.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a class-conditional diffusion checkpoint (train.py)")
+    p.add_argument("--mode", default="cfg", choices=("cfg", "classifier"),
+                   help="cfg: --guidance_scale of classifier-free guidance; classifier: --classifier_scale of "
+                   "classifier guidance applied to the model's unconditional ('no label') prediction")
+    p.add_argument("--classifier_ckpt", default=None, help="noisy classifier (train.py --task classifier), --mode classifier")
+    p.add_argument("--scales", type=float, nargs="+", default=[0, 1, 2, 4])
+    p.add_argument("--classes", type=int, nargs="*", default=None, help="class indices (default: up to 10)")
+    p.add_argument("--per_class", type=int, default=1, help="samples per class and scale")
+    p.add_argument("--show", type=int, default=1, help="samples per class and scale in the picture")
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    p.add_argument("--steps", type=int, default=50, help="network calls per image (ddpm: respaced)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the picture (PNG)")
+    p.add_argument("--eval_classifier", default=None, help="tools/classifier.py checkpoint, to score each scale")
+    p.add_argument("--reference_path", default=None, help="held-out real images (class subfolders) for the FD")
+    p.add_argument("--num_reference", type=int, default=2000)
+    p.add_argument("--csv", default=None, help="scores are appended here")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
+    class_names = state.get("class_names") or []
+    if not class_names:
+        raise UsageError(f"--ckpt {args.ckpt}: not class-conditional; guidance sweeps need classes")
+    if args.mode == "classifier" and not args.classifier_ckpt:
+        raise UsageError("--mode classifier needs --classifier_ckpt (train.py --task classifier)")
+    if args.eval_classifier and not (args.reference_path and args.csv):
+        raise UsageError("--eval_classifier needs --reference_path and --csv")
+    diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
+    if not 1 <= args.steps <= diffusion.timesteps:
+        raise UsageError(f"--steps {args.steps}: must be between 1 and T = {diffusion.timesteps}")
+    model = build_model(state["model_config"])
+    load_weights(model, state["ema"], args.ckpt)
+    model = model.to(device).eval()
+    null = len(class_names)
+    classifier = None
+    if args.mode == "classifier":
+        clf_state = load_checkpoint(args.classifier_ckpt, required=("model_config", "ema", "class_names"))
+        if clf_state.get("task") != "classifier" or clf_state["class_names"] != class_names:
+            raise UsageError(f"--classifier_ckpt {args.classifier_ckpt}: not a noisy classifier of this model's classes")
+        classifier = build_classifier(clf_state["model_config"])
+        load_weights(classifier, clf_state["ema"], args.classifier_ckpt)
+        classifier = classifier.to(device).eval()
+
+    classes = args.classes if args.classes else list(range(min(10, len(class_names))))
+    size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
+    labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)
+    noise = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
+    sampling = respace(diffusion, args.steps) if args.sampler == "ddpm" and args.steps < diffusion.timesteps else diffusion
+
+    scorer = None
+    if args.eval_classifier:
+        scorer, scorer_state = load_classifier(args.eval_classifier)
+        scorer = scorer.to(device)
+        real, _, _ = load_folder(args.reference_path, size, channels, args.num_reference, seed=args.seed,
+                                 flag="--reference_path")
+        ref_mu, ref_sigma = feature_statistics(features_and_logits(scorer, real, device=device)[0])
+
+    columns, rows = [], []
+    run = os.path.splitext(os.path.basename(args.ckpt))[0]
+    for scale in args.scales:
+        cond_fn = None
+        if args.mode == "cfg":
+            if scale == 1:
+                network = model                                   # s = 1: the conditional model itself
+            elif scale == 0:
+                network = lambda x, t, y: model(x, t, torch.full_like(y, null))  # noqa: E731  s = 0: unconditional
+            else:
+                network = classifier_free_guidance(model, scale, null)
+        else:
+            network = lambda x, t, y: model(x, t, torch.full_like(y, null))  # noqa: E731  the unconditional half
+            cond_fn = classifier_guidance(classifier, scale) if scale > 0 else None
+        torch.manual_seed(args.seed)  # the same per-step noise in every column
+        started = time.perf_counter()
+        if args.sampler == "ddim":
+            images = ddim_sample(diffusion, network, noise.shape, args.steps, 0.0, "uniform", labels, noise,
+                                 cond_fn=cond_fn)
+        else:
+            images = sampling.sample(network, noise.shape, labels, noise, cond_fn=cond_fn)
+        seconds = time.perf_counter() - started
+        images = from_model_range(images)
+        columns.append(images)
+        line = f"{args.mode} scale {scale:g}: {len(images)} samples in {seconds:.1f} s"
+        if scorer is not None:
+            features, logits = features_and_logits(scorer, images, device=device)
+            accuracy = (logits.argmax(1) == labels.cpu()).float().mean().item()
+            fd = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
+            rows.append(dict(run=run, mode=args.mode, scale=f"{scale:g}", sampler=args.sampler, steps=args.steps,
+                             num_samples=len(images), class_accuracy=f"{accuracy:.4f}", fd=f"{fd:.3f}",
+                             seconds=f"{seconds:.1f}", device=str(device)))
+            line += f", class accuracy {accuracy:.3f}, FD {fd:.2f}"
+        print(line, flush=True)
+
+    # Picture: rows = classes; within a row, for each scale (left to right) its first --show samples.
+    picture = []
+    for i in range(len(classes)):
+        for images in columns:
+            picture.append(images[i * args.per_class:i * args.per_class + args.show])
+    save_grid(torch.cat(picture), args.out, nrow=len(args.scales) * args.show)
+    print(f"rows: classes {', '.join(class_names[c] for c in classes)}; columns: scales "
+          f"{', '.join(f'{s:g}' for s in args.scales)}: {args.out}")
+    if rows:
+        new_file = not os.path.isfile(args.csv)
+        with open(args.csv, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"{len(rows)} rows appended to {args.csv}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")
