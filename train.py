@@ -514,8 +514,12 @@ def main(argv=None):
         sys.exit(130)
     bar.close()
     flush_log()
-    print(f"done at step {step}: {full_path} (to resume) and {ema_path} (to sample: "
-          f"python sample.py --ckpt {ema_path})")
+    use = {"diffusion": f"python sample.py --ckpt {ema_path}",
+           "classifier": f"python sample.py --ckpt <a diffusion model's _ema.pt> --classifier_ckpt {ema_path}",
+           "super_resolution": f"python sample.py --ckpt <base _ema.pt> --sr_ckpt {ema_path}, or "
+                               f"--ckpt {ema_path} --cond_images <low-res images>",
+           "image_to_image": f"python sample.py --ckpt {ema_path} --cond_images <input images>"}[args.task]
+    print(f"done at step {step}: {full_path} (to resume) and {ema_path} (to use: {use})")
 
 
 if __name__ == "__main__":
