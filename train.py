@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cascade
 import improved_ddpm
+from cascade import TASKS
 from ddpm import LOSSES, PREDICTIONS, SCHEDULES, VLB_LOSSES, GaussianDiffusion
 from guidance import drop_labels
-import cascade
-from cascade import TASKS
 from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
                    resolve_model_config)
@@ -50,6 +50,8 @@ from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageE
                    save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
+# Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
+RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr", image_to_image="_i2i")
 # Flags that only steer this run (where to write, how long, on what device): on --resume these come
 # from the command line; every other setting comes from the checkpoint, so the run continues unchanged.
 RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "device", "num_workers",
@@ -235,9 +237,6 @@ def accumulate_gradients(loss_fn, micro_batches, scaler):
     return total
 
 
-RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr", image_to_image="_i2i")
-
-
 def conditioning_settings(args):
     """What sample.py needs to feed an image-conditioned model, as a plain dict ({} for the others)."""
     if args.task == "super_resolution":
@@ -285,7 +284,6 @@ def main(argv=None):
         args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
         if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
             args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
-    args.task = getattr(args, "task", None) or "diffusion"  # runs saved before --task existed
     check_args(args)
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
