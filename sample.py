@@ -211,14 +211,31 @@ def choose_classes(args, class_names):
     return list(range(min(len(class_names), MAX_CLASS_ROWS)))
 
 
-def load_cond_images(path, limit, size, channels):
-    """uint8 [N x C x size x size] from a file or a folder, for --cond_images."""
+def cond_image_paths(path, limit):
+    """The image files of --cond_images (a file or a folder), at most limit."""
     if os.path.isfile(path) and not is_image_file(path):
         raise UsageError(f"--cond_images {path}: not an image file")
     paths = ([path] if os.path.isfile(path) else list_images(path))[:limit]
     if not paths:
         raise UsageError(f"--cond_images {path}: no images found in this folder")
-    return torch.stack([load_image(p, size, channels) for p in paths])
+    return paths
+
+
+def shorter_side(path):
+    with Image.open(path) as img:
+        return min(img.size)
+
+
+def stacked_rows(groups, nrow):
+    """Interleave equally long uint8 batches [N x C x S x S] as rows of up to nrow images: group 1's
+    first nrow, group 2's first nrow, ..., then the next nrow of each. A short last row is padded with
+    white so that the images of one column stay aligned."""
+    rows = []
+    for i in range(0, len(groups[0]), nrow):
+        for group in groups:
+            part = group[i:i + nrow]
+            rows.append(torch.cat([part, torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)]))
+    return torch.cat(rows)
 
 
 def resize_uint8(images, size, mode):
@@ -316,24 +333,31 @@ def main(argv=None):
             raise UsageError(f"--ckpt {args.ckpt}: a {task} model needs input images; give --cond_images PATH "
                              + ("(or use it as --sr_ckpt after a base model)" if task == "super_resolution" else ""))
         settings = state.get("conditioning") or {}
+        paths = cond_image_paths(args.cond_images, args.num_samples or 16)
         if task == "super_resolution":
-            low = load_cond_images(args.cond_images, args.num_samples or 16, settings["low_res"], channels)
+            low_res = settings["low_res"]
+            low = torch.stack([load_image(p, low_res, channels) for p in paths])
             level = settings.get("sample_aug_t") if state["model_config"].get("cond_augment") else None
             cond, cond_t = cascade.sr_condition(diffusion, to_model_range(low).to(device), size, level)
         else:
-            low = load_cond_images(args.cond_images, args.num_samples or 16, size, state["model_config"]["cond_channels"])
+            low = torch.stack([load_image(p, size, state["model_config"]["cond_channels"]) for p in paths])
             cond, cond_t = to_model_range(low).to(device), None
         images = in_batches(torch.randn(len(low), channels, size, size), None, cond, cond_t)
         shown = resize_uint8(low, size, "nearest")
-        shown = shown if shown.shape[1] == channels else shown.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, channels, -1, -1)
+        if shown.shape[1] != channels:  # a grayscale input beside colour outputs, or the reverse
+            shown = shown.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, channels, -1, -1)
+        groups, what = [shown, images], "inputs above outputs"
+        if task == "super_resolution":
+            # Compare with plain bicubic upsampling, and with the originals when they are big enough to
+            # hold the detail (then the input is a shrunk copy, and the last row is the truth).
+            groups.insert(1, from_model_range(cascade.upsample(to_model_range(low), size)))
+            what = "rows: input (nearest), bicubic, SR model"
+            if all(shorter_side(p) >= size for p in paths):
+                groups.append(torch.stack([load_image(p, size, channels) for p in paths]))
+                what += f", original at {size}x{size}"
         out_path = args.out or os.path.join("samples", f"{name}_outputs.png")
-        nrow = min(len(low), 8)
-        rows = []
-        for i in range(0, len(low), nrow):
-            for part in (shown[i:i + nrow], images[i:i + nrow]):
-                rows.append(torch.cat([part, torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)]))
-        save_grid(torch.cat(rows), out_path, nrow=nrow)
-        print(f"{len(low)} inputs -> outputs in {time.perf_counter() - started:.1f} s; inputs above outputs: {out_path}")
+        save_grid(stacked_rows(groups, min(len(low), 8)), out_path, nrow=min(len(low), 8))
+        print(f"{len(low)} inputs -> outputs in {time.perf_counter() - started:.1f} s; {what}: {out_path}")
         if args.individual_dir:
             save_individual(images, args.individual_dir)
         return
@@ -365,15 +389,9 @@ def main(argv=None):
         reconstructions = in_batches(latents, labels)
         error = (to_model_range(reconstructions) - x0).abs().mean().item()
         out_path = args.out or os.path.join("samples", f"{name}_inversion.png")
-        # Rows of up to 8 originals, each above its reconstructions; a short last pair of rows is
-        # padded with white so the pairs stay aligned.
+        # Rows of up to 8 originals, each above its reconstructions.
         nrow = min(len(originals), 8)
-        rows = []
-        for i in range(0, len(x0), nrow):
-            for part in (originals[i:i + nrow], reconstructions[i:i + nrow]):
-                blank = torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)
-                rows.append(torch.cat([part, blank]))
-        save_grid(torch.cat(rows), out_path, nrow=nrow)
+        save_grid(stacked_rows([originals, reconstructions], nrow), out_path, nrow=nrow)
         print(f"{len(x0)} images -> x_T -> images in {time.perf_counter() - started:.1f} s, mean absolute error "
               f"{error:.4f} on [-1, 1]; originals above reconstructions: {out_path}")
         return

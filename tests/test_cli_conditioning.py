@@ -85,11 +85,20 @@ def test_cascade_base_then_super_resolution(trained, tmp_path):
 
 
 def test_super_resolution_of_your_own_images(trained, tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "big").mkdir()
+    for i in range(3):
+        Image.new("RGB", (9 + i, 9), (40 * i, 90, 200)).save(tmp_path / "small" / f"{i}.png")
+        Image.new("RGB", (24, 20 + i), (40 * i, 90, 200)).save(tmp_path / "big" / f"{i}.png")
     result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--cond_images",
-                        trained / "pets" / "cat", "--num_samples", "3", "--steps", "4", "--out", tmp_path / "sr.png",
-                        cwd=tmp_path)
-    assert "3 inputs -> outputs" in result.stdout
-    assert Image.open(tmp_path / "sr.png").size == (2 + 3 * 18, 2 + 2 * 18)   # inputs above outputs, at 16x16
+                        tmp_path / "small", "--steps", "4", "--out", tmp_path / "sr.png", cwd=tmp_path)
+    assert "3 inputs -> outputs" in result.stdout and "rows: input (nearest), bicubic, SR model:" in result.stdout
+    assert Image.open(tmp_path / "sr.png").size == (2 + 3 * 18, 2 + 3 * 18)   # three rows of 16x16 images
+    # Inputs big enough to hold the output's detail are shrunk to the SR input and shown as the truth too.
+    result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--cond_images",
+                        tmp_path / "big", "--steps", "4", "--out", tmp_path / "sr_big.png", cwd=tmp_path)
+    assert "original at 16x16" in result.stdout
+    assert Image.open(tmp_path / "sr_big.png").size == (2 + 3 * 18, 2 + 4 * 18)
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "needs input images", "--cond_images")
 
