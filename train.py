@@ -54,7 +54,7 @@ BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr", image_to_image="_i2i")
 # Flags that only steer this run (where to write, how long, on what device): on --resume these come
 # from the command line; every other setting comes from the checkpoint, so the run continues unchanged.
-RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "device", "num_workers",
+RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "sample_steps", "device", "num_workers",
                      "checkpoint_dir", "sample_dir", "resume")
 
 
@@ -143,6 +143,9 @@ def parse_args(argv=None):
     out.add_argument("--save_every", type=int, default=500, help="steps between checkpoints")
     out.add_argument("--sample_every", type=int, default=1000, help="steps between sample grids (0 = never)")
     out.add_argument("--num_samples", type=int, default=16, help="images in each sample grid")
+    out.add_argument("--sample_steps", type=int, default=None,
+                     help="network calls per image for the sample grids: all T (Algorithm 2) by default; fewer "
+                     "respaces the sampler (Improved DDPM), e.g. 100, to spend less time drawing grids")
     out.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/<run>.pt")
     args = p.parse_args(argv)
     return args, p
@@ -159,6 +162,8 @@ def check_args(args):
         raise UsageError(f"--lr {args.lr}: must be positive")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"--ema_decay {args.ema_decay}: must be in [0, 1)")
+    if args.sample_steps is not None and not 1 <= args.sample_steps <= args.timesteps:
+        raise UsageError(f"--sample_steps {args.sample_steps}: must be between 1 and --timesteps {args.timesteps}")
     if not 0.0 <= args.p_uncond < 1.0:
         raise UsageError(f"--p_uncond {args.p_uncond}: must be in [0, 1) (0.1 is the usual; 1 would never use the labels)")
     if args.dataset_path and args.dataset:
@@ -440,6 +445,10 @@ def main(argv=None):
         save_checkpoint(full_state, full_path)
         save_checkpoint(ema_state, ema_path)
 
+    grid_diffusion = diffusion  # what draws the grids: Algorithm 2 over all T steps, or respaced (eq. 19)
+    if args.sample_steps and args.sample_steps < args.timesteps:
+        grid_diffusion = improved_ddpm.respace(diffusion, args.sample_steps)
+
     def sample_grid():
         """A grid from the EMA model; for image-conditioned models, rows of input, sample, target; for a
         classifier, its accuracy on the fixed images noised to a few levels t."""
@@ -455,7 +464,7 @@ def main(argv=None):
                 accuracy.append(f"t={t_value}: {(predicted == labels).float().mean().item():.0%}")
             return "accuracy on noisy images, " + ", ".join(accuracy)
         if args.task == "diffusion":
-            images = diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
+            images = grid_diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
             save_grid(from_model_range(images), path)
             return f"samples in {path}"
         targets, inputs = fixed_pairs
@@ -468,8 +477,8 @@ def main(argv=None):
         else:
             cond, cond_t = to_model_range(inputs.to(device)), None
             shown = cond if cond.shape[1] == x0.shape[1] else cond.mean(1, keepdim=True).expand_as(x0)
-        images = diffusion.sample(cascade.conditioned(ema_model, cond, cond_t), fixed_noise.shape, noise=fixed_noise,
-                                  progress=False)
+        images = grid_diffusion.sample(cascade.conditioned(ema_model, cond, cond_t), fixed_noise.shape,
+                                       noise=fixed_noise, progress=False)
         save_grid(from_model_range(torch.cat([shown, images, x0])), path, nrow=len(x0))
         return f"input / sample / target rows in {path}"
 

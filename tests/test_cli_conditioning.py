@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
                         cwd=root)
     assert "accuracy on noisy images, t=0:" in result.stdout
     result = run_script("train.py", "--dataset_path", "pets", "--task", "super_resolution", "--low_res", "8",
-                        *TINY_TRAIN_FLAGS, *STEPS, cwd=root)
+                        "--sample_steps", "5", *TINY_TRAIN_FLAGS, *STEPS, cwd=root)
     assert "input / sample / target rows" in result.stdout
     return root
 
@@ -128,6 +128,9 @@ def test_guidance_needs_a_class_conditional_model(tmp_path):
     bad = run_script("train.py", "--dataset_path", "faces", "--task", "super_resolution", *TINY_TRAIN_FLAGS,
                      cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--low_res")
+    bad = run_script("train.py", "--dataset_path", "faces", "--sample_steps", "0", *TINY_TRAIN_FLAGS,
+                     cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--sample_steps 0")
 
 
 def test_image_to_image_from_paired_folders(tmp_path):
