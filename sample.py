@@ -129,6 +129,8 @@ def check_args(args, timesteps):
         raise UsageError("give --class_name or --class_label, not both")
     if args.guidance_scale < 0 or args.classifier_scale < 0:
         raise UsageError("--guidance_scale and --classifier_scale must be >= 0 (1 and 0 mean no guidance)")
+    if args.invert and args.classifier_ckpt:
+        raise UsageError("--invert runs DDIM's ODE both ways without a classifier (ddim_invert); leave out --classifier_ckpt")
     if args.upscale is not None and args.upscale < 2:
         raise UsageError(f"--upscale {args.upscale}: must be at least 2")
     if args.upscale_mode == "sr" and not args.sr_ckpt:
@@ -355,6 +357,12 @@ def main(argv=None):
             if all(shorter_side(p) >= size for p in paths):
                 groups.append(torch.stack([load_image(p, size, channels) for p in paths]))
                 what += f", original at {size}x{size}"
+                # PSNR = 10 log10(255^2 / mean squared error) against the originals. A diffusion SR model
+                # invents plausible detail rather than the average guess, so it may look sharper and
+                # still score below bicubic: PSNR rewards blur (SR3 discusses this).
+                psnr = [10 * torch.log10(255.0 ** 2 / (g.float() - groups[-1].float()).pow(2).mean()).item()
+                        for g in groups[1:3]]
+                print(f"PSNR against the originals: bicubic {psnr[0]:.2f} dB, SR model {psnr[1]:.2f} dB")
         out_path = args.out or os.path.join("samples", f"{name}_outputs.png")
         save_grid(stacked_rows(groups, min(len(low), 8)), out_path, nrow=min(len(low), 8))
         print(f"{len(low)} inputs -> outputs in {time.perf_counter() - started:.1f} s; {what}: {out_path}")

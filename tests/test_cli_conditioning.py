@@ -97,7 +97,7 @@ def test_super_resolution_of_your_own_images(trained, tmp_path):
     # Inputs big enough to hold the output's detail are shrunk to the SR input and shown as the truth too.
     result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--cond_images",
                         tmp_path / "big", "--steps", "4", "--out", tmp_path / "sr_big.png", cwd=tmp_path)
-    assert "original at 16x16" in result.stdout
+    assert "original at 16x16" in result.stdout and "PSNR against the originals: bicubic" in result.stdout
     assert Image.open(tmp_path / "sr_big.png").size == (2 + 3 * 18, 2 + 4 * 18)
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "needs input images", "--cond_images")
