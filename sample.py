@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", required=True, help="checkpoints/<run>_ema.pt or checkpoints/<run>.pt")
     p.add_argument("--num_samples", type=int, default=None,
                    help="images to draw (default 16), or for a class-conditional model images per class "
-                   "(default 8, one row per class); rows of the --interpolate strip (default 4); "
+                   "(default 4, one row per class); rows of the --interpolate strip (default 4); "
                    "images to --invert or --cond_images to use (default: all, at most 16)")
     p.add_argument("--batch_size", type=int, default=64, help="images denoised at once (lower it if memory is short)")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and every step's noise")
@@ -408,7 +408,7 @@ def main(argv=None):
     # Samples. A class-conditional (or classifier-guided) model draws one row per chosen class.
     if class_names:
         classes = choose_classes(args, class_names)
-        per_class = args.num_samples or 8
+        per_class = args.num_samples or 4
         all_labels = torch.tensor(classes).repeat_interleave(per_class)
         nrow = per_class
         print(f"classes, one row each: {', '.join(class_names[c] for c in classes)}")

@@ -44,7 +44,7 @@ def test_train_then_sample_with_only_the_checkpoint_path(tmp_path, image_folder)
 
     result = run_script("sample.py", "--ckpt", "checkpoints/pets_ema.pt", cwd=tmp_path)
     grid = Image.open(tmp_path / "samples" / "pets_ema.png")
-    assert grid.mode == "RGB" and grid.size == (2 + 8 * 18, 2 + 2 * 18)  # one row of 8 16x16 samples per class
+    assert grid.mode == "RGB" and grid.size == (2 + 4 * 18, 2 + 2 * 18)  # one row of 4 16x16 samples per class
 
     # The full checkpoint samples too (with its EMA weights), and so do the optional outputs.
     run_script("sample.py", "--ckpt", "checkpoints/pets.pt", "--num_samples", "3", "--batch_size", "2",
