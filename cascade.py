@@ -56,6 +56,12 @@ def random_augmentation_levels(batch_size, max_level, device):
     return torch.randint(0, max_level + 1, (batch_size,), device=device)
 
 
+def sampling_level(conditioning):
+    """The fixed augmentation level an SR model is sampled with: its saved sample_aug_t, or None when it
+    was trained without augmentation (aug_max_t 0). conditioning: the checkpoint's plain dict."""
+    return conditioning["sample_aug_t"] if conditioning.get("aug_max_t") else None
+
+
 def conditioned(model, cond, cond_t=None):
     """The image-conditioned network as the callable model(x_t, t, y) that ddpm.py and ddim.py expect:
     every call carries the conditioning image cond [B x C_cond x S x S] (and its level cond_t [B])."""

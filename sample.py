@@ -339,8 +339,8 @@ def main(argv=None):
         if task == "super_resolution":
             low_res = settings["low_res"]
             low = torch.stack([load_image(p, low_res, channels) for p in paths])
-            level = settings.get("sample_aug_t") if state["model_config"].get("cond_augment") else None
-            cond, cond_t = cascade.sr_condition(diffusion, to_model_range(low).to(device), size, level)
+            cond, cond_t = cascade.sr_condition(diffusion, to_model_range(low).to(device), size,
+                                                cascade.sampling_level(settings))
         else:
             low = torch.stack([load_image(p, size, state["model_config"]["cond_channels"]) for p in paths])
             cond, cond_t = to_model_range(low).to(device), None
@@ -481,7 +481,7 @@ def upscale_samples(args, images, grid_path, nrow, sr, make_generate):
         if size != low_res:
             print(f"note: resizing the {size}x{size} samples to the SR model's input, {low_res}x{low_res}")
         low = to_model_range(resize_uint8(images, low_res, "bicubic") if size != low_res else images)
-        level = settings.get("sample_aug_t") if state["model_config"].get("cond_augment") else None
+        level = cascade.sampling_level(settings)
         sr_generate = make_generate(sr_diffusion)
         out = []
         for start in range(0, len(low), args.batch_size):

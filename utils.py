@@ -362,6 +362,19 @@ def save_gif(frames, path, duration_ms=80, hold_last_ms=1500):
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
+def append_csv_rows(path, fields, rows):
+    """Append dict rows to a CSV file, writing the header first if the file is new (the sweep tools
+    keep adding to one table)."""
+    import csv
+    new_file = not os.path.isfile(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def plot_loss(steps, losses, path):
     """The loss history as a PNG (raw loss faint, a moving average on top)."""
     import matplotlib

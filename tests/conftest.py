@@ -20,6 +20,16 @@ TINY_TRAIN_FLAGS = ["--image_size", "16", "--base_channels", "16", "--channel_mu
                     "--num_samples", "4", "--device", "cpu"]
 
 
+def randomise_zero_inits(model):
+    """The output conv and each block's last layer start at zero (so the untrained UNet outputs 0);
+    give them random weights so that tests can see every input's influence."""
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if torch.all(p == 0):
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
 def make_image_folder(root, classes=("cat", "dog"), per_class=6, seed=0):
     """A folder of small random PNG/JPEG images of assorted sizes and modes, one subfolder per class."""
     rng = np.random.default_rng(seed)

@@ -5,20 +5,13 @@ import torch
 from PIL import Image
 
 import cascade
+from conftest import randomise_zero_inits
 from ddpm import GaussianDiffusion
 from model import build_classifier, build_model, resolve_model_config
 from realesrgan import RRDBNet, load_realesrgan, realesrgan_upscale
 from utils import PairedImageDataset, UsageError
 
 TINY = dict(image_size=16, base_channels=16, channel_mults=[1, 2], num_res_blocks=1)
-
-
-def randomised(model):
-    torch.manual_seed(0)
-    for p in model.parameters():
-        if torch.all(p == 0):
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
 
 
 def test_low_res_condition_has_the_output_size_and_keeps_what_a_low_res_image_can_hold():
@@ -53,7 +46,7 @@ def test_conditioning_augmentation_is_the_forward_process_at_level_s():
 
 
 def test_image_conditioned_unet_sees_its_condition_and_level():
-    model = randomised(build_model(dict(TINY, cond_channels=1, cond_augment=True)))
+    model = randomise_zero_inits(build_model(dict(TINY, cond_channels=1, cond_augment=True)))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([4, 9])
     c = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
@@ -68,7 +61,7 @@ def test_image_conditioned_unet_sees_its_condition_and_level():
 
 
 def test_noisy_classifier_gives_logits_that_depend_on_t():
-    classifier = randomised(build_classifier(dict(TINY, in_channels=1, num_classes=5)))
+    classifier = randomise_zero_inits(build_classifier(dict(TINY, in_channels=1, num_classes=5)))
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         a, b = classifier(x, torch.tensor([0, 0, 0])), classifier(x, torch.tensor([19, 19, 19]))

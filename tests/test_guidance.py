@@ -1,21 +1,13 @@
 """guidance.py: classifier-free guidance (Ho & Salimans 2022) and classifier guidance (Dhariwal & Nichol 2021)."""
 import torch
 
+from conftest import randomise_zero_inits
 from ddim import ddim_step
 from ddpm import GaussianDiffusion
 from guidance import classifier_free_guidance, classifier_gradient, classifier_guidance, drop_labels
 from model import build_classifier, build_model
 
 TINY = dict(image_size=16, base_channels=16, channel_mults=[1, 2], num_res_blocks=1)
-
-
-def randomised(model):
-    """Zero-initialised layers get random weights, so every input (label included) changes the output."""
-    torch.manual_seed(0)
-    for p in model.parameters():
-        if torch.all(p == 0):
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
 
 
 def test_label_dropout_is_per_sample_at_the_requested_rate():
@@ -33,7 +25,7 @@ def test_label_dropout_is_per_sample_at_the_requested_rate():
 
 def test_guidance_scale_one_is_exactly_the_conditional_model():
     """The README's convention: s = 1 is no guidance (the CFG paper's w = 0, eq. 6)."""
-    model = randomised(build_model(dict(TINY, num_classes=3)))
+    model = randomise_zero_inits(build_model(dict(TINY, num_classes=3)))
     x, t, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 5, 10, 19]), torch.tensor([0, 1, 2, 1])
     with torch.no_grad():
         assert torch.allclose(classifier_free_guidance(model, 1.0, 3)(x, t, y), model(x, t, y), atol=1e-5)
@@ -43,7 +35,7 @@ def test_guidance_scale_one_is_exactly_the_conditional_model():
 
 
 def test_batched_guidance_equals_separate_conditional_and_unconditional_passes():
-    model = randomised(build_model(dict(TINY, num_classes=3)))
+    model = randomise_zero_inits(build_model(dict(TINY, num_classes=3)))
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([2, 9, 17]), torch.tensor([2, 0, 1])
     w = 2.5  # the CFG paper's w; our scale s = 1 + w
     with torch.no_grad():
@@ -53,7 +45,7 @@ def test_batched_guidance_equals_separate_conditional_and_unconditional_passes()
 
 
 def test_guidance_with_learned_variances_guides_only_the_prediction_channels():
-    model = randomised(build_model(dict(TINY, num_classes=2, out_channels=6)))
+    model = randomise_zero_inits(build_model(dict(TINY, num_classes=2, out_channels=6)))
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([3, 4]), torch.tensor([0, 1])
     with torch.no_grad():
         out = classifier_free_guidance(model, 4.0, 2)(x, t, y)
@@ -64,7 +56,7 @@ def test_guidance_with_learned_variances_guides_only_the_prediction_channels():
 
 
 def test_classifier_gradient_is_each_samples_own_gradient_of_log_p():
-    classifier = randomised(build_classifier(dict(TINY, num_classes=4)))
+    classifier = randomise_zero_inits(build_classifier(dict(TINY, num_classes=4)))
     x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([1, 8, 15]), torch.tensor([3, 0, 2])
     grad = classifier_gradient(classifier, x, t, y)
     assert grad.shape == x.shape and not x.requires_grad
@@ -87,8 +79,8 @@ def test_classifier_guided_ddpm_step_moves_the_mean_by_sigma_times_s_times_the_g
     """ADM Algorithm 1 line 4: x_{t-1} ~ N(mu + s Sigma grad log p(y | x_t), Sigma), so with the same z
     the guided and unguided steps differ by exactly s Sigma grad, and log p(y | .) goes up."""
     diffusion = GaussianDiffusion(timesteps=20)
-    model = randomised(build_model(dict(TINY)))
-    classifier = randomised(build_classifier(dict(TINY, num_classes=4)))
+    model = randomise_zero_inits(build_model(dict(TINY)))
+    classifier = randomise_zero_inits(build_classifier(dict(TINY, num_classes=4)))
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 10]), torch.tensor([1, 3])
     s = 3.0
     torch.manual_seed(1)
@@ -110,8 +102,8 @@ def test_classifier_guided_ddim_step_corrects_eps_as_in_adm_eq_14():
     """ADM eq. 14: eps^ = eps - sqrt(1 - alpha_bar_t) g. Through DDIM eq. 12 (eta 0) the step changes by
     [sqrt(ab_prev) (1 - ab_t) / sqrt(ab_t) - sqrt(1 - ab_prev) sqrt(1 - ab_t)] g."""
     diffusion = GaussianDiffusion(timesteps=20)
-    model = randomised(build_model(dict(TINY)))
-    classifier = randomised(build_classifier(dict(TINY, num_classes=4)))
+    model = randomise_zero_inits(build_model(dict(TINY)))
+    classifier = randomise_zero_inits(build_classifier(dict(TINY, num_classes=4)))
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
     t, t_prev = 12, 6
     plain, _ = ddim_step(diffusion, model, x, t, t_prev, clip_denoised=False)

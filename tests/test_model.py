@@ -3,20 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomise_zero_inits
 from model import AttentionBlock, build_model, count_parameters, resolve_model_config, timestep_embedding
 from utils import UsageError
 
 TINY = dict(base_channels=16, channel_mults=[1, 2], num_res_blocks=1)
-
-
-def randomise_zero_inits(model):
-    """The output conv and each block's last layer start at zero (so the untrained UNet outputs 0);
-    give them random weights so that tests can see every input's influence."""
-    torch.manual_seed(0)
-    for p in model.parameters():
-        if torch.all(p == 0):
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -16,7 +16,6 @@ distance of its features to real images (lower is better), appended to --csv. Gu
 second for the first: the README's Results show by how much.
 """
 import argparse
-import csv
 import os
 import sys
 import time
@@ -30,7 +29,8 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from guidance import classifier_free_guidance, classifier_guidance  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_classifier, build_model  # noqa: E402
-from utils import UsageError, from_model_range, load_checkpoint, load_weights, pick_device, save_grid  # noqa: E402
+from utils import (UsageError, append_csv_rows, from_model_range, load_checkpoint, load_weights,  # noqa: E402
+                   pick_device, save_grid)
 
 FIELDS = ["run", "mode", "scale", "sampler", "steps", "num_samples", "class_accuracy", "fd", "seconds", "device"]
 
@@ -100,19 +100,21 @@ def main(argv=None):
                                  flag="--reference_path")
         ref_mu, ref_sigma = feature_statistics(features_and_logits(scorer, real, device=device)[0])
 
+    def unconditional(x, t, y):  # the network with every label replaced by "no label"
+        return model(x, t, torch.full_like(y, null))
+
     columns, rows = [], []
     run = os.path.splitext(os.path.basename(args.ckpt))[0]
     for scale in args.scales:
         cond_fn = None
-        if args.mode == "cfg":
-            if scale == 1:
-                network = model                                   # s = 1: the conditional model itself
-            elif scale == 0:
-                network = lambda x, t, y: model(x, t, torch.full_like(y, null))  # noqa: E731  s = 0: unconditional
-            else:
-                network = classifier_free_guidance(model, scale, null)
+        if args.mode == "cfg" and scale == 1:
+            network = model                                       # s = 1: the conditional model itself
+        elif args.mode == "cfg" and scale == 0:
+            network = unconditional                               # s = 0: the unconditional model
+        elif args.mode == "cfg":
+            network = classifier_free_guidance(model, scale, null)
         else:
-            network = lambda x, t, y: model(x, t, torch.full_like(y, null))  # noqa: E731  the unconditional half
+            network = unconditional
             cond_fn = classifier_guidance(classifier, scale) if scale > 0 else None
         torch.manual_seed(args.seed)  # the same per-step noise in every column
         started = time.perf_counter()
@@ -144,12 +146,7 @@ def main(argv=None):
     print(f"rows: classes {', '.join(class_names[c] for c in classes)}; columns: scales "
           f"{', '.join(f'{s:g}' for s in args.scales)}: {args.out}")
     if rows:
-        new_file = not os.path.isfile(args.csv)
-        with open(args.csv, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new_file:
-                writer.writeheader()
-            writer.writerows(rows)
+        append_csv_rows(args.csv, FIELDS, rows)
         print(f"{len(rows)} rows appended to {args.csv}")
 
 

@@ -27,7 +27,8 @@ from ddim import ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import UsageError, from_model_range, load_checkpoint, load_weights, pick_device, save_grid  # noqa: E402
+from utils import (UsageError, append_csv_rows, from_model_range, load_checkpoint, load_weights,  # noqa: E402
+                   pick_device, save_grid)
 
 FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
 
@@ -157,13 +158,7 @@ def main(argv=None):
             if args.grids:
                 save_grid(images[:64], os.path.join(args.grids, f"{run}_{sampler}_{steps}.png"), nrow=8)
 
-    new_file = not os.path.isfile(args.csv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-    with open(args.csv, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv_rows(args.csv, FIELDS, rows)
     print(f"{len(rows)} rows appended to {args.csv}")
     if args.plot:
         plot(args.csv, args.plot)
