@@ -472,7 +472,7 @@ def main(argv=None):
         if args.task == "super_resolution":
             low = cascade.downsample(x0, args.low_res)
             cond, cond_t = cascade.sr_condition(diffusion, low, args.image_size,
-                                                args.sample_aug_t if args.aug_max_t > 0 else None)
+                                                cascade.sampling_level(config["conditioning"]))
             shown = cascade.upsample(low, args.image_size)  # the input, without its augmentation noise
         else:
             cond, cond_t = to_model_range(inputs.to(device)), None
