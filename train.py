@@ -483,6 +483,10 @@ def main(argv=None):
         return f"input / sample / target rows in {path}"
 
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    # Ctrl-C too, explicitly: a process started in the background by a script (nohup ... &) inherits
+    # SIGINT as ignored, and Python then installs no KeyboardInterrupt handler, so `kill -INT` would do
+    # nothing and the save-on-interrupt promise would silently break.
+    signal.signal(signal.SIGINT, stop_like_ctrl_c)
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc=run_name, dynamic_ncols=True)
     try:
