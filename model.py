@@ -19,12 +19,14 @@ image of the same size that is concatenated to x_t as extra input channels (cond
 the cascade's noise-conditioning augmentation, the augmentation level cond_t, embedded like t.
 
 A checkpoint stores the plain dict that build_model takes, so sample.py rebuilds the exact network.
+Gradient checkpointing (run_block) is a runtime switch outside that dict: model.grad_checkpointing.
 """
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from utils import UsageError
 
@@ -158,7 +160,15 @@ def down_path(image_size, base_channels, channel_mults, num_res_blocks, attentio
     return blocks, skip_channels, channels, resolution
 
 
-def run_block(block, h, embedding):
+def run_block(block, h, embedding, checkpointed=False):
+    """One unit of the down path, middle or up path: its layers in order, the ResBlocks also taking the
+    embedding. checkpointed: gradient checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear
+    Memory Cost"). Only the unit's input is kept; its activations are recomputed in the backward pass,
+    so stored activations grow with the number of units, not of layers, for about one more forward pass.
+    torch's checkpoint restores the RNG state for the recomputation, so dropout draws the same masks."""
+    # A lone downsampling conv stores only its input, which checkpoint would keep anyway.
+    if checkpointed and isinstance(block[0], ResBlock):
+        return checkpoint(run_block, block, h, embedding, use_reentrant=False)
     for layer in block:
         h = layer(h, embedding) if isinstance(layer, ResBlock) else layer(h)
     return h
@@ -174,6 +184,9 @@ class UNet(nn.Module):
         check_image_size(image_size, channel_mults)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.cond_channels = cond_channels
+        # Gradient checkpointing (run_block); train.py sets model.grad_checkpointing = True. A runtime
+        # switch, not a setting of the network: it changes no weight, so it stays out of the config.
+        self.grad_checkpointing = False
         embedding_dim = 4 * base_channels
 
         # Timestep t -> sinusoid -> MLP (DDPM Sec. 4); a class label adds a learned vector.
@@ -234,15 +247,17 @@ class UNet(nn.Module):
                 raise ValueError(f"this UNet is image-conditioned: it needs cond [B x {self.cond_channels} x "
                                  f"{self.image_size} x {self.image_size}], got {None if cond is None else list(cond.shape)}")
             x = torch.cat([x, cond.to(x.dtype)], dim=1)  # [B x (C + C_cond) x S x S]
+        # Only when gradients are being recorded: sampling (no_grad) has no backward pass to save for.
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         h = self.input_conv(x)
         skips = [h]
         for block in self.down:
-            h = run_block(block, h, embedding)
+            h = run_block(block, h, embedding, checkpointed)
             skips.append(h)
-        h = run_block(self.middle, h, embedding)
+        h = run_block(self.middle, h, embedding, checkpointed)
         for block in self.up:
             h = torch.cat([h, skips.pop()], dim=1)  # [B x (C + C_skip) x H x W]
-            h = run_block(block, h, embedding)
+            h = run_block(block, h, embedding, checkpointed)
         return self.output(h)
 
 
@@ -257,6 +272,7 @@ class NoisyClassifier(nn.Module):
         super().__init__()
         check_image_size(image_size, channel_mults)
         self.image_size, self.in_channels = image_size, in_channels
+        self.grad_checkpointing = False  # as in UNet: a runtime switch, not part of the config
         embedding_dim = 4 * base_channels
         self.time_mlp = time_mlp(base_channels, embedding_dim)
         self.input_conv = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -272,10 +288,11 @@ class NoisyClassifier(nn.Module):
             raise ValueError(f"classifier built for [B x {self.in_channels} x {self.image_size} x "
                              f"{self.image_size}], got {list(x.shape)}")
         embedding = F.silu(self.time_mlp(timestep_embedding(t, self.input_conv.out_channels)))  # [B x E]
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()  # as in UNet.forward
         h = self.input_conv(x)
         for block in self.down:
-            h = run_block(block, h, embedding)
-        return self.head(run_block(self.middle, h, embedding))  # [B x num_classes]
+            h = run_block(block, h, embedding, checkpointed)
+        return self.head(run_block(self.middle, h, embedding, checkpointed))  # [B x num_classes]
 
 
 def resolve_model_config(**overrides):

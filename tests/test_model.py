@@ -1,10 +1,12 @@
-"""The UNet: shapes, conditioning on t and y, rebuilding from a plain config, and clear size errors."""
+"""The UNet: shapes, conditioning on t and y, rebuilding from a plain config, clear size errors, and
+gradient checkpointing that changes memory, not numbers."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import randomise_zero_inits
-from model import AttentionBlock, build_model, count_parameters, resolve_model_config, timestep_embedding
+from model import (AttentionBlock, ResBlock, build_classifier, build_model, count_parameters, resolve_model_config,
+                   timestep_embedding)
 from utils import UsageError
 
 TINY = dict(base_channels=16, channel_mults=[1, 2], num_res_blocks=1)
@@ -85,3 +87,65 @@ def test_wrong_input_shape_is_a_clear_error():
     model = build_model(dict(image_size=16, **TINY))
     with pytest.raises(ValueError, match="built for"):
         model(torch.randn(1, 3, 32, 32), torch.tensor([0]))
+
+
+# Gradient checkpointing (Chen et al. 2016; model.run_block): the same numbers for less memory.
+CHECKPOINT_TINY = dict(image_size=8, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
+                       attention_resolutions=[4], head_channels=8, dropout=0.3)
+
+
+def loss_and_gradients(model, checkpointed, forward):
+    """One forward and backward with the dropout masks fixed by the seed -> (loss, {name: gradient})."""
+    model.grad_checkpointing = checkpointed
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    loss = forward(model).square().mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("network", ["unet", "classifier"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(network):
+    """Recomputing each block in the backward pass replays the same dropout masks (checkpoint restores
+    the RNG state), so the loss and every gradient match the ordinary backward pass."""
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 17]), torch.tensor([0, 2])
+    if network == "unet":
+        model = randomise_zero_inits(build_model(dict(num_classes=3, **CHECKPOINT_TINY))).train()
+        forward = lambda m: m(x, t, y)  # noqa: E731
+    else:
+        model = randomise_zero_inits(build_classifier(dict(num_classes=3, **CHECKPOINT_TINY))).train()
+        forward = lambda m: m(x, t)  # noqa: E731
+    assert any(isinstance(m, AttentionBlock) for m in model.modules())
+    loss, grads = loss_and_gradients(model, False, forward)
+    loss_checkpointed, grads_checkpointed = loss_and_gradients(model, True, forward)
+    assert torch.allclose(loss, loss_checkpointed, rtol=0, atol=1e-6)
+    assert grads.keys() == grads_checkpointed.keys()
+    for name in grads:
+        assert torch.allclose(grads[name], grads_checkpointed[name], rtol=0, atol=1e-6), name
+    assert "grad_checkpointing" not in resolve_model_config()  # a runtime switch, not a saved setting
+
+
+def test_gradient_checkpointing_recomputes_each_block_in_the_backward_pass_and_never_when_sampling():
+    model = build_model(dict(num_classes=3, **CHECKPOINT_TINY))
+    calls = []
+    # A pre-hook: torch stops a recomputation once it has every tensor the backward needs, which can be
+    # before a block's forward returns (a forward hook would then miss it), never before it starts.
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    for block in blocks:
+        block.register_forward_pre_hook(lambda module, inputs: calls.append(module))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 17])
+
+    def calls_per_block(checkpointed, grad=True):
+        model.grad_checkpointing = checkpointed
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            out = model(x, t).sum()
+        assert len(calls) == len(blocks)  # the forward pass: each block once
+        if grad:
+            out.backward()
+        return {calls.count(block) for block in blocks}
+
+    assert calls_per_block(False) == {1}
+    assert calls_per_block(True) == {2}                # forward, then recomputed by backward
+    assert calls_per_block(True, grad=False) == {1}   # sampling: nothing to recompute, nothing checkpointed
