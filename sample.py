@@ -19,8 +19,11 @@ Conditioning and upscaling (guidance.py, cascade.py, realesrgan.py):
 
 The checkpoint describes itself (model and diffusion configuration, class names, the prediction
 target, learned variances, what it is conditioned on), so no other flag is needed. Either file works:
-<run>_ema.pt, or the full <run>.pt (sampled with its EMA weights, which give better images than the
-raw training weights).
+<run>_ema.pt, or the full <run>.pt. Both are sampled with their EMA weights, which give better images
+than the raw training weights; --weights picks others for the --ckpt model:
+
+    python sample.py --ckpt checkpoints/cars_ema.pt --weights swa   # the average since train.py --swa_start
+    python sample.py --ckpt checkpoints/cars.pt --weights raw       # the live weights: only in the full file
 """
 import argparse
 import os
@@ -42,6 +45,7 @@ from utils import (HelpFormatter, UsageError, from_model_range, is_image_file, l
                    to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
+WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
 MAX_CLASS_ROWS = 20  # with no --class_name/--class_label, a grid shows at most this many classes
 
 
@@ -49,6 +53,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a checkpoint written by train.py.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoints/<run>_ema.pt or checkpoints/<run>.pt")
+    p.add_argument("--weights", default="ema", choices=WEIGHTS,
+                   help="which weights of --ckpt to sample with: ema, the exponential moving average (usually the "
+                   "best images); swa, the plain mean of the weights since train.py --swa_start (stochastic "
+                   "weight averaging); raw, the last training weights, only in the full <run>.pt. --sr_ckpt and "
+                   "--classifier_ckpt always use their EMA weights")
     p.add_argument("--num_samples", type=int, default=None,
                    help="images to draw (default 16), or for a class-conditional model images per class "
                    "(default 4, one row per class); rows of the --interpolate strip (default 4); "
@@ -165,15 +174,39 @@ def load_images_to_invert(path, limit, size, channels, class_names):
     return images, torch.tensor(labels)
 
 
-def load_diffusion_model(path, flag, device, variance=None):
-    """A diffusion checkpoint -> (state, GaussianDiffusion, UNet in eval mode on device)."""
+def pick_weights(state, path, weights):
+    """The state dict for --weights: 'ema' (both files), 'swa' (both files, once the run reached
+    --swa_start; stored with the model's own keys) or 'raw' (the live weights, under 'model' in the full
+    <run>.pt only)."""
+    if weights == "raw" and "model" not in state:
+        base, ext = os.path.splitext(path)
+        full = base[:-len("_ema")] + ext if base.endswith("_ema") else "<run>.pt"
+        raise UsageError(f"--weights raw: {path} holds only averaged weights; the raw weights are only in the "
+                         f"full checkpoint {full}")
+    if weights == "swa" and "swa" not in state:
+        raise UsageError(f"--weights swa: {path} holds no SWA weights; the run had no --swa_start (or had not "
+                         "reached it), so use --weights ema")
+    return state[{"ema": "ema", "swa": "swa", "raw": "model"}[weights]]
+
+
+def describe_weights(state, weights):
+    """'EMA weights' and the like, for the line that reports the checkpoint."""
+    if weights == "swa":
+        count = state.get("swa_count")
+        return f"SWA weights (mean of {count} models)" if count else "SWA weights"
+    return {"ema": "EMA weights", "raw": "raw weights"}[weights]
+
+
+def load_diffusion_model(path, flag, device, variance=None, weights="ema"):
+    """A diffusion checkpoint -> (state, GaussianDiffusion, UNet in eval mode on device), with the
+    weight set named by weights (pick_weights)."""
     state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"))
     if state.get("task") == "classifier":
         raise UsageError(f"{flag} {path}: this is a noisy classifier; pass it as --classifier_ckpt, with a "
                          "diffusion model as --ckpt")
     diffusion = GaussianDiffusion(**dict(state["diffusion_config"], **({"variance": variance} if variance else {})))
     model = build_model(state["model_config"])
-    load_weights(model, state["ema"], path)
+    load_weights(model, pick_weights(state, path, weights), path)
     return state, diffusion.to(device), model.to(device).eval()
 
 
@@ -262,14 +295,14 @@ def save_individual(images, folder, names=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    state, diffusion, model = load_diffusion_model(args.ckpt, "--ckpt", device, args.variance)
+    state, diffusion, model = load_diffusion_model(args.ckpt, "--ckpt", device, args.variance, args.weights)
     check_args(args, diffusion.timesteps)
     seed_everything(args.seed)
     task = state.get("task", "diffusion")
     class_names = state.get("class_names") or []
     size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
-    print(f"{args.ckpt}: {task} model, step {state.get('step')}, {size}x{size}x{channels}, "
-          f"{len(class_names) or 'no'} classes; {diffusion.describe()}")
+    print(f"{args.ckpt}: {task} model, step {state.get('step')}, {describe_weights(state, args.weights)}, "
+          f"{size}x{size}x{channels}, {len(class_names) or 'no'} classes; {diffusion.describe()}")
 
     # Which sampler, with how many network calls per image.
     use_ddim = args.sampler == "ddim" or bool(args.interpolate or args.invert)
@@ -328,6 +361,7 @@ def main(argv=None):
         return torch.cat(out)
 
     name = os.path.splitext(os.path.basename(args.ckpt))[0]
+    name += "" if args.weights == "ema" else f"_{args.weights}"  # samples/cars_ema_swa.png beside cars_ema.png
     started = time.perf_counter()
     if task in ("super_resolution", "image_to_image"):
         # An image-conditioned model: its outputs for your input images.
