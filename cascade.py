@@ -45,15 +45,16 @@ def low_res_condition(x0, low_res):
     return upsample(downsample(x0, low_res), x0.shape[-1])
 
 
-def augment_condition(diffusion, cond, s):
+def augment_condition(diffusion, cond, s, noise=None):
     """Conditioning augmentation (CDM): c_s = sqrt(alpha_bar_s) c + sqrt(1 - alpha_bar_s) eps, DDPM
-    eq. 4 applied to the conditioning image. cond [B x C x S x S], s int64 [B] -> c_s, same shape."""
-    return diffusion.q_sample(cond, s, torch.randn_like(cond))
+    eq. 4 applied to the conditioning image. cond [B x C x S x S], s int64 [B] -> c_s, same shape.
+    noise (eps, like cond) may be passed in instead of drawn."""
+    return diffusion.q_sample(cond, s, torch.randn_like(cond) if noise is None else noise)
 
 
-def random_augmentation_levels(batch_size, max_level, device):
+def random_augmentation_levels(batch_size, max_level, device, generator=None):
     """Training: a level s for each sample, uniform on {0, ..., max_level}. int64 [B]."""
-    return torch.randint(0, max_level + 1, (batch_size,), device=device)
+    return torch.randint(0, max_level + 1, (batch_size,), device=device, generator=generator)
 
 
 def sampling_level(conditioning):

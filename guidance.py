@@ -30,13 +30,16 @@ Timesteps follow ddpm.py (code t = 0 .. T-1). Shapes: x_t [B x C x H x W], t and
 import torch
 
 
-def drop_labels(y, p_uncond, null_label):
+def drop_labels(y, p_uncond, null_label, coins=None):
     """CFG Algorithm 1, "c <- null with probability p_uncond": replace each label, on its own coin,
     by the "no label" index (model.UNet reserves index num_classes for it). Per sample, not per batch,
-    so every batch trains the conditional and the unconditional model side by side. y int64 [B]."""
+    so every batch trains the conditional and the unconditional model side by side. y int64 [B];
+    coins (uniform on [0, 1), [B]) may be passed in instead of drawn."""
     if p_uncond <= 0:
         return y
-    drop = torch.rand(y.shape, device=y.device) < p_uncond            # [B] bool, each True with prob p_uncond
+    if coins is None:
+        coins = torch.rand(y.shape, device=y.device)
+    drop = coins < p_uncond                                            # [B] bool, each True with prob p_uncond
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 

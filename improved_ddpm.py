@@ -154,12 +154,12 @@ class TimestepSampler:
         rms = self.loss_history.pow(2).mean(dim=1).sqrt()
         return (1 - self.uniform_prob) * rms / rms.sum() + self.uniform_prob * uniform
 
-    def sample(self, batch_size, device):
-        """(t int64 [B], weights float32 [B]) on device."""
-        p = self.probabilities()
-        t = torch.multinomial(p, batch_size, replacement=True)
+    def sample(self, batch_size, device, generator=None):
+        """(t int64 [B], weights float32 [B]) on device; generator (on device) makes the draw repeatable."""
+        p = self.probabilities().to(device)
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (self.timesteps * p[t])
-        return t.to(device), weights.float().to(device)
+        return t, weights.float()
 
     def update(self, t, losses):
         """Record each image's loss at its t (only the loss-aware sampler keeps a history)."""

@@ -16,7 +16,14 @@ moving average (EMA) of the weights, and optional mixed precision. Outputs:
     checkpoints/<run>.pt       everything needed to resume (weights, EMA, optimizer, step, RNG, config)
     checkpoints/<run>_ema.pt   only what sampling needs (EMA weights, model and diffusion config, classes)
     samples/<run>/             sample grids from fixed noise, loss.csv and loss.png
-Checkpoints are written atomically every --save_every steps, at the end, and on Ctrl-C.
+Checkpoints are written atomically every --save_every steps, at the end, and on Ctrl-C or SIGTERM;
+--keep_last N keeps the N newest as step-numbered files. A resumed run continues exactly where the
+stopped one was (the same data order, random numbers, learning rate and EMA), bit for bit on CPU.
+
+Scaling up (README, "Scaling up"): `torchrun --nproc_per_node N train.py ...` trains on N processes
+with DistributedDataParallel (--batch_size is per process); --grad_checkpointing, --channels_last,
+--compile and --amp trade compute or precision for memory and speed; --swa_start keeps a stochastic
+weight average beside the EMA; --tensorboard logs to TensorBoard as well as loss.csv.
 
 --task picks what is trained (cascade.py, guidance.py): 'diffusion' (the default; class subfolders make
 it class-conditional, with classifier-free guidance's label dropout --p_uncond), 'classifier' (a
@@ -25,16 +32,22 @@ a --low_res copy of each image, with conditioning augmentation) or 'image_to_ima
 paired input image from --cond_path).
 """
 import argparse
+import contextlib
 import copy
 import csv
+import itertools
 import math
 import os
+import re
 import signal
 import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 import cascade
@@ -45,17 +58,24 @@ from guidance import drop_labels
 from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
                    resolve_model_config)
-from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, from_model_range,
-                   load_builtin_dataset, load_checkpoint, load_weights, pick_device, plot_loss, save_checkpoint,
-                   save_grid, seed_everything, to_model_range)
+from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
+                   from_model_range, link_checkpoint, load_builtin_dataset, load_checkpoint, load_weights,
+                   peak_memory_mb, pick_device, plot_loss, remove_stale_temporaries, save_checkpoint, save_grid,
+                   seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
 RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr", image_to_image="_i2i")
 # Flags that only steer this run (where to write, how long, on what device): on --resume these come
 # from the command line; every other setting comes from the checkpoint, so the run continues unchanged.
+# The memory and speed switches are among them: they change how a step is computed, not what it computes,
+# so a run may resume on other hardware with other switches.
 RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "sample_steps", "device", "num_workers",
-                     "checkpoint_dir", "sample_dir", "resume")
+                     "checkpoint_dir", "sample_dir", "resume", "keep_last", "tensorboard", "grad_checkpointing",
+                     "channels_last", "compile")
+# A non-finite loss or gradient skips the step (fp16 loss scaling overflows now and then); this many in
+# a row means the run has diverged, and it stops.
+MAX_SKIPPED_STEPS = 5
 
 
 def parse_args(argv=None):
@@ -131,10 +151,26 @@ def parse_args(argv=None):
     train.add_argument("--max_steps", type=int, default=10000, help="optimizer steps to train for")
     train.add_argument("--ema_decay", type=float, default=0.999,
                        help="EMA decay (with warm-up); 0.9999 as in DDPM suits runs of 100k+ steps")
-    train.add_argument("--amp", action="store_true",
-                       help="mixed precision: bf16 autocast on CPU/MPS, fp16 with a grad scaler on CUDA")
+    train.add_argument("--amp", nargs="?", const="auto", default="off", choices=("off", "auto", "bf16", "fp16"),
+                       help="mixed precision (autocast; weights, EMA and optimizer state stay fp32): bf16, or fp16 "
+                       "with loss scaling (CUDA only); --amp alone = auto: bf16 where supported, else fp16")
+    train.add_argument("--swa_start", type=int, default=None,
+                       help="keep a stochastic weight average (Izmailov et al. 2018; torch.optim.swa_utils) of the "
+                       "weights after every step from this one on, beside the EMA; sample it with sample.py "
+                       "--weights swa")
     train.add_argument("--seed", type=int, default=0, help="seed for weights, data order, noise")
-    train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps; "
+                       "under torchrun each process takes the GPU of its LOCAL_RANK")
+
+    scale = p.add_argument_group("memory and speed (README: Scaling up)")
+    scale.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass instead of storing them: "
+                       "less memory, about a third more compute")
+    scale.add_argument("--channels_last", action="store_true",
+                       help="NHWC memory layout for the network and its inputs (faster convolutions on recent GPUs)")
+    scale.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (a slow first step, faster ones after); falls back with a "
+                       "note where this platform cannot compile")
 
     out = p.add_argument_group("output")
     out.add_argument("--run_name", default=None, help="default: the dataset folder's name (or the dataset's)")
@@ -146,6 +182,11 @@ def parse_args(argv=None):
     out.add_argument("--sample_steps", type=int, default=None,
                      help="network calls per image for the sample grids: all T (Algorithm 2) by default; fewer "
                      "respaces the sampler (Improved DDPM), e.g. 100, to spend less time drawing grids")
+    out.add_argument("--keep_last", type=int, default=0,
+                     help="also keep the N newest checkpoints as <run>_stepNNNNNNN.pt (and _ema_); <run>.pt and "
+                     "<run>_ema.pt always name the newest; 0 = only those two")
+    out.add_argument("--tensorboard", action="store_true",
+                     help="also log to TensorBoard (<sample_dir>/<run>/tensorboard; needs pip install tensorboard)")
     out.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/<run>.pt")
     args = p.parse_args(argv)
     return args, p
@@ -164,6 +205,12 @@ def check_args(args):
         raise UsageError(f"--ema_decay {args.ema_decay}: must be in [0, 1)")
     if args.sample_steps is not None and not 1 <= args.sample_steps <= args.timesteps:
         raise UsageError(f"--sample_steps {args.sample_steps}: must be between 1 and --timesteps {args.timesteps}")
+    if args.swa_start is not None and not 0 <= args.swa_start < args.max_steps:
+        raise UsageError(f"--swa_start {args.swa_start}: must be a step in 0 .. --max_steps {args.max_steps} - 1")
+    if args.keep_last < 0:
+        raise UsageError(f"--keep_last {args.keep_last}: must be 0 (only <run>.pt) or more")
+    if args.amp == "fp16" and args.device not in ("auto", "cuda") and not args.device.startswith("cuda"):
+        raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on --device {args.device}")
     if not 0.0 <= args.p_uncond < 1.0:
         raise UsageError(f"--p_uncond {args.p_uncond}: must be in [0, 1) (0.1 is the usual; 1 would never use the labels)")
     if args.dataset_path and args.dataset:
@@ -194,11 +241,113 @@ def load_dataset(args):
     return dataset
 
 
-def forever(loader):
-    """Endless batches: a new shuffled pass over the data each time one ends."""
-    while True:
-        yield from loader
 
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun + DistributedDataParallel), and the data and randomness they share
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed(device_name):
+    """torchrun starts one process per device and tells each, in environment variables, its RANK
+    (0 .. W-1 over all nodes), its LOCAL_RANK (on this node) and the WORLD_SIZE W. Without torchrun
+    this is process 0 of 1 and nothing is set up. Returns (rank, world_size, device)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world_size == 1:
+        return 0, 1, device
+    if device.type == "mps":
+        raise UsageError("torchrun with --device mps: several processes need CUDA GPUs or the CPU (--device cpu)")
+    if device.type == "cuda":  # one GPU per process; NCCL moves the gradients between them
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """torch's DistributedSampler: each epoch a fresh shuffle of the whole dataset, seeded by
+    seed + epoch so every process computes the same one, of which process r reads items
+    r, r + W, r + 2W, ... (W = 1: the whole shuffle). One addition makes resuming exact: `start`
+    skips the items this process already read earlier in the epoch."""
+
+    def __init__(self, dataset, rank, world_size, seed):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def endless_batches(loader, sampler, batches_done):
+    """Batches forever, a new shuffle each epoch, beginning after the first batches_done of them:
+    epoch batches_done // (batches per epoch), that far in. A resumed run passes step x accumulation."""
+    per_epoch = sampler.num_samples // loader.batch_size
+    epoch, skip = divmod(batches_done, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.start = skip * loader.batch_size
+        yield from loader
+        epoch, skip = epoch + 1, 0
+
+
+class SharedRandomness:
+    """The random numbers of the training loss (t, the noise eps, flips, label drops, augmentation
+    levels) come from one generator that every process seeds alike and draws from for the whole
+    global batch of W x B images; each process keeps its own rows r, r + W, ... (the rows its
+    ResumableSampler gives it images for). So W processes with --batch_size B draw exactly the
+    numbers one process with batch W x B would, and the generator's state is all that a resumed run
+    needs. (Dropout uses torch's global generator instead, seeded differently on each process.)"""
+
+    def __init__(self, seed, rank, world_size, device):
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def rows(self, whole):
+        """This process's rows of a global-batch tensor [W*B ...] -> [B ...]."""
+        return whole[self.rank::self.world_size]
+
+    def rand(self, b):
+        return self.rows(torch.rand(b * self.world_size, generator=self.generator, device=self.device))
+
+    def randint(self, high, b):
+        return self.rows(torch.randint(0, high, (b * self.world_size,), generator=self.generator, device=self.device))
+
+    def randn(self, shape):
+        whole = torch.randn((shape[0] * self.world_size, *shape[1:]), generator=self.generator, device=self.device)
+        return self.rows(whole)
+
+    def gather_rows(self, mine):
+        """The inverse of rows: every process's [B] rows -> the global batch [W*B], in global order."""
+        if self.world_size == 1:
+            return mine
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine.contiguous())
+        return torch.stack(parts, dim=1).reshape(-1)  # [B x W]: element (j, r) is global row j*W + r
+
+
+def step_statistics(losses, t, timesteps, stop_requested, world_size):
+    """This step's per-image losses and t [k*B] -> (mean loss, [mean loss of the images whose t lies in
+    each quarter of 0 .. T-1, NaN where none did], whether any process was asked to stop), over all
+    processes with one all-reduce. The quarters show which noise levels are hard (Improved DDPM
+    Fig. 2 makes the same split: the terms at small t dominate the variational bound)."""
+    quarter = (t * 4 // timesteps).clamp(max=3)
+    stats = torch.zeros(11, device=losses.device)
+    stats[0], stats[1] = losses.float().sum(), losses.numel()
+    stats[2:6].index_add_(0, quarter, losses.float())
+    stats[6:10].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float))
+    stats[10] = float(stop_requested)
+    if world_size > 1:
+        dist.all_reduce(stats)  # summed over processes: means of the global batch
+    stats = stats.cpu()
+    by_quarter = [(stats[2 + q] / stats[6 + q]).item() if stats[6 + q] > 0 else float("nan") for q in range(4)]
+    return (stats[0] / stats[1]).item(), by_quarter, bool(stats[10] > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training aids around Algorithm 1
+# ---------------------------------------------------------------------------------------------
 
 def lr_lambda(step, warmup_steps, max_steps):
     """Learning-rate factor: linear warm-up to 1 over warmup_steps, then half a cosine down to 0."""
@@ -211,7 +360,8 @@ def lr_lambda(step, warmup_steps, max_steps):
 @torch.no_grad()
 def update_ema(ema_model, model, decay, step):
     """ema <- decay * ema + (1 - decay) * weights, with a warm-up so early, random weights are
-    forgotten quickly: the decay actually used is min(decay, (1 + step) / (10 + step))."""
+    forgotten quickly: the decay actually used is min(decay, (1 + step) / (10 + step)). Every
+    process holds the same weights after each step, so every process's EMA is the same too."""
     decay = min(decay, (1 + step) / (10 + step))
     for ema_param, param in zip(ema_model.parameters(), model.parameters()):
         ema_param.lerp_(param.detach(), 1.0 - decay)
@@ -219,27 +369,64 @@ def update_ema(ema_model, model, decay, step):
         ema_buffer.copy_(buffer)
 
 
-def stop_like_ctrl_c(signum, frame):
-    """A cluster scheduler's SIGTERM is treated like Ctrl-C: save a checkpoint, then exit."""
-    raise KeyboardInterrupt
-
-
-class NonFiniteLoss(Exception):
-    pass
-
-
-def accumulate_gradients(loss_fn, micro_batches, scaler):
+def accumulate_gradients(loss_fn, micro_batches, scaler, no_sync=contextlib.nullcontext):
     """Backpropagate k micro-batches so that the summed gradient equals the gradient of one batch
-    k times larger: each micro-batch's mean loss is divided by k before backward(). Returns the
-    mean loss over the k micro-batches. loss_fn(batch) -> (mean loss, t [B])."""
-    k, total = len(micro_batches), 0.0
-    for batch in micro_batches:
-        loss, t = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became {loss.item()} (t values in the batch: {t.tolist()})")
-        scaler.scale(loss / k).backward()
-        total += loss.item() / k
-    return total
+    k times larger: each micro-batch's mean loss is divided by k before backward(). With
+    DistributedDataParallel, backward() also averages the gradient over processes; no_sync skips
+    that on all but the last micro-batch, whose backward() then averages the sum once.
+    loss_fn(batch) -> (per-image losses [B], t [B]). Returns (losses [k*B] detached, t [k*B])."""
+    k, all_losses, all_t = len(micro_batches), [], []
+    for i, batch in enumerate(micro_batches):
+        with no_sync() if i < k - 1 else contextlib.nullcontext():
+            losses, t = loss_fn(batch)
+            scaler.scale(losses.mean() / k).backward()
+        all_losses.append(losses.detach())
+        all_t.append(t)
+    return torch.cat(all_losses), torch.cat(all_t)
+
+
+def compile_or_fallback(module, device, say):
+    """torch.compile(module), or the module itself with a note where this platform cannot compile
+    (no C++ compiler, an unsupported Python or OS). torch.compile only fails at the first call, so a
+    tiny function is compiled and run first, as a probe."""
+    try:
+        probe = torch.compile(lambda x: torch.sin(x) + 1.0)
+        probe(torch.zeros(4, device=device))
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        say(f"note: --compile is unavailable here ({type(error).__name__}: {reason}); training without it")
+        return module
+    say("note: --compile: the first step compiles the network (a minute or more), the later ones are faster")
+    return torch.compile(module)
+
+
+class StopSignals:
+    """SIGTERM (a cluster scheduler's "time is up") and SIGINT (Ctrl-C) ask the run to stop. The step
+    in progress finishes first, so the checkpoint saved on the way out lies exactly on a step boundary
+    and --resume continues bit for bit; a second signal quits at once without saving (the last
+    checkpoint stays). A sample grid in progress (it can take minutes) is cut short by the first."""
+
+    def __init__(self):
+        self.requested = False
+        self.drawing_grid = False
+        # Ctrl-C explicitly too: a process started in the background by a script (nohup ... &) inherits
+        # SIGINT as ignored, and Python then installs no KeyboardInterrupt handler.
+        self.before = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self.before.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        again, self.requested = self.requested, True
+        if again or self.drawing_grid:
+            raise KeyboardInterrupt
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+              "(send it again to quit without saving)", file=sys.stderr, flush=True)
+
+
+def weights_are_finite(*modules):
+    return all(torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
 
 
 def conditioning_settings(args):
@@ -249,25 +436,79 @@ def conditioning_settings(args):
     return {}
 
 
-def checkpoint_states(step, model, ema_model, optimizer, scheduler, scaler, config, model_config,
-                      diffusion_config, class_names, timestep_sampler):
+def checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config, model_config,
+                      diffusion_config, class_names, timestep_sampler, rng):
     """The two checkpoint dicts, all plain Python types and tensors (loadable with weights_only=True).
     task says what the network is (cascade.TASKS); conditioning holds a super-resolution model's
     low_res and augmentation levels; p_uncond tells sample.py whether the "no label" input was trained
-    (classifier-free guidance)."""
+    (classifier-free guidance). swa (with swa_count, the number of weights averaged) appears once
+    --swa_start is reached; rng holds every random stream, so that a resumed run is exact."""
     task = config["task"]
     describes_itself = dict(task=task, model_config=model_config, diffusion_config=diffusion_config,
                             class_names=class_names, step=step, conditioning=config["conditioning"],
                             p_uncond=config["p_uncond"] if class_names and task == "diffusion" else 0.0)
-    ema_state = dict(kind="ema", ema=ema_model.state_dict(), **describes_itself)
-    full_state = dict(kind="full", model=model.state_dict(), ema=ema_model.state_dict(),
+    averaged = {}
+    if swa_model is not None and swa_model.n_averaged.item() > 0:
+        averaged = dict(swa=swa_model.module.state_dict(), swa_count=int(swa_model.n_averaged.item()))
+    ema_state = dict(kind="ema", ema=ema_model.state_dict(), **averaged, **describes_itself)
+    full_state = dict(kind="full", model=model.state_dict(), ema=ema_model.state_dict(), **averaged,
                       optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                       scaler=scaler.state_dict(), config=config, timestep_sampler=timestep_sampler.state_dict(),
-                      rng=dict(torch=torch.get_rng_state(),
-                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
-                      **describes_itself)
+                      rng=rng, **describes_itself)
     return full_state, ema_state
 
+
+def write_checkpoints(full_state, ema_state, full_path, ema_path, step, keep_last):
+    """Write <run>.pt and <run>_ema.pt, each atomically. With keep_last N, write step-numbered files
+    instead, point the two names at them (hard links), and delete all but the N newest numbered ones.
+    A kill at any moment leaves every name pointing at a complete checkpoint."""
+    if keep_last == 0:
+        save_checkpoint(full_state, full_path)
+        save_checkpoint(ema_state, ema_path)
+        return
+    for state, path in ((full_state, full_path), (ema_state, ema_path)):
+        stem = path[:-len(".pt")]
+        numbered = f"{stem}_step{step:07d}.pt"
+        save_checkpoint(state, numbered)
+        link_checkpoint(numbered, path)
+        folder, name = os.path.split(stem)
+        pattern = re.compile(re.escape(name) + r"_step(\d{7,})\.pt$")
+        kept = sorted(f for f in os.listdir(folder or ".") if pattern.match(f))
+        for old in kept[:-keep_last]:
+            os.remove(os.path.join(folder, old))
+
+
+LOG_FIELDS = ["step", "loss", "lr", "images_per_s", "peak_memory_mb"]
+
+
+def log_fields(timesteps):
+    """loss.csv's columns: the step's mean loss, then its mean over each quarter of the t range."""
+    edges = [q * timesteps // 4 for q in range(5)]
+    return LOG_FIELDS + [f"loss_t{edges[q]}_{edges[q + 1] - 1}" for q in range(4)]
+
+
+def start_log(log_path, fields, resumed_step):
+    """A fresh loss.csv, or on resume the old one cut back to the resumed step (a process killed after
+    logging but before saving logged steps that will now be trained again). An older layout is moved
+    aside, never deleted."""
+    if resumed_step is not None and os.path.isfile(log_path):
+        with open(log_path, newline="") as f:
+            rows = list(csv.reader(f))
+        if rows and rows[0] == fields:
+            rows = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= resumed_step]
+            temporary = log_path + ".tmp"
+            with open(temporary, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
+            os.replace(temporary, log_path)
+            return
+        os.replace(log_path, log_path[:-len(".csv")] + "_before_resume.csv")
+    with open(log_path, "w", newline="") as f:
+        csv.writer(f).writerow(fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args, parser = parse_args(argv)
@@ -289,13 +530,22 @@ def main(argv=None):
         args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
         if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
             args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
+        args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
     check_args(args)
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
         args.sample_aug_t = args.timesteps // 50 if args.sample_aug_t is None else args.sample_aug_t
+    writer_class = None
+    if args.tensorboard:  # an optional extra: imported only when asked for, and checked before any work
+        try:
+            from torch.utils.tensorboard import SummaryWriter as writer_class
+        except ImportError:
+            raise UsageError("--tensorboard: the tensorboard package is not installed; pip install tensorboard, "
+                             "or train without the flag (loss.csv is written either way)") from None
 
-    device = pick_device(args.device)
-    seed_everything(args.seed)
+    rank, world_size, device = setup_distributed(args.device)
+    say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks, logs, draws and saves
+    seed_everything(args.seed)  # the same seed everywhere: every process builds the same initial weights
     # Diffusion before data: it checks that the loss, prediction and variance settings fit together.
     diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.loss, prediction=args.prediction,
                                   learn_sigma=args.learn_sigma, min_snr_gamma=args.min_snr_gamma).to(device)
@@ -307,9 +557,13 @@ def main(argv=None):
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
     hflip = args.hflip == "on" or (args.hflip == "auto" and args.dataset not in ("mnist", "fashion_mnist"))
-    if len(dataset) < args.batch_size:
-        print(f"note: the dataset has only {len(dataset)} images; --batch_size lowered from {args.batch_size}")
-        args.batch_size = len(dataset)
+    if len(dataset) // world_size < args.batch_size:
+        per_process = len(dataset) // world_size
+        if per_process < 1:
+            raise UsageError(f"the dataset has {len(dataset)} images, fewer than the {world_size} processes")
+        say(f"note: the dataset has only {len(dataset)} images ({per_process} per process); "
+            f"--batch_size lowered from {args.batch_size}")
+        args.batch_size = per_process
 
     network = dict(image_size=args.image_size, in_channels=dataset.channels, base_channels=args.base_channels,
                    channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
@@ -325,16 +579,31 @@ def main(argv=None):
                        cond_augment=args.task == "super_resolution" and args.aug_max_t > 0)
     model_config = resolve_config(**network)
     model = build(model_config).to(device)
+    if args.grad_checkpointing:
+        model.grad_checkpointing = True  # model.py: blocks recompute their activations in backward
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # a separate copy, never the live weights
+    # Stochastic weight averaging: the plain mean of the weights after every step from --swa_start on.
+    swa_model = AveragedModel(model) if args.swa_start is not None else None
+    torch.manual_seed(args.seed + rank)  # from here torch's global generator only drives dropout: one stream each
+    randomness = SharedRandomness(args.seed, rank, world_size, device)  # t, noise, flips: shared, see the class
 
     # AdamW; the fused kernel on CUDA, the multi-tensor ("foreach") one elsewhere.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, args.warmup_steps, args.max_steps))
-    use_fp16 = args.amp and device.type == "cuda"  # fp16 needs loss scaling; bf16 (CPU, MPS) does not
-    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
-    autocast = torch.autocast(device.type, dtype=torch.float16 if use_fp16 else torch.bfloat16, enabled=args.amp)
+    # Mixed precision: autocast runs the network's matrix products in 16 bits; the weights, the EMA, the
+    # SWA average and AdamW's moments stay fp32. fp16 needs loss scaling (GradScaler), bf16 does not.
+    amp = args.amp
+    if amp == "auto":
+        amp = "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+    if amp == "fp16" and device.type != "cuda":
+        raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on {device}")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "off")
 
     step = 0
     if resumed:
@@ -347,69 +616,114 @@ def main(argv=None):
                              "restore the dataset or start a new --run_name")
         load_weights(model, resumed["model"], full_path)
         load_weights(ema_model, resumed["ema"], full_path)
+        if swa_model is not None and "swa" in resumed:
+            load_weights(swa_model.module, resumed["swa"], full_path)
+            swa_model.n_averaged.fill_(resumed["swa_count"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])
-        torch.set_rng_state(resumed["rng"]["torch"])
-        if device.type == "cuda" and resumed["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
         step = resumed["step"]
         if "timestep_sampler" in resumed:
             timestep_sampler.load_state_dict(resumed["timestep_sampler"])
+        rng = resumed["rng"]
+        if isinstance(rng["torch"], list) and len(rng["torch"]) == world_size and "shared" in rng:
+            torch.set_rng_state(rng["torch"][rank])
+            if device.type == "cuda" and rng["cuda"]:
+                torch.cuda.set_rng_state(rng["cuda"][rank], device)
+            randomness.generator.set_state(rng["shared"])
+        else:  # saved by an older version, or by another number of processes
+            randomness.generator.manual_seed(args.seed + step)
+            say(f"note: {full_path} was saved by an older train.py or by another number of processes; training "
+                "continues correctly, but the random numbers and data order differ from an uninterrupted run")
 
     config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     config["run_name"] = run_name
     config["attention_resolutions"] = model_config["attention_resolutions"]  # the resolved default, not None
     config["conditioning"] = conditioning_settings(args)
-    print(f"run {run_name}: {len(dataset)} images ({dataset.channels}-channel, {args.image_size}x{args.image_size}), "
-          f"{len(class_names) or 'no'} classes, device {device}{', resuming at step ' + str(step) if resumed else ''}")
-    print(diffusion.describe())
-    print(f"model: {count_parameters(model) / 1e6:.2f} M parameters, {model_config}")
-    print("settings:", {k: v for k, v in config.items() if k not in model_config})
+    config["world_size"] = world_size  # for the record; --batch_size is per process
+    say(f"run {run_name}: {len(dataset)} images ({dataset.channels}-channel, {args.image_size}x{args.image_size}), "
+        f"{len(class_names) or 'no'} classes, device {device}"
+        f"{f', {world_size} processes' if world_size > 1 else ''}{', resuming at step ' + str(step) if resumed else ''}")
+    say(diffusion.describe())
+    say(f"model: {count_parameters(model) / 1e6:.2f} M parameters, {model_config}")
+    say("settings:", {k: v for k, v in config.items() if k not in model_config})
+
+    # Fail now, not at the first save an hour from now: both folders writable, room for the checkpoints
+    # (full: weights, EMA, SWA, AdamW's two moments; EMA file: EMA and SWA), twice over while a new one
+    # is written beside the old, plus the step-numbered ones kept.
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    averages = 2 if swa_model is not None else 1
+    bytes_needed = weight_bytes * ((3 + averages) + averages) * (max(args.keep_last, 1) + 1)
+    check_output_folder(args.checkpoint_dir, "--checkpoint_dir", bytes_needed)
+    run_sample_dir = os.path.join(args.sample_dir, run_name)
+    check_output_folder(run_sample_dir, "--sample_dir")
+    if rank == 0:
+        remove_stale_temporaries(args.checkpoint_dir, run_name)
+
+    # What the loss is computed with: the network, wrapped for several processes and compiled if asked.
+    train_model = model
+    if world_size > 1:
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    no_sync = train_model.no_sync if world_size > 1 else contextlib.nullcontext
+    if args.compile:
+        train_model = compile_or_fallback(train_model, device, say)
 
     num_workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    sampler = ResumableSampler(dataset, rank, world_size, args.seed)
+    # The loader gets its own generator so that starting it (each epoch, and on resume) draws nothing
+    # from the global one: the random streams stay exactly those of an uninterrupted run.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=num_workers > 0)
-    batches = forever(loader)
+                                         persistent_workers=num_workers > 0,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    batches = endless_batches(loader, sampler, step * args.accumulation_iters)
 
     def loss_fn(batch):
-        """One micro-batch -> (mean loss, t [B]), for whichever --task."""
+        """One micro-batch -> (per-image losses [B], t [B]), for whichever --task. Every random number
+        comes from `randomness`, drawn for the global batch (SharedRandomness)."""
         images, labels = batch  # labels: class indices; for image_to_image, the paired input images
         x0 = to_model_range(images.to(device, non_blocking=True))           # uint8 -> [-1, 1]
+        if args.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        b = x0.shape[0]
         cond = to_model_range(labels.to(device)) if args.task == "image_to_image" else None
         if hflip:  # flip a random half of the batch, each image on its own coin (a pair flips together)
-            flip = torch.rand(x0.shape[0], device=device)[:, None, None, None] < 0.5
+            flip = randomness.rand(b)[:, None, None, None] < 0.5
             x0 = torch.where(flip, x0.flip(-1), x0)
             cond = torch.where(flip, cond.flip(-1), cond) if cond is not None else None
 
         if args.task == "classifier":  # a classifier of x_t ~ q(x_t | x_0) at uniform t (ADM Sec. 4)
-            t = torch.randint(0, args.timesteps, (x0.shape[0],), device=device)
-            xt = diffusion.q_sample(x0, t, torch.randn_like(x0))            # DDPM eq. 4
+            t = randomness.randint(args.timesteps, b)
+            xt = diffusion.q_sample(x0, t, randomness.randn(x0.shape))      # DDPM eq. 4
             with autocast:
-                logits = model(xt, t)
-            return F.cross_entropy(logits.float(), labels.to(device)), t    # -log p_phi(y | x_t)
+                logits = train_model(xt, t)
+            return F.cross_entropy(logits.float(), labels.to(device), reduction="none"), t   # -log p_phi(y | x_t)
 
-        y, network = None, model
+        y, network = None, train_model
         if class_names:  # CFG Algorithm 1: each label dropped to "no label" (index K) with prob p_uncond
-            y = drop_labels(labels.to(device), args.p_uncond, len(class_names))
+            y = drop_labels(labels.to(device), args.p_uncond, len(class_names), coins=randomness.rand(b))
         if args.task == "super_resolution":  # SR3 input, with Cascaded Diffusion's conditioning augmentation
             cond = cascade.low_res_condition(x0, args.low_res)
             cond_t = None
             if args.aug_max_t > 0:
-                cond_t = cascade.random_augmentation_levels(x0.shape[0], args.aug_max_t, device)
-                cond = cascade.augment_condition(diffusion, cond, cond_t)
-            network = cascade.conditioned(model, cond, cond_t)
+                cond_t = randomness.rows(cascade.random_augmentation_levels(b * world_size, args.aug_max_t, device,
+                                                                            randomness.generator))
+                cond = cascade.augment_condition(diffusion, cond, cond_t, noise=randomness.randn(cond.shape))
+            network = cascade.conditioned(train_model, cond, cond_t)
         elif cond is not None:
-            network = cascade.conditioned(model, cond)
-        t, weights = timestep_sampler.sample(x0.shape[0], device)           # Alg. 1 line 3 (weights 1 if uniform)
+            network = cascade.conditioned(train_model, cond)
+        # Alg. 1 line 3 (importance weights are 1 for the uniform sampler), for the global batch
+        all_t, all_weights = timestep_sampler.sample(b * world_size, device, randomness.generator)
+        t, weights = randomness.rows(all_t), randomness.rows(all_weights)
+        noise = randomness.randn(x0.shape)                                  # Alg. 1 line 4
         with autocast:
             if args.loss in VLB_LOSSES:
-                losses, t = improved_ddpm.training_loss(diffusion, network, x0, y, t)   # IDDPM eq. 16 / L_vlb
+                losses, t = improved_ddpm.training_loss(diffusion, network, x0, y, t, noise)  # IDDPM eq. 16 / L_vlb
             else:
-                losses, t = diffusion.training_loss(network, x0, y, t)      # Algorithm 1
-        timestep_sampler.update(t, losses)
-        return (losses.float() * weights).mean(), t
+                losses, t = diffusion.training_loss(network, x0, y, t, noise)   # Algorithm 1
+        if timestep_sampler.kind != "uniform":  # every process keeps the same loss history
+            timestep_sampler.update(all_t, randomness.gather_rows(losses.detach().float()))
+        return losses.float() * weights, t
 
     # Fixed noise (and labels, or conditioning images) for every sample grid, so grids over training
     # are comparable.
@@ -422,28 +736,58 @@ def main(argv=None):
         picks = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
         fixed_pairs = [torch.stack(items) if isinstance(items[0], torch.Tensor) else torch.tensor(items)
                        for items in zip(*(dataset[i] for i in picks))]
-    run_sample_dir = os.path.join(args.sample_dir, run_name)
-    os.makedirs(run_sample_dir, exist_ok=True)
     log_path = os.path.join(run_sample_dir, "loss.csv")
-    if not resumed or not os.path.isfile(log_path):
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "loss", "lr", "images_per_s"])
+    fields = log_fields(args.timesteps)
+    writer = None
+    if rank == 0:
+        start_log(log_path, fields, step if resumed else None)
+        if writer_class is not None:
+            writer = writer_class(os.path.join(run_sample_dir, "tensorboard"), purge_step=step if resumed else None)
     log_rows = []
 
+    def log(values):
+        log_rows.append([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+        if writer is not None:
+            for name, value in zip(fields[1:], values[1:]):
+                if math.isfinite(value):
+                    writer.add_scalar(name if name.startswith("loss") else "train/" + name, value, values[0])
+
     def flush_log():
+        if rank != 0:
+            return
         with open(log_path, "a", newline="") as f:
             csv.writer(f).writerows(log_rows)
         log_rows.clear()
-        with open(log_path) as f:
-            rows = list(csv.reader(f))[1:]
+        with open(log_path, newline="") as f:
+            rows = list(csv.DictReader(f))
         if len(rows) >= 2:
-            plot_loss([int(r[0]) for r in rows], [float(r[1]) for r in rows], os.path.join(run_sample_dir, "loss.png"))
+            by_level = {name.replace("loss_", "").replace("_", "..") : [float(r[name] or "nan") for r in rows]
+                        for name in fields[len(LOG_FIELDS):]}
+            plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
+                      os.path.join(run_sample_dir, "loss.png"), by_level)
+        if writer is not None:
+            writer.flush()
+
+    def rng_states():
+        """Every random stream: torch's global generator (dropout) on each process, and the shared one."""
+        mine = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+        everyone = [mine]
+        if world_size > 1:
+            everyone = [None] * world_size
+            dist.all_gather_object(everyone, mine)
+        return dict(torch=[s["torch"] for s in everyone],
+                    cuda=[s["cuda"] for s in everyone] if device.type == "cuda" else [],
+                    shared=randomness.generator.get_state())
 
     def save():
-        full_state, ema_state = checkpoint_states(step, model, ema_model, optimizer, scheduler, scaler, config,
-                                                  model_config, diffusion.config(), class_names, timestep_sampler)
-        save_checkpoint(full_state, full_path)
-        save_checkpoint(ema_state, ema_path)
+        """Both checkpoints, written by process 0; never weights that are not finite."""
+        if not weights_are_finite(model, ema_model, swa_model):
+            raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, the last checkpoint "
+                             f"{full_path} is kept. Try a lower --lr, or --amp bf16 instead of fp16")
+        states = checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config,
+                                   model_config, diffusion.config(), class_names, timestep_sampler, rng_states())
+        if rank == 0:
+            write_checkpoints(*states, full_path, ema_path, step, args.keep_last)
 
     grid_diffusion = diffusion  # what draws the grids: Algorithm 2 over all T steps, or respaced (eq. 19)
     if args.sample_steps and args.sample_steps < args.timesteps:
@@ -451,7 +795,7 @@ def main(argv=None):
 
     def sample_grid():
         """A grid from the EMA model; for image-conditioned models, rows of input, sample, target; for a
-        classifier, its accuracy on the fixed images noised to a few levels t."""
+        classifier, its accuracy on the fixed images noised to a few levels t. Returns (message, path)."""
         path = os.path.join(run_sample_dir, f"step_{step:07d}.png")
         if args.task == "classifier":
             images, labels = fixed_pairs
@@ -462,11 +806,11 @@ def main(argv=None):
                 with torch.no_grad():
                     predicted = ema_model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t).argmax(1).cpu()
                 accuracy.append(f"t={t_value}: {(predicted == labels).float().mean().item():.0%}")
-            return "accuracy on noisy images, " + ", ".join(accuracy)
+            return "accuracy on noisy images, " + ", ".join(accuracy), None
         if args.task == "diffusion":
             images = grid_diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
             save_grid(from_model_range(images), path)
-            return f"samples in {path}"
+            return f"samples in {path}", path
         targets, inputs = fixed_pairs
         x0 = to_model_range(targets.to(device))
         if args.task == "super_resolution":
@@ -480,61 +824,101 @@ def main(argv=None):
         images = grid_diffusion.sample(cascade.conditioned(ema_model, cond, cond_t), fixed_noise.shape,
                                        noise=fixed_noise, progress=False)
         save_grid(from_model_range(torch.cat([shown, images, x0])), path, nrow=len(x0))
-        return f"input / sample / target rows in {path}"
+        return f"input / sample / target rows in {path}", path
 
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    # Ctrl-C too, explicitly: a process started in the background by a script (nohup ... &) inherits
-    # SIGINT as ignored, and Python then installs no KeyboardInterrupt handler, so `kill -INT` would do
-    # nothing and the save-on-interrupt promise would silently break.
-    signal.signal(signal.SIGINT, stop_like_ctrl_c)
+    def draw_grid():
+        """sample_grid on process 0, on its own copy of the random streams: drawing a grid, or not,
+        never changes the training that follows. The first stop signal cuts it short."""
+        signals.drawing_grid = True
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                message, path = sample_grid()
+        except KeyboardInterrupt:
+            return "grid interrupted"
+        finally:
+            signals.drawing_grid = False
+        if writer is not None and path is not None:
+            import numpy as np
+            from PIL import Image
+            writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        return message
+
+    signals = StopSignals()
     model.train()
-    bar = tqdm(total=args.max_steps, initial=step, desc=run_name, dynamic_ncols=True)
+    bar = tqdm(total=args.max_steps, initial=step, desc=run_name, dynamic_ncols=True, disable=rank != 0)
+    skipped_in_a_row, stop = 0, False
     try:
-        while step < args.max_steps:
+        while step < args.max_steps and not stop:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(args.accumulation_iters)]
-            try:
-                loss = accumulate_gradients(loss_fn, micro_batches, scaler)
-            except NonFiniteLoss as error:
-                raise UsageError(f"step {step}: {error}. Stopped without saving; the last good checkpoint "
-                                 f"{full_path} is kept. Try a lower --lr or without --amp") from None
+            losses, t = accumulate_gradients(loss_fn, micro_batches, scaler, no_sync)
+            loss, by_quarter, stop = step_statistics(losses, t, args.timesteps, signals.requested, world_size)
             scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # The same on every process: the gradients were averaged over processes, the loss too.
+            finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
+            if finite:
+                scaler.step(optimizer)
+            scaler.update()  # fp16: a smaller loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            update_ema(ema_model, model, args.ema_decay, step)
+            if finite:
+                update_ema(ema_model, model, args.ema_decay, step)
             step += 1
+            if finite and swa_model is not None and step > args.swa_start:
+                swa_model.update_parameters(model)
 
-            images_per_s = args.batch_size * args.accumulation_iters / (time.perf_counter() - started)
+            images_per_s = args.batch_size * args.accumulation_iters * world_size / (time.perf_counter() - started)
             lr = scheduler.get_last_lr()[0]
-            log_rows.append([step, f"{loss:.6f}", f"{lr:.3e}", f"{images_per_s:.1f}"])
+            log([step, loss, lr, images_per_s, peak_memory_mb(device), *by_quarter])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
-            if step % args.save_every == 0 or step == args.max_steps:
+            if not finite:  # skip the step: no update, and the weights, EMA and SWA stay as they were
+                skipped_in_a_row += 1
+                bad_t = t[~torch.isfinite(losses)].tolist()[:16]
+                problem = (f"step {step}: the loss or gradient is not finite (loss {loss}, t of the non-finite "
+                           f"images here: {bad_t})")
+                if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                    flush_log()
+                    raise UsageError(f"{problem}, {MAX_SKIPPED_STEPS} steps in a row. Stopped; nothing saved since "
+                                     f"{full_path}. Try a lower --lr, or --amp bf16 instead of fp16")
+                if rank == 0:
+                    bar.write(f"warning: {problem}; step skipped, weights unchanged"
+                              + (" (fp16 loss scaling overflows a few times at first)" if amp == "fp16" else ""))
+            else:
+                skipped_in_a_row = 0
+            if step % args.save_every == 0 or step == args.max_steps or stop:
                 flush_log()
                 save()
-            if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
-                bar.write(f"step {step}: {sample_grid()}")
-    except KeyboardInterrupt:
+            if not stop and rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+                bar.write(f"step {step}: {draw_grid()}")
+    except KeyboardInterrupt:  # a second signal: quit at once
         bar.close()
-        flush_log()
-        save()
-        print(f"\ninterrupted at step {step}: saved {full_path} and {ema_path}; continue with --resume")
+        say(f"\nstopped at step {step} without saving; the last checkpoint {full_path} is kept")
         sys.exit(130)
-    bar.close()
-    flush_log()
+    finally:
+        bar.close()  # before any error message, so that the message is the last line
+        signals.restore()
+    if writer is not None:
+        writer.close()
+    if stop:
+        say(f"\ninterrupted at step {step}: saved {full_path} and {ema_path}; continue with --resume")
+        sys.exit(130)
     use = {"diffusion": f"python sample.py --ckpt {ema_path}",
            "classifier": f"python sample.py --ckpt <a diffusion model's _ema.pt> --classifier_ckpt {ema_path}",
            "super_resolution": f"python sample.py --ckpt <base _ema.pt> --sr_ckpt {ema_path}, or "
                                f"--ckpt {ema_path} --cond_images <low-res images>",
            "image_to_image": f"python sample.py --ckpt {ema_path} --cond_images <input images>"}[args.task]
-    print(f"done at step {step}: {full_path} (to resume) and {ema_path} (to use: {use})")
+    say(f"done at step {step}: {full_path} (to resume) and {ema_path} (to use: {use})")
 
 
 if __name__ == "__main__":
     try:
         main()
     except UsageError as error:
-        sys.exit(f"error: {error}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process hits it; one says so
+            sys.exit(f"error: {error}")
+        sys.exit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -4,9 +4,10 @@ utils.py: the plumbing every other file leans on, and nothing about diffusion.
     images and datasets   ImageFolderDataset (your own pictures), make_shapes_dataset (the
                           offline built-in), load_builtin_dataset (torchvision: mnist, ...)
     checkpoints           save_checkpoint (atomic: temp file + rename), load_checkpoint
-                          (weights_only=True, with one-line errors)
+                          (weights_only=True, with one-line errors), link_checkpoint (the
+                          newest of several), check_output_folder (writable, room to spare)
     pictures              save_grid, save_gif, plot_loss
-    small helpers         pick_device, seed_everything, UsageError
+    small helpers         pick_device, seed_everything, peak_memory_mb, UsageError
 
 Images travel through the project as uint8 tensors [C x H x W] in 0..255 until the training loop
 turns a batch into floats in [-1, 1] (to_model_range); samples come back with from_model_range.
@@ -15,6 +16,8 @@ DDPM Sec. 3.3 scales data this way so that the prior N(0, I) and the data share 
 import argparse
 import os
 import random
+import shutil
+import sys
 import warnings
 
 import numpy as np
@@ -53,6 +56,19 @@ def pick_device(name="auto"):
         return torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
+
+
+def peak_memory_mb(device):
+    """The most memory this run has held so far, in MiB: tensors allocated on a CUDA device, or else
+    the whole process's peak resident memory (on CPU the tensors live there, beside Python itself)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def seed_everything(seed):
@@ -310,6 +326,49 @@ def save_checkpoint(state, path):
         raise
 
 
+def link_checkpoint(target, path):
+    """Make path name the same file as target (a hard link: no second copy on disk), atomically, so
+    that checkpoints/<run>.pt always names the newest step-numbered checkpoint. Where the file system
+    has no hard links, a copy (written atomically too)."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        try:
+            os.link(target, temporary)
+        except OSError:
+            shutil.copyfile(target, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def remove_stale_temporaries(folder, prefix):
+    """Temporary files that a killed process (kill -9 during a write) left behind; never a checkpoint."""
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and ".pt.tmp" in name:
+                os.remove(os.path.join(folder, name))
+
+
+def check_output_folder(folder, flag, bytes_needed=0):
+    """Fail at start-up, not after an hour of training, when a folder we will write to cannot be
+    created or written, or has too little free space for bytes_needed."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_test{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: cannot write there ({error.strerror or error}); "
+                         "pick a folder you can write to") from None
+    free = shutil.disk_usage(folder).free
+    if free < bytes_needed:
+        raise UsageError(f"{flag} {folder}: only {free / 2**20:.0f} MB free, but the checkpoints need about "
+                         f"{bytes_needed / 2**20:.0f} MB; free some space or pick another folder")
+
+
 def load_checkpoint(path, required=("model_config", "diffusion_config")):
     """Load a checkpoint written by train.py: CPU first, weights_only=True (no arbitrary code runs),
     with a one-line UsageError for a missing file, a file that is not a checkpoint, or missing keys."""
@@ -375,21 +434,33 @@ def append_csv_rows(path, fields, rows):
         writer.writerows(rows)
 
 
-def plot_loss(steps, losses, path):
-    """The loss history as a PNG (raw loss faint, a moving average on top)."""
+def plot_loss(steps, losses, path, by_level=None):
+    """The loss history as a PNG (raw loss faint, a moving average on top). by_level: optional
+    {label: [loss per step, NaN where absent]}, e.g. the loss at each quarter of the t range, drawn
+    as moving averages on the same axes."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    window = max(10, len(losses) // 50)
+
+    def smoothed(values):  # a moving average that skips missing (NaN) entries
+        values = np.asarray(values, dtype=float)
+        present = np.isfinite(values)
+        sums = np.convolve(np.where(present, values, 0.0), np.ones(window), mode="valid")
+        counts = np.convolve(present.astype(float), np.ones(window), mode="valid")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return sums / counts
+
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, losses, alpha=0.3, lw=0.8, label="loss")
     if len(losses) >= 20:
-        window = max(10, len(losses) // 50)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"moving average ({window})")
+        ax.plot(steps[window - 1:], smoothed(losses), lw=1.5, label=f"moving average ({window})")
+        for label, values in (by_level or {}).items():
+            ax.plot(steps[window - 1:], smoothed(values), lw=1.0, ls="--", label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,0 +1,279 @@
+"""Nothing is lost: exact resume, kill -9 at any moment, rotation, non-finite losses, full disks,
+and the memory and precision switches that must not change what is trained."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+from utils import UsageError
+
+# Class labels with label dropout, flips, dropout, two micro-batches per step, a grid every 2 steps:
+# every random stream and every piece of state a resume has to restore.
+EXACT_FLAGS = [*TINY_TRAIN_FLAGS, "--accumulation_iters", "2", "--sample_every", "2", "--sample_steps", "2",
+               "--swa_start", "2", "--max_steps", "7", "--save_every", "100", "--lr", "1e-3"]
+
+
+def train_here(folder, *flags, expect_exit=None):
+    """train.main in this process, in folder (tests chdir there), as `python train.py flags` would."""
+    argv = [*map(str, flags)]
+    if expect_exit is None:
+        train.main(argv)
+    else:
+        with pytest.raises(SystemExit) as stopped:
+            train.main(argv)
+        assert stopped.value.code == expect_exit
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b):
+    """Bit for bit: every tensor in two nested checkpoint structures is equal."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("extra", [[], ["--loss", "hybrid", "--learn_sigma", "--timestep_sampler", "loss-aware"]],
+                         ids=["l_simple", "hybrid_loss_aware"])
+def test_stopping_and_resuming_gives_the_same_weights_as_one_uninterrupted_run(tmp_path, monkeypatch, extra):
+    make_image_folder(tmp_path / "pets")
+    for name in ("once", "twice"):
+        (tmp_path / name).mkdir()
+        os.symlink(tmp_path / "pets", tmp_path / name / "pets")
+
+    monkeypatch.chdir(tmp_path / "once")
+    train_here(".", "--dataset_path", "pets", *EXACT_FLAGS, *extra)
+
+    # The same run, stopped by a Ctrl-C that arrives during step 3 (so it stops after step 3 or 4),
+    # then resumed to the end. The stop saves on a step boundary; --resume restores data position,
+    # random streams, optimizer, schedule, EMA and SWA.
+    monkeypatch.chdir(tmp_path / "twice")
+    real_update_ema = train.update_ema
+
+    def ctrl_c_during_step_3(ema_model, model, decay, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+        real_update_ema(ema_model, model, decay, step)
+
+    monkeypatch.setattr(train, "update_ema", ctrl_c_during_step_3)
+    train_here(".", "--dataset_path", "pets", *EXACT_FLAGS, *extra, expect_exit=130)
+    monkeypatch.setattr(train, "update_ema", real_update_ema)
+    stopped_at = load("checkpoints/pets.pt")["step"]
+    assert 3 <= stopped_at < 7
+    train_here(".", "--dataset_path", "pets", "--resume")
+
+    once, twice = load(tmp_path / "once/checkpoints/pets.pt"), load(tmp_path / "twice/checkpoints/pets.pt")
+    assert once["step"] == twice["step"] == 7
+    for key in ("model", "ema", "swa", "swa_count", "optimizer", "scheduler", "timestep_sampler", "rng"):
+        assert_same_tensors(once[key], twice[key])
+    # The log has each step once, and the same losses.
+    with open(tmp_path / "once/samples/pets/loss.csv") as f1, open(tmp_path / "twice/samples/pets/loss.csv") as f2:
+        rows1, rows2 = list(csv.DictReader(f1)), list(csv.DictReader(f2))
+    assert [r["step"] for r in rows2] == [str(s) for s in range(1, 8)]
+    assert [r["loss"] for r in rows1] == [r["loss"] for r in rows2]
+
+
+def test_keep_last_rotates_numbered_checkpoints_and_swa_is_the_mean_of_the_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "5", "--save_every", "1",
+               "--sample_every", "0", "--keep_last", "3", "--swa_start", "2", "--lr", "1e-3")
+    names = sorted(os.listdir("checkpoints"))
+    assert names == ["pets.pt", "pets_ema.pt", "pets_ema_step0000003.pt", "pets_ema_step0000004.pt",
+                     "pets_ema_step0000005.pt", "pets_step0000003.pt", "pets_step0000004.pt", "pets_step0000005.pt"]
+    assert os.path.samefile("checkpoints/pets.pt", "checkpoints/pets_step0000005.pt")  # the names: the newest
+    assert os.path.samefile("checkpoints/pets_ema.pt", "checkpoints/pets_ema_step0000005.pt")
+
+    # SWA averages the weights after steps 3, 4, 5 (those after --swa_start 2): their plain mean.
+    raw = [load(f"checkpoints/pets_step000000{s}.pt")["model"] for s in (3, 4, 5)]
+    final = load("checkpoints/pets_ema.pt")
+    assert final["swa_count"] == 3
+    for key, value in final["swa"].items():
+        assert torch.allclose(value, sum(r[key] for r in raw) / 3, atol=1e-6), key
+    assert not torch.equal(final["swa"]["output.2.weight"], final["ema"]["output.2.weight"])
+
+
+def start_training(folder, *flags):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, flags)], cwd=folder, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_9_at_random_moments_loses_only_the_steps_since_the_last_save(tmp_path):
+    """kill -9 gives no chance to save; every name must still hold a complete checkpoint, each time."""
+    make_image_folder(tmp_path / "pets")
+    flags = ["--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "1000", "--save_every", "1",
+             "--sample_every", "0", "--keep_last", "2"]
+    rng = random.Random(0)
+    last_step = 0
+    for round in range(3):
+        process = start_training(tmp_path, *flags, *(["--resume"] if round else []))
+        deadline = time.time() + 60
+        while time.time() < deadline:  # until this process has saved a step of its own
+            try:
+                if load(tmp_path / "checkpoints/pets.pt")["step"] > last_step:
+                    break
+            except (FileNotFoundError, RuntimeError, EOFError):
+                pass
+            time.sleep(0.05)
+        else:
+            process.kill()
+            raise AssertionError("no checkpoint appeared: " + process.stderr.read()[-2000:])
+        time.sleep(rng.uniform(0.0, 0.4))  # mid-step or mid-write, wherever it falls
+        process.kill()
+        process.wait()
+        full, ema = load(tmp_path / "checkpoints/pets.pt"), load(tmp_path / "checkpoints/pets_ema.pt")
+        assert full["step"] > last_step and ema["step"] >= full["step"] - 1
+        last_step = full["step"]
+    end = last_step + 2  # --max_steps may change on resume (it steers the run)
+    result = run_script("train.py", *flags, "--resume", "--max_steps", end, cwd=tmp_path)
+    assert f"resuming at step {last_step}" in result.stdout
+    assert load(tmp_path / "checkpoints/pets.pt")["step"] == end
+    names = os.listdir(tmp_path / "checkpoints")
+    assert not [n for n in names if ".tmp" in n]  # what the kills left half-written is gone
+    assert sorted(names) == ["pets.pt", "pets_ema.pt", f"pets_ema_step{end - 1:07d}.pt", f"pets_ema_step{end:07d}.pt",
+                             f"pets_step{end - 1:07d}.pt", f"pets_step{end:07d}.pt"]
+    with open(tmp_path / "samples/pets/loss.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, end + 1))  # each step logged once
+
+
+def test_non_finite_losses_skip_the_step_then_stop_the_run_without_saving(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    real = train.to_model_range
+    calls = {"n": 0}
+
+    def poisoned_on(bad_calls):
+        def to_model_range(images):
+            calls["n"] += 1
+            x = real(images)
+            return x * float("nan") if calls["n"] in bad_calls else x
+        return to_model_range
+
+    # Steps 2 and 3 see NaN images (as an fp16 overflow would): skipped, with a warning; training goes on.
+    monkeypatch.setattr(train, "to_model_range", poisoned_on({2, 3}))
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "5", "--sample_every", "0")
+    out = capsys.readouterr().out
+    assert out.count("warning: step") == 2 and "step skipped, weights unchanged" in out
+    state = load("checkpoints/pets.pt")
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["optimizer"]["state"][0]["step"].item() == 3  # AdamW stepped 3 times, not 5
+
+    # Every step from the 7th on is NaN: the run stops after 5 in a row (at step 11), naming the t values.
+    # Its checkpoints (every 5 steps) hold only finite weights: those of step 6, the last good update.
+    calls["n"] = 0
+    monkeypatch.setattr(train, "to_model_range", poisoned_on(set(range(7, 100))))
+    with pytest.raises(UsageError, match=r"step 11: .*not finite .*t of the non-finite images here: \[\d+.*5 steps in a row"):
+        train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "20", "--save_every", "5",
+                   "--sample_every", "0", "--run_name", "diverging")
+    state = load("checkpoints/diverging.pt")
+    assert state["step"] == 10 and state["optimizer"]["state"][0]["step"].item() == 6
+    assert all(torch.isfinite(v).all() for v in [*state["model"].values(), *state["ema"].values()])
+
+
+def test_unwritable_checkpoint_folder_fails_at_start(tmp_path, image_folder):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS,
+                        "--checkpoint_dir", "a_file/checkpoints", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--checkpoint_dir a_file/checkpoints", "cannot write there")
+
+
+def test_too_little_disk_space_fails_at_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda path: type("usage", (), {"free": 10 * 2**20})())
+    with pytest.raises(UsageError, match=r"--checkpoint_dir checkpoints: only 10 MB free.*need about \d+ MB"):
+        train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--base_channels", "128")
+    assert not os.path.exists("samples/pets/loss.csv")  # nothing started
+
+
+def test_bf16_autocast_keeps_weights_ema_and_optimizer_state_in_fp32(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "2", "--sample_every", "0",
+               "--amp", "bf16", "--swa_start", "0")
+    state = load("checkpoints/pets.pt")
+    tensors = [*state["model"].values(), *state["ema"].values(), *state["swa"].values()]
+    tensors += [v for s in state["optimizer"]["state"].values() for k, v in s.items() if k != "step"]
+    assert tensors and all(v.dtype == torch.float32 for v in tensors)
+    assert state["config"]["amp"] == "bf16"
+
+
+def test_grad_checkpointing_and_channels_last_train_the_same_weights(tmp_path, monkeypatch):
+    """Recomputing activations changes memory, not arithmetic: bit-identical weights (dropout included,
+    torch's checkpoint replays its random masks). channels_last reorders memory: equal up to rounding."""
+    make_image_folder(tmp_path / "pets")
+    monkeypatch.chdir(tmp_path)
+    results = {}
+    for switch in ("", "--grad_checkpointing", "--channels_last"):
+        name = switch.strip("-") or "plain"
+        train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "3", "--sample_every", "0",
+                   "--run_name", name, *([switch] if switch else []))
+        results[name] = load(f"checkpoints/{name}.pt")["model"]
+    assert_same_tensors(results["plain"], results["grad_checkpointing"])
+    # Adam moves each weight by about lr per step whatever the gradient's size, so a rounding-level
+    # difference in a near-zero gradient (the zero-initialised layers) can flip a step's sign: up to
+    # 2 x lr per step apart. The losses, which see every weight at once, agree closely.
+    for key, value in results["plain"].items():
+        assert torch.allclose(value, results["channels_last"][key], atol=3 * 2 * 2e-4 + 1e-6), key
+    losses = {}
+    for name in ("plain", "channels_last"):
+        with open(f"samples/{name}/loss.csv") as f:
+            losses[name] = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert losses["plain"] == pytest.approx(losses["channels_last"], rel=1e-4)
+
+
+def test_compile_falls_back_with_a_note_where_it_cannot_compile(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this platform")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0", "--compile")
+    out = capsys.readouterr().out
+    assert "note: --compile is unavailable here (RuntimeError: Dynamo is not supported" in out
+    assert load("checkpoints/pets.pt")["step"] == 1
+
+
+def test_tensorboard_flag_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(UsageError, match="--tensorboard: the tensorboard package is not installed; pip install"):
+        train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--tensorboard")
+
+
+def test_tensorboard_logs_the_losses_per_noise_level(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")  # an optional extra, not in requirements.txt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "3", "--sample_every", "3",
+               "--sample_steps", "2", "--tensorboard")
+    events = EventAccumulator("samples/pets/tensorboard")
+    events.Reload()
+    assert {"loss", "loss_t0_4", "loss_t15_19", "train/lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert events.Tags()["images"] == ["samples"]
