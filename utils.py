@@ -58,17 +58,36 @@ def pick_device(name="auto"):
         raise UsageError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
 
 
+def reset_peak_memory(device):
+    """Start peak_memory_mb's count afresh (train.py does so when training begins, so that loading the
+    data does not count). On Linux, writing 5 to /proc/self/clear_refs resets the process's peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux: the count runs from the process's start
+        pass
+
+
 def peak_memory_mb(device):
-    """The most memory this run has held so far, in MiB: tensors allocated on a CUDA device, or else
-    the whole process's peak resident memory (on CPU the tensors live there, beside Python itself)."""
+    """The most memory this run has held since reset_peak_memory, in MiB: tensors allocated on a CUDA
+    device, or else the whole process's peak resident memory (on CPU the tensors live there, beside
+    Python and torch themselves)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:  # Linux: VmHWM, the peak resident set, in kB
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration, ValueError):
+        pass
     try:
         import resource
     except ImportError:  # Windows
         return float("nan")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
 
 
 def seed_everything(seed):
@@ -248,18 +267,23 @@ def make_shapes_dataset(num_images=10000, image_size=32, seed=0):
     labels = rng.integers(0, len(SHAPE_NAMES), n)
     cy, cx = rng.uniform(0.3, 0.7, (2, n, 1, 1)) * s          # centres [N x 1 x 1]
     radius = rng.uniform(0.15, 0.3, (n, 1, 1)) * s             # half-size of each shape
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5       # pixel centres [S x S]
-    dy, dx = yy[None] - cy, xx[None] - cx                      # offsets [N x S x S]
-    masks = np.stack([
-        dx ** 2 + dy ** 2 <= radius ** 2,                                           # circle
-        np.maximum(abs(dx), abs(dy)) <= radius * 0.85,                              # square
-        (dy <= radius * 0.8) & (abs(dx) * 1.7 <= dy + radius),                      # triangle (apex up)
-        abs(np.sqrt(dx ** 2 + dy ** 2) - radius * 0.8) <= radius * 0.25,            # ring
-    ])[labels, np.arange(n)]                                   # pick each image's shape: [N x S x S]
     colour = rng.uniform(0.35, 1.0, (n, 3, 1, 1))
-    background = rng.uniform(0.0, 0.25, (n, 3, 1, 1)) * (0.6 + 0.4 * yy[None, None] / s)
-    images = np.where(masks[:, None], colour, background)
-    images = torch.from_numpy((images * 255).round().astype(np.uint8))
+    background_level = rng.uniform(0.0, 0.25, (n, 3, 1, 1))
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5       # pixel centres [S x S]
+    images = torch.empty(n, 3, s, s, dtype=torch.uint8)
+    for start in range(0, n, 500):  # in chunks: the float64 temporaries of all N at once take gigabytes
+        part = slice(start, start + 500)
+        dy, dx = yy[None] - cy[part], xx[None] - cx[part]      # offsets [n x S x S]
+        r = radius[part]
+        masks = np.stack([
+            dx ** 2 + dy ** 2 <= r ** 2,                                            # circle
+            np.maximum(abs(dx), abs(dy)) <= r * 0.85,                               # square
+            (dy <= r * 0.8) & (abs(dx) * 1.7 <= dy + r),                            # triangle (apex up)
+            abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) <= r * 0.25,                  # ring
+        ])[labels[part], np.arange(len(r))]                    # pick each image's shape: [n x S x S]
+        background = background_level[part] * (0.6 + 0.4 * yy[None, None] / s)
+        chunk = np.where(masks[:, None], colour[part], background)
+        images[part] = torch.from_numpy((chunk * 255).round().astype(np.uint8))
     return images, torch.from_numpy(labels), list(SHAPE_NAMES)
 
 

@@ -99,3 +99,16 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(str(path))["step"] == 1
     assert os.listdir(tmp_path) == ["run.pt"]  # the partial temporary file was removed
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resetting the peak needs Linux")
+def test_peak_memory_counts_from_the_last_reset():
+    from utils import peak_memory_mb, reset_peak_memory
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    before = peak_memory_mb(cpu)
+    block = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched
+    assert peak_memory_mb(cpu) >= before + 190
+    del block
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < before + 100  # the freed block no longer counts
