@@ -60,8 +60,8 @@ from model import (build_classifier, build_model, count_parameters, resolve_clas
                    resolve_model_config)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    from_model_range, link_checkpoint, load_builtin_dataset, load_checkpoint, load_weights,
-                   peak_memory_mb, pick_device, plot_loss, remove_stale_temporaries, save_checkpoint, save_grid,
-                   seed_everything, to_model_range)
+                   peak_memory_mb, pick_device, plot_loss, remove_stale_temporaries, reset_peak_memory, save_checkpoint,
+                   save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -845,6 +845,7 @@ def main(argv=None):
 
     signals = StopSignals()
     model.train()
+    reset_peak_memory(device)  # loss.csv's peak_memory_mb: the training's, not the data loading's
     bar = tqdm(total=args.max_steps, initial=step, desc=run_name, dynamic_ncols=True, disable=rank != 0)
     skipped_in_a_row, stop = 0, False
     try:

@@ -277,3 +277,18 @@ def test_tensorboard_logs_the_losses_per_noise_level(tmp_path, monkeypatch):
     assert {"loss", "loss_t0_4", "loss_t15_19", "train/lr"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
     assert events.Tags()["images"] == ["samples"]
+
+
+def test_checkpoints_from_before_exact_resume_still_resume(tmp_path, monkeypatch, capsys):
+    """Older checkpoints saved one RNG state, no shared generator, and --amp as true/false."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "2", "--sample_every", "0")
+    state = load("checkpoints/pets.pt")
+    state["rng"] = dict(torch=state["rng"]["torch"][0], cuda=[])
+    state["config"]["amp"] = False
+    torch.save(state, "checkpoints/pets.pt")
+    train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "3")
+    assert "saved by an older train.py" in capsys.readouterr().out
+    resumed = load("checkpoints/pets.pt")
+    assert resumed["step"] == 3 and resumed["config"]["amp"] == "off"
