@@ -902,7 +902,7 @@ def main(argv=None):
         signals.restore()
     if writer is not None:
         writer.close()
-    if stop:
+    if stop and step < args.max_steps:
         say(f"\ninterrupted at step {step}: saved {full_path} and {ema_path}; continue with --resume")
         sys.exit(130)
     use = {"diffusion": f"python sample.py --ckpt {ema_path}",
