@@ -1,7 +1,12 @@
 """Shared test helpers. Tests make their own tiny data; none reads a real dataset."""
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +50,46 @@ def make_image_folder(root, classes=("cat", "dog"), per_class=6, seed=0):
     return root
 
 
-def run_script(script, *args, cwd, timeout=180, check=True):
-    """Run train.py / sample.py as a user would, in cwd, and return the CompletedProcess."""
+def run_script(script, *args, cwd, timeout=180, check=True, in_process=False):
+    """Run train.py / sample.py as a user would, in cwd, and return the CompletedProcess.
+    in_process: run the script's __main__ block in this process instead (runpy), with the same
+    stdout, stderr and exit code a subprocess would give, minus the seconds of importing torch anew;
+    the error-message tests use it."""
+    if in_process:
+        return run_in_process(script, args, cwd, check)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def run_in_process(script, args, cwd, check):
+    argv, folder = sys.argv, os.getcwd()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        sys.argv = [str(ROOT / script), *map(str, args)]
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                runpy.run_path(str(ROOT / script), run_name="__main__")
+            except SystemExit as stop:  # what the interpreter would make of sys.exit(...)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+                    code = 1
+                else:
+                    code = stop.code or 0
+            except Exception:  # an uncaught exception: a traceback, as the interpreter prints it
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+    finally:
+        sys.argv = argv
+        os.chdir(folder)
+    result = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} failed ({code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
 
 

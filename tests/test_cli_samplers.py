@@ -83,7 +83,7 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     loose.mkdir()
     Image.new("RGB", (16, 16)).save(loose / "x.png")
     result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--invert", loose / "x.png",
-                        cwd=tmp_path, check=False)
+                        cwd=tmp_path, check=False, in_process=True)
     assert_one_line_error(result, "--invert", "not one of its classes")
 
 
@@ -103,7 +103,7 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
         run_script("train.py", "--dataset_path", improved_run[1], *TINY_TRAIN_FLAGS, "--max_steps", "1",
                    "--sample_every", "0", cwd=tmp_path)
         ckpt = tmp_path / "checkpoints" / "pets_ema.pt"
-    result = run_script("sample.py", "--ckpt", ckpt, *flags, cwd=tmp_path, check=False)
+    result = run_script("sample.py", "--ckpt", ckpt, *flags, cwd=tmp_path, check=False, in_process=True)
     assert_one_line_error(result, *fragments)
 
 
@@ -114,5 +114,5 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
 ])
 def test_bad_training_combinations_are_one_line_errors(tmp_path, image_folder, flags, fragments):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, *flags, cwd=tmp_path,
-                        check=False)
+                        check=False, in_process=True)
     assert_one_line_error(result, *fragments)

@@ -84,7 +84,7 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
         ("pets_ema", "ddim", "20"), ("again", "real", "0"), ("again", "ddim", "2"), ("again", "ddim", "20")]
     assert all(float(r["fd"]) >= -1e-6 and r["num_samples"] == "8" for r in rows)
     assert plot_path.is_file() and (root / "grids" / "pets_ema_ddim_20.png").is_file()
-    result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False)
+    result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False, in_process=True)
     assert_one_line_error(result, "--steps [21]")
 
 
@@ -97,5 +97,5 @@ def test_nll_tool_reports_bits_per_dim(trained):
     assert 0 < bits < 20 and "over 3 images" in line
     assert "t=0: " in result.stdout and "prior L_T" in result.stdout
     result = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path",
-                        root / "checkpoints", cwd=root, check=False)
+                        root / "checkpoints", cwd=root, check=False, in_process=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr

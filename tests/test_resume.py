@@ -194,7 +194,7 @@ def test_non_finite_losses_skip_the_step_then_stop_the_run_without_saving(tmp_pa
 def test_unwritable_checkpoint_folder_fails_at_start(tmp_path, image_folder):
     (tmp_path / "a_file").write_text("not a folder")
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS,
-                        "--checkpoint_dir", "a_file/checkpoints", cwd=tmp_path, check=False)
+                        "--checkpoint_dir", "a_file/checkpoints", cwd=tmp_path, check=False, in_process=True)
     assert_one_line_error(result, "--checkpoint_dir a_file/checkpoints", "cannot write there")
 
 
