@@ -99,3 +99,15 @@ def test_nll_tool_reports_bits_per_dim(trained):
     result = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path",
                         root / "checkpoints", cwd=root, check=False, in_process=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_memory_benchmark_reports_peak_memory_and_speed_per_setting(tmp_path):
+    result = run_script("tools/memory_benchmark.py", "--image_size", "16", "--base_channels", "8", "--channel_mults",
+                        "1", "2", "--num_res_blocks", "1", "--batch_size", "4", "--steps", "2", "--device", "cpu",
+                        "--settings", "baseline", "grad_checkpointing", "--csv", tmp_path / "memory.csv", cwd=tmp_path,
+                        in_process=True)
+    with open(tmp_path / "memory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["setting"] for r in rows] == ["baseline", "grad_checkpointing"]
+    assert all(float(r["peak_memory_mb"]) > 0 and float(r["images_per_s"]) > 0 and r["device"] == "cpu" for r in rows)
+    assert "grad_checkpointing" in result.stdout

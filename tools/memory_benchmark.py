@@ -28,8 +28,8 @@ from utils import append_csv_rows  # noqa: E402
 FIELDS = ["setting", "peak_memory_mb", "images_per_s", "image_size", "base_channels", "batch_size", "device",
           "seconds"]
 SETTINGS = [("baseline", []), ("grad_checkpointing", ["--grad_checkpointing"]),
-            ("channels_last", ["--channels_last"]), ("amp bf16", ["--amp", "bf16"]),
-            ("grad_checkpointing + amp bf16", ["--grad_checkpointing", "--amp", "bf16"])]
+            ("channels_last", ["--channels_last"]), ("bf16", ["--amp", "bf16"]),
+            ("grad_checkpointing+bf16", ["--grad_checkpointing", "--amp", "bf16"])]
 
 
 def parse_args(argv=None):
@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="also time --compile (slow to start, on CPU minutes)")
     p.add_argument("--fp16", action="store_true", help="also time --amp fp16 (CUDA only)")
+    p.add_argument("--settings", nargs="+", default=None, choices=[name for name, _ in SETTINGS],
+                   help="only these of the settings (default: all)")
+    p.add_argument("--num_res_blocks", type=int, default=2)
     p.add_argument("--csv", default=None, help="append the rows to this CSV")
     return p.parse_args(argv)
 
@@ -51,7 +54,8 @@ def run_setting(args, flags, folder):
     """train.py for args.steps steps with these flags -> (peak MiB, images/s, device, seconds)."""
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "shapes", "--image_size",
                str(args.image_size), "--base_channels", str(args.base_channels), "--channel_mults",
-               *map(str, args.channel_mults), "--batch_size", str(args.batch_size), "--max_steps", str(args.steps),
+               *map(str, args.channel_mults), "--num_res_blocks", str(args.num_res_blocks),
+               "--batch_size", str(args.batch_size), "--max_steps", str(args.steps),
                "--save_every", str(10 ** 9), "--sample_every", "0", "--device", args.device,
                "--checkpoint_dir", os.path.join(folder, "checkpoints"), "--sample_dir", os.path.join(folder, "samples"),
                *flags]
@@ -71,8 +75,9 @@ def run_setting(args, flags, folder):
 
 def main(argv=None):
     args = parse_args(argv)
-    settings = SETTINGS + ([("compile", ["--compile"])] if args.compile else []) + (
-        [("amp fp16", ["--amp", "fp16"])] if args.fp16 else [])
+    settings = [(name, flags) for name, flags in SETTINGS if args.settings is None or name in args.settings]
+    settings += ([("compile", ["--compile"])] if args.compile else []) + (
+        [("fp16", ["--amp", "fp16"])] if args.fp16 else [])
     rows = []
     print(f"{args.image_size}x{args.image_size}, base {args.base_channels}, mults {args.channel_mults}, "
           f"batch {args.batch_size}, {args.steps} steps per setting")
