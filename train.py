@@ -59,7 +59,7 @@ from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
                    resolve_model_config)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
-                   from_model_range, link_checkpoint, load_builtin_dataset, load_checkpoint, load_weights,
+                   from_model_range, link_checkpoint, load_builtin_dataset, load_checkpoint, load_npz_dataset, load_weights,
                    peak_memory_mb, pick_device, plot_loss, remove_stale_temporaries, reset_peak_memory, save_checkpoint,
                    save_grid, seed_everything, to_model_range)
 
@@ -85,15 +85,16 @@ def parse_args(argv=None):
                    help="what to train: a diffusion model; a noisy-image classifier for classifier guidance; "
                    "a super-resolution model; an image-to-image model (cascade.py)")
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_path", default=None, help="folder of images; images in class subfolders "
-                      "become labels, images directly inside mean unconditional")
+    data.add_argument("--dataset_path", default=None, help="folder of images (images in class subfolders "
+                      "become labels, images directly inside mean unconditional), or an MNIST-style .npz file "
+                      "with x_train and y_train arrays")
     data.add_argument("--dataset", default=None, choices=BUILTIN_DATASETS, help="built-in dataset when no "
                       "--dataset_path: 'shapes' is generated offline; the others download via torchvision")
     data.add_argument("--image_size", type=int, default=32, help="images are resized and centre-cropped to this")
     data.add_argument("--channels", type=int, default=None, choices=(1, 3),
                       help="1 = grayscale, 3 = RGB; default: 3 if any image in the folder has colour")
     data.add_argument("--hflip", default="auto", choices=("auto", "on", "off"),
-                      help="random horizontal flips; auto = on except for digits (mnist, fashion_mnist)")
+                      help="random horizontal flips; auto = on except for digits (data named like mnist)")
     data.add_argument("--num_workers", type=int, default=None,
                       help="data-loading processes; default 0 on CPU (the model needs both cores), 4 on GPU")
 
@@ -233,6 +234,8 @@ def check_args(args):
 def load_dataset(args):
     if args.task == "image_to_image":
         return PairedImageDataset(args.dataset_path, args.cond_path, args.image_size, args.channels)
+    if args.dataset_path and args.dataset_path.endswith(".npz"):  # MNIST-style arrays, x_train / y_train
+        return load_npz_dataset(args.dataset_path, args.image_size, args.channels)
     if args.dataset_path:
         return ImageFolderDataset(args.dataset_path, args.image_size, args.channels)
     dataset = load_builtin_dataset(args.dataset or "shapes", args.image_size)
@@ -512,8 +515,9 @@ def start_log(log_path, fields, resumed_step):
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    run_name = args.run_name or ((os.path.basename(os.path.normpath(args.dataset_path)) if args.dataset_path
-                                  else args.dataset or "shapes") + RUN_SUFFIX[args.task])
+    data_name = (os.path.basename(os.path.normpath(args.dataset_path)).removesuffix(".npz") if args.dataset_path
+                 else args.dataset or "shapes")
+    run_name = args.run_name or data_name + RUN_SUFFIX[args.task]
     full_path = os.path.join(args.checkpoint_dir, f"{run_name}.pt")
     ema_path = os.path.join(args.checkpoint_dir, f"{run_name}_ema.pt")
 
@@ -556,7 +560,8 @@ def main(argv=None):
         raise UsageError(f"--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
-    hflip = args.hflip == "on" or (args.hflip == "auto" and args.dataset not in ("mnist", "fashion_mnist"))
+    # Flipped digits are not digits: auto leaves flips off for anything named like MNIST.
+    hflip = args.hflip == "on" or (args.hflip == "auto" and "mnist" not in data_name.lower())
     if len(dataset) // world_size < args.batch_size:
         per_process = len(dataset) // world_size
         if per_process < 1:
@@ -642,7 +647,7 @@ def main(argv=None):
     config["conditioning"] = conditioning_settings(args)
     config["world_size"] = world_size  # for the record; --batch_size is per process
     say(f"run {run_name}: {len(dataset)} images ({dataset.channels}-channel, {args.image_size}x{args.image_size}), "
-        f"{len(class_names) or 'no'} classes, device {device}"
+        f"{len(class_names) or 'no'} classes, {'random flips' if hflip else 'no flips'}, device {device}"
         f"{f', {world_size} processes' if world_size > 1 else ''}{', resuming at step ' + str(step) if resumed else ''}")
     say(diffusion.describe())
     say(f"model: {count_parameters(model) / 1e6:.2f} M parameters, {model_config}")

@@ -1,8 +1,9 @@
 """
 utils.py: the plumbing every other file leans on, and nothing about diffusion.
 
-    images and datasets   ImageFolderDataset (your own pictures), make_shapes_dataset (the
-                          offline built-in), load_builtin_dataset (torchvision: mnist, ...)
+    images and datasets   ImageFolderDataset (your own pictures), load_npz_dataset (MNIST-style
+                          .npz files), make_shapes_dataset (the offline built-in),
+                          load_builtin_dataset (torchvision: mnist, ...)
     checkpoints           save_checkpoint (atomic: temp file + rename), load_checkpoint
                           (weights_only=True, with one-line errors), link_checkpoint (the
                           newest of several), check_output_folder (writable, room to spare)
@@ -301,6 +302,46 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def to_image_size(images, image_size):
+    """uint8 images [N x H x W] or [N x H x W x C] (as NumPy and torchvision keep them) -> uint8
+    [N x C x S x S]: 28x28 digits padded to 32 first (so the UNet can halve them 3 times, as usual),
+    then resized (bilinear, antialiased) when S differs."""
+    images = torch.as_tensor(np.asarray(images))
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> [N x C x H x W]
+    if images.shape[-1] == 28:  # MNIST-style digits
+        images = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    if images.shape[-1] != image_size or images.shape[-2] != image_size:
+        images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+        images = images.round().clamp(0, 255).to(torch.uint8)
+    return images.contiguous()
+
+
+def load_npz_dataset(path, image_size, channels=None, split="train"):
+    """An MNIST-style .npz file (uint8 x_train [N x H x W] or [N x H x W x C], integer y_train [N]) as a
+    TensorImageDataset at image_size. The labels' distinct values, sorted, become the class names.
+    channels 1 or 3 converts (ITU-R 601 luma for colour to grey; grey repeated for RGB)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--dataset_path {path}: no such file; pass an .npz with x_{split} and y_{split} arrays")
+    try:
+        with np.load(path) as data:
+            images, labels = data[f"x_{split}"], data[f"y_{split}"]
+    except (KeyError, ValueError, OSError) as error:
+        raise UsageError(f"--dataset_path {path}: cannot read arrays x_{split} and y_{split} ({error})") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels) or len(images) == 0:
+        raise UsageError(f"--dataset_path {path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, got "
+                         f"{images.dtype} {images.shape} and {labels.shape}")
+    values, indices = np.unique(labels, return_inverse=True)  # any label values -> 0 .. K-1
+    images = to_image_size(images, image_size)
+    if channels == 1 and images.shape[1] == 3:
+        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    elif channels == 3 and images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1).contiguous()
+    return TensorImageDataset(images, torch.as_tensor(indices.reshape(-1), dtype=torch.long),
+                              [str(v) for v in values.tolist()])
+
+
 def load_builtin_dataset(name, image_size, root="data", seed=0):
     """'shapes' is generated here; 'mnist', 'fashion_mnist', 'cifar10' come from torchvision and
     download into root/ the first time (only when you name them). Returns a TensorImageDataset
@@ -317,15 +358,8 @@ def load_builtin_dataset(name, image_size, root="data", seed=0):
     except Exception as error:  # no network, a proxy, a half-written file: all end the same way
         raise UsageError(f"--dataset {name}: could not download it into {os.path.join(root, name)} ({error}); "
                          "connect to the internet once, or use --dataset_path with a folder of images") from None
-    images = torch.as_tensor(np.asarray(data.data))
-    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)  # -> [N x C x H x W]
-    if images.shape[-1] == 28:  # MNIST-style digits: pad to 32 so the UNet can halve it 3 times
-        images = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    if images.shape[-1] != image_size:
-        images = torch.nn.functional.interpolate(images.float(), size=(image_size, image_size), mode="bilinear",
-                                                 antialias=True, align_corners=False)
-        images = images.round().clamp(0, 255).to(torch.uint8)
-    return TensorImageDataset(images, torch.as_tensor(np.asarray(data.targets)), list(data.classes))
+    return TensorImageDataset(to_image_size(data.data, image_size), torch.as_tensor(np.asarray(data.targets)),
+                              list(data.classes))
 
 
 # ---------------------------------------------------------------------------------------------

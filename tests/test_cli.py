@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -197,3 +198,19 @@ def test_resume_after_the_dataset_changed_names_what_changed(tmp_path, image_fol
     result = run_script("train.py", "--dataset_path", image_folder, "--resume", "--max_steps", "2",
                         cwd=tmp_path, check=False, in_process=True)
     assert_one_line_error(result, "num_classes=2", "num_classes=3")
+
+
+def test_train_reads_an_mnist_style_npz_file(tmp_path):
+    """x_train [N x 28 x 28] uint8 and y_train: padded to 32x32, one class per label value, no flips for
+    anything named like MNIST; the run is named after the file."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tiny_mnist.npz", x_train=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
+             y_train=np.array([7, 5] * 5))
+    result = run_script("train.py", "--dataset_path", "tiny_mnist.npz", *TINY_TRAIN_FLAGS, "--image_size", "32",
+                        "--max_steps", "1", "--sample_every", "0", cwd=tmp_path, in_process=True)
+    assert "run tiny_mnist: 10 images (1-channel, 32x32), 2 classes, no flips" in result.stdout
+    ema = torch.load(tmp_path / "checkpoints" / "tiny_mnist_ema.pt", weights_only=True)
+    assert ema["class_names"] == ["5", "7"] and ema["model_config"]["in_channels"] == 1
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8), dtype=np.uint8))
+    assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False,
+                                     in_process=True), "--dataset_path bad.npz", "x_train and y_train")

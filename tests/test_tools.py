@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
@@ -245,18 +246,30 @@ def test_clean_bad_input_is_one_line_error(tmp_path, data):
     assert not (data / "rej").exists()
 
 
-# --------------------------------------------------------------------------- export_npz.py
+# --------------------------------------------------------------------------- export_dataset.py
 
 
 def test_export_npz_writes_one_folder_per_label(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (5, 6, 7), dtype=np.uint8)
     np.savez(tmp_path / "digits.npz", x_train=x, y_train=np.array([3, 1, 3, 0, 1]))
-    result = run_tool("export_npz.py", tmp_path / "digits.npz", tmp_path / "out")
+    result = run_tool("export_dataset.py", tmp_path / "digits.npz", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0", "1", "3"]
     assert sorted(p.name for p in (tmp_path / "out" / "3").iterdir()) == ["0.png", "2.png"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "3" / "2.png")), x[2])  # lossless
-    again = run_tool("export_npz.py", tmp_path / "digits.npz", tmp_path / "out")
+    again = run_tool("export_dataset.py", tmp_path / "digits.npz", tmp_path / "out")
     assert_one_line_error(again, "not empty")
-    assert_one_line_error(run_tool("export_npz.py", tmp_path / "none.npz", tmp_path / "o2"), "no such file")
+    assert_one_line_error(run_tool("export_dataset.py", tmp_path / "none.npz", tmp_path / "o2"), "no such file")
+
+
+def test_export_a_builtin_dataset_as_the_folder_train_py_reads(tmp_path):
+    from utils import ImageFolderDataset, make_shapes_dataset
+    result = run_tool("export_dataset.py", "shapes", tmp_path / "shapes", "--image_size", "16", "--limit", "40")
+    assert result.returncode == 0, result.stderr
+    folder = ImageFolderDataset(str(tmp_path / "shapes"), 16)
+    images, labels, names = make_shapes_dataset(image_size=16)
+    assert folder.class_names == sorted(names) and len(folder) == 40
+    # Image 0 lands in its class's folder, losslessly.
+    first = [i for i, (path, _) in enumerate(folder.samples) if path.endswith(f"{names[labels[0]]}/00.png")]
+    assert len(first) == 1 and torch.equal(folder[first[0]][0], images[0])

@@ -4,7 +4,7 @@ download, no Inception network): its 64 penultimate features give a dataset-spec
 (the FID recipe of Heusel et al. 2017 with this network in place of Inception), and its predictions give
 the class accuracy of class-conditional samples, the usual protocol on MNIST-like data.
 
-    python tools/export_npz.py ../shared/data/mnist.npz data/mnist_test --split test
+    python tools/export_dataset.py ../shared/data/mnist.npz data/mnist_test --split test
     python tools/classifier.py --train_path data/mnist --test_path data/mnist_test --out checkpoints/mnist_classifier.pt
 
 The checkpoint stores the weights, its configuration, the class names, the seed and the accuracy on the
