@@ -24,6 +24,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
 
 
 class UsageError(Exception):
@@ -129,17 +130,22 @@ def list_images(folder):
     return found
 
 
-def load_image(path, image_size, channels):
-    """Open one image, convert to RGB (channels=3) or L (channels=1), resize its shorter side to
-    image_size and centre-crop to a square. Returns uint8 [C x H x W]."""
-    with Image.open(path) as img:
-        img = img.convert("RGB" if channels == 3 else "L")
-        # ImageOps.fit = resize keeping the aspect ratio so the square is filled, then centre-crop.
-        img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
-        array = np.asarray(img, dtype=np.uint8)
+def fit_image(img, image_size, channels):
+    """A PIL image -> uint8 [C x S x S]: converted to RGB (channels=3) or L (channels=1), its shorter
+    side resized to image_size and centre-cropped to a square. Every image source goes through this."""
+    img = img.convert("RGB" if channels == 3 else "L")
+    # ImageOps.fit = resize keeping the aspect ratio so the square is filled, then centre-crop.
+    img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)  # [H x W x C] -> [C x H x W]
+
+
+def load_image(path, image_size, channels):
+    """Open one image file -> uint8 [C x S x S] (fit_image)."""
+    with Image.open(path) as img:
+        return fit_image(img, image_size, channels)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -320,7 +326,9 @@ def to_image_size(images, image_size):
 def load_npz_dataset(path, image_size, channels=None, split="train"):
     """An MNIST-style .npz file (uint8 x_train [N x H x W] or [N x H x W x C], integer y_train [N]) as a
     TensorImageDataset at image_size. The labels' distinct values, sorted, become the class names.
-    channels 1 or 3 converts (ITU-R 601 luma for colour to grey; grey repeated for RGB)."""
+    Each image is resized exactly as an image file would be (fit_image), so training on the .npz and
+    on its export to PNGs (tools/export_dataset.py) sees the same pixels, and a reference folder
+    exported from it matches the training data (tools/evaluate.py)."""
     if not os.path.isfile(path):
         raise UsageError(f"--dataset_path {path}: no such file; pass an .npz with x_{split} and y_{split} arrays")
     try:
@@ -332,12 +340,10 @@ def load_npz_dataset(path, image_size, channels=None, split="train"):
         raise UsageError(f"--dataset_path {path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, got "
                          f"{images.dtype} {images.shape} and {labels.shape}")
     values, indices = np.unique(labels, return_inverse=True)  # any label values -> 0 .. K-1
-    images = to_image_size(images, image_size)
-    if channels == 1 and images.shape[1] == 3:
-        weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        images = (images.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-    elif channels == 3 and images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1).contiguous()
+    channels = channels or (3 if images.ndim == 4 and images.shape[-1] == 3 else 1)
+    images = torch.stack([fit_image(Image.fromarray(image.squeeze()), image_size, channels)
+                          for image in tqdm(images, desc=f"reading {os.path.basename(path)}", leave=False,
+                                            disable=len(images) < 5000)])
     return TensorImageDataset(images, torch.as_tensor(indices.reshape(-1), dtype=torch.long),
                               [str(v) for v in values.tolist()])
 

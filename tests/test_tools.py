@@ -258,6 +258,14 @@ def test_export_npz_writes_one_folder_per_label(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0", "1", "3"]
     assert sorted(p.name for p in (tmp_path / "out" / "3").iterdir()) == ["0.png", "2.png"]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "3" / "2.png")), x[2])  # lossless
+    # Training on the .npz and on its export reads the same pixels, whatever the size asked for.
+    from utils import ImageFolderDataset, load_npz_dataset
+    from_npz, from_folder = load_npz_dataset(str(tmp_path / "digits.npz"), 8), ImageFolderDataset(str(tmp_path / "out"), 8)
+    assert from_npz.class_names == from_folder.class_names == ["0", "1", "3"]
+    for path, label in from_folder.samples:
+        index = int(path.rsplit("/", 1)[1].split(".")[0])
+        assert torch.equal(from_folder[from_folder.samples.index((path, label))][0], from_npz[index][0])
+        assert from_npz[index][1] == label
     again = run_tool("export_dataset.py", tmp_path / "digits.npz", tmp_path / "out")
     assert_one_line_error(again, "not empty")
     assert_one_line_error(run_tool("export_dataset.py", tmp_path / "none.npz", tmp_path / "o2"), "no such file")
