@@ -1,0 +1,167 @@
+"""tools/evaluate.py: the sample-quality metrics' defining properties (KID unbiased, IS between 1 and K,
+precision and recall on constructed modes, FD zero for a set against itself), then the script end to end
+on tiny folders."""
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, assert_one_line_error, make_image_folder, run_script
+
+sys.path.insert(0, str(ROOT / "tools"))
+from classifier import build_classifier  # noqa: E402
+from evaluate import (classifier_extractor, evaluate, inception_score, kernel_inception_distance,  # noqa: E402
+                      mmd2_unbiased, polynomial_kernel, precision_recall)
+
+
+def test_kid_is_unbiased_for_equal_distributions_and_positive_for_shifted_ones():
+    # Two independent draws of 30 features from the same 8-d Gaussian, 400 times: the unbiased MMD^2
+    # averages to 0 (single estimates are negative about half the time); the biased V-statistic, which
+    # keeps the diagonal k(x_i, x_i), does not.
+    g = torch.Generator().manual_seed(0)
+    same, biased, shifted = [], [], []
+    for _ in range(400):
+        x, y = torch.randn(30, 8, generator=g).double(), torch.randn(30, 8, generator=g).double()
+        same.append(mmd2_unbiased(x, y))
+        biased.append(float(polynomial_kernel(x, x).mean() + polynomial_kernel(y, y).mean()
+                            - 2 * polynomial_kernel(x, y).mean()))
+        shifted.append(mmd2_unbiased(x, y + 1.0))
+    same, biased, shifted = map(np.array, (same, biased, shifted))
+    standard_error = same.std() / np.sqrt(len(same))
+    assert abs(same.mean()) < 3 * standard_error, (same.mean(), standard_error)
+    assert (same < 0).mean() > 0.3
+    assert biased.mean() > 10 * standard_error
+    assert shifted.mean() > 20 * standard_error and (shifted > 0).all()
+    # Through the subset-averaging wrapper: subsets of at most the smaller set's size, seeded.
+    x, y = torch.randn(40, 8, generator=g), torch.randn(60, 8, generator=g)
+    mean, std, size = kernel_inception_distance(x, y, num_subsets=5, subset_size=1000, seed=1)
+    assert size == 40 and std >= 0 and (mean, std) == kernel_inception_distance(x, y, 5, 1000, seed=1)[:2]
+
+
+def test_inception_score_is_k_for_confident_uniform_predictions_and_1_for_identical_ones():
+    classes = 10
+    confident = 100.0 * torch.nn.functional.one_hot(torch.arange(200) % classes, classes).float()
+    mean, std = inception_score(confident, splits=2)  # each split holds every class equally often
+    assert mean == pytest.approx(classes, rel=1e-9) and std == pytest.approx(0, abs=1e-9)
+    identical = torch.randn(1, classes).repeat(200, 1)  # p(y|x) = p(y): every KL term is 0
+    assert inception_score(identical, splits=4)[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_precision_and_recall_on_identical_sets_and_on_half_of_the_modes():
+    g = torch.Generator().manual_seed(0)
+    centres = 30 * torch.randn(8, 2, generator=g)  # 8 well-separated modes in 2-d
+
+    def draw(modes):
+        return (centres[modes].repeat_interleave(200, 0) + torch.randn(200 * len(modes), 2, generator=g)).double()
+
+    real = draw(range(8))
+    assert precision_recall(real, real, k=3) == (1.0, 1.0)
+    # A fresh draw from every mode: realistic and covering (a few tail points fall outside the k-NN balls).
+    precision, recall = precision_recall(draw(range(8)), real, k=3)
+    assert precision > 0.95 and recall > 0.95, (precision, recall)
+    # Samples from only the first 4 modes: just as realistic, but half of the data is not covered.
+    precision, recall = precision_recall(draw(range(4)), real, k=3)
+    assert precision > 0.95, precision
+    assert 0.45 < recall <= 0.5, recall
+
+
+def test_fd_of_a_set_against_itself_is_zero_and_grows_with_noise():
+    torch.manual_seed(0)
+    extract = classifier_extractor(build_classifier(dict(image_size=16, channels=1, num_classes=3)))
+    images = (torch.rand(200, 1, 16, 16) * 255).to(torch.uint8)
+    itself = evaluate(images, images, extract, kid_subsets=3)
+    assert abs(itself["fd"]) < 1e-6 and itself["precision"] == itself["recall"] == 1.0
+    assert itself["num_samples"] == itself["num_reference"] == 200
+    results = []
+    for noise in (10, 40, 120):
+        noisy = (images.float() + noise * torch.randn_like(images.float())).clamp(0, 255).to(torch.uint8)
+        results.append(evaluate(noisy, images, extract, kid_subsets=3))
+    fds = [r["fd"] for r in results]
+    assert 0 < fds[0] < fds[1] < fds[2], fds
+    assert results[0]["kid_mean"] < results[2]["kid_mean"]
+
+
+def make_flat_folder(root, count, size=16, mode="RGB", seed=1):
+    """Generated images as sample.py --individual_dir writes them: one flat folder of size x size PNGs."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    for i in range(count):
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"sample_{i:05d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 16x16 classifier trained for one epoch on a tiny two-class folder, and a folder of 16x16 'samples'."""
+    root = tmp_path_factory.mktemp("evaluate")
+    reference = make_image_folder(root / "pets", per_class=10)
+    run_script("tools/classifier.py", "--train_path", reference, "--test_path", reference, "--out",
+               root / "classifier.pt", "--image_size", "16", "--epochs", "1", "--batch_size", "8", "--device", "cpu",
+               cwd=root, in_process=True)
+    return root, reference, make_flat_folder(root / "samples", 12)
+
+
+def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny):
+    root, reference, samples = tiny
+    args = ["--samples", samples, "--reference", reference, "--classifier", root / "classifier.pt",
+            "--cache_dir", root / "cache", "--num_reference", "15", "--device", "cpu"]
+    first = run_script("tools/evaluate.py", *args, "--json", root / "results.json", "--csv", root / "results.csv",
+                       cwd=root, in_process=True)
+    assert "reference features cached in" in first.stdout and "from cache" not in first.stdout
+    assert "12 samples" in first.stdout and "15 reference" in first.stdout and "| 12 | 15 |" in first.stdout
+    with open(root / "results.json") as f:
+        result = json.load(f)
+    assert result["num_samples"] == 12 and result["num_reference"] == 15 and result["feature_dim"] == 64
+    assert result["features"] == "classifier" and result["samples"] == str(samples)
+    for key in ("fd", "kid_mean", "kid_std", "is_mean", "is_std", "precision", "recall"):
+        assert np.isfinite(result[key]), key
+    # Two classes: the classifier score lies between 1 and 2.
+    assert result["fd"] > -1e-6 and 1 - 1e-6 <= result["is_mean"] <= 2 + 1e-6 and 0 <= result["precision"] <= 1
+    assert result["kid_subset_size"] == 12 and result["is_splits"] == 1
+
+    second = run_script("tools/evaluate.py", *args, "--num_samples", "8", "--csv", root / "results.csv",
+                        cwd=root, in_process=True)
+    assert f"reference features from cache {result['reference_cache']}" in second.stdout
+    assert "8 samples" in second.stdout
+    with open(root / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["num_samples"], r["num_reference"]) for r in rows] == [("12", "15"), ("8", "15")]
+    assert float(rows[0]["fd"]) == pytest.approx(result["fd"], rel=1e-4)
+    third = run_script("tools/evaluate.py", *args, "--no_cache", cwd=root, in_process=True)
+    assert "cache" not in third.stdout
+
+
+def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeypatch):
+    root, reference, samples = tiny
+    classifier = root / "classifier.pt"
+
+    def run(*args):
+        return run_script("tools/evaluate.py", *args, "--device", "cpu", "--no_cache", cwd=tmp_path, check=False,
+                          in_process=True)
+
+    assert_one_line_error(run("--samples", tmp_path / "nowhere", "--reference", reference, "--classifier",
+                              classifier), "--samples", "no such folder")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run("--samples", samples, "--reference", tmp_path / "empty", "--classifier", classifier),
+                          "--reference", "no image files")
+    assert_one_line_error(run("--samples", samples, "--reference", reference, "--classifier", tmp_path / "no.pt"),
+                          "--classifier", "no such file")
+    big = make_flat_folder(tmp_path / "big", 4, size=24)
+    assert_one_line_error(run("--samples", big, "--reference", reference, "--classifier", classifier),
+                          "--samples", "24x24", "16x16")
+    gray = make_flat_folder(tmp_path / "gray", 4, mode="L")
+    assert_one_line_error(run("--samples", gray, "--reference", reference, "--classifier", classifier),
+                          "--samples", "grayscale", "colour")
+    # Inception: never downloaded; with an empty hub cache, say where the file goes.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    assert_one_line_error(run("--samples", samples, "--reference", reference, "--classifier", classifier,
+                              "--features", "inception"), "inception_v3_google-0cc3c7bd.pth",
+                          str(tmp_path / "torch_home" / "hub" / "checkpoints"), "--inception_weights")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "pt_inception.pth")
+    assert_one_line_error(run("--samples", samples, "--reference", reference, "--features", "inception",
+                              "--inception_weights", tmp_path / "pt_inception.pth"), "not supported yet")

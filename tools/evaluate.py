@@ -1,0 +1,475 @@
+"""
+Sample-quality metrics: a folder of generated images scored against a folder of real ones.
+
+    python tools/evaluate.py --samples samples/cars_individual --reference data/cars_test \
+        --classifier checkpoints/cars_classifier.pt
+    python tools/evaluate.py --samples samples/x --reference data/mnist_test \
+        --classifier checkpoints/mnist_classifier.pt --json results.json
+
+Four numbers, each computed from features of the images (one function each below):
+
+    FD / FID   Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule ...", the Frechet
+               distance between Gaussians fitted to the two feature sets (lower is better)
+    KID        Binkowski et al. 2018, "Demystifying MMD GANs", eq. 4: the unbiased MMD^2 with the
+               cubic polynomial kernel, averaged over random subsets (lower is better; can be < 0)
+    IS         Salimans et al. 2016, "Improved Techniques for Training GANs", Sec. 4:
+               exp(E_x KL(p(y|x) || p(y))) from the network's class probabilities (higher is better)
+    P / R      Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
+               Generative Models", eq. 1-2: the fraction of samples inside the k-NN manifold of the
+               real features (precision) and of real features inside the samples' (recall)
+
+../shared/PAPERS.md does not cover these four papers: their equation and section numbers here are
+recalled, not checked against the printed papers.
+
+The features come from one of two networks:
+
+    --features classifier (default)  the small offline classifier of tools/classifier.py: its 64
+        penultimate features and its logits. The "FD" is the FID recipe with this network in place of
+        Inception, and "IS" is the classifier score (at most the number of classes). Numbers are
+        comparable only between runs with the same classifier and the same image counts.
+    --features inception  torchvision's inception_v3 with Inception_V3_Weights.IMAGENET1K_V1: the
+        2048 pool features of images resized to 299x299 (bilinear), and its 1000 ImageNet logits.
+        These are torchvision's Inception weights, NOT the TensorFlow Inception of the FID and IS
+        papers, so the numbers are not comparable with published FIDs or Inception Scores. The
+        weights are never downloaded: they must already be in torch's hub cache
+        (torch.hub.get_dir()/checkpoints/inception_v3_google-0cc3c7bd.pth) or be given with
+        --inception_weights. pytorch-fid's FID Inception weight file (pt_inception-2015-12-05-*.pth)
+        is not supported yet.
+
+All four are biased by the number of images (FD and IS strongly, KID not at all), so compare numbers
+only at equal counts; every printed line says how many images it used. The reference features are
+cached (--cache_dir, default beside the classifier) and reused when the same folder, network, count
+and seed come back; --no_cache recomputes them.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
+from utils import (UsageError, append_csv_rows, list_images, pick_device, save_checkpoint,  # noqa: E402
+                   seed_everything)
+
+INCEPTION_NOTE = ("torchvision's Inception weights, not the TensorFlow Inception of the FID papers: "
+                  "not comparable with published FID/IS")
+CSV_FIELDS = ["samples", "reference", "features", "num_samples", "num_reference", "fd", "kid_mean", "kid_std",
+              "is_mean", "is_std", "precision", "recall", "k", "seed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics: features in, numbers out
+# ---------------------------------------------------------------------------------------------
+
+def fid_from_features(sample_features, reference_mu, reference_sigma):
+    """Frechet distance (Heusel et al. 2017, the FID formula, their eq. 6) between a Gaussian fitted to
+    sample_features [N x D] and the reference Gaussian N(mu, sigma):
+        d^2 = |mu_s - mu_r|^2 + Tr(sigma_s + sigma_r - 2 (sigma_s sigma_r)^(1/2)).
+    classifier.py's frechet_distance computes it (without SciPy, through sqrtm_psd)."""
+    mu, sigma = feature_statistics(sample_features)
+    return frechet_distance(mu, sigma, reference_mu, reference_sigma)
+
+
+def polynomial_kernel(x, y):
+    """k(x, y) = (x . y / d + 1)^3 for rows x [N x d] and y [M x d] -> [N x M] (Binkowski et al. 2018,
+    Sec. 4: the kernel of KID, chosen so that no parameters need tuning)."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def mmd2_unbiased(x, y):
+    """The unbiased estimate of the squared MMD (Gretton et al. 2012, Lemma 6; Binkowski et al. 2018, eq. 4)
+    between samples x [m x d] and y [n x d]:
+        MMD^2_u = 1/(m(m-1)) sum_{i != j} k(x_i, x_j) + 1/(n(n-1)) sum_{i != j} k(y_i, y_j)
+                  - 2/(mn) sum_{i, j} k(x_i, y_j).
+    The diagonals k(x_i, x_i) are left out, which is what makes it unbiased: its expectation is the
+    true MMD^2, 0 for equal distributions, so single estimates can be negative."""
+    m, n = len(x), len(y)
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    term_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
+    term_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (n * (n - 1))
+    return float(term_xx + term_yy - 2 * k_xy.mean())
+
+
+def kernel_inception_distance(sample_features, reference_features, num_subsets=10, subset_size=1000, seed=0):
+    """KID (Binkowski et al. 2018, "Demystifying MMD GANs", Sec. 4): mmd2_unbiased with the cubic polynomial
+    kernel, on num_subsets random subsets of up to subset_size images from each set (drawn without
+    replacement, seeded). Returns (mean, std over the subsets, the subset size used)."""
+    x, y = sample_features.double(), reference_features.double()
+    m = min(subset_size, len(x), len(y))
+    if m < 2:
+        raise UsageError("KID needs at least 2 sample and 2 reference images")
+    generator = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(num_subsets):
+        values.append(mmd2_unbiased(x[torch.randperm(len(x), generator=generator)[:m]],
+                                    y[torch.randperm(len(y), generator=generator)[:m]]))
+    values = np.array(values)
+    return float(values.mean()), float(values.std()), m
+
+
+def inception_score(logits, splits=10):
+    """Inception Score (Salimans et al. 2016, Sec. 4): exp(E_x KL(p(y|x) || p(y))), with p(y) the mean of
+    p(y|x) over the images of one split. High when each image is confidently one class (low entropy of
+    p(y|x)) and the classes are used evenly (high entropy of p(y)); it lies between 1 and the number of
+    classes. Computed on `splits` equal parts of the images, as in the paper's code.
+    logits [N x K] -> (mean, std over the splits)."""
+    log_p_yx = F.log_softmax(logits.double(), dim=1)
+    scores = []
+    for part in torch.tensor_split(log_p_yx, splits):
+        # log p(y) = log mean_x p(y|x), computed stably from the log-probabilities.
+        log_p_y = torch.logsumexp(part, dim=0) - math.log(len(part))
+        kl = (part.exp() * (part - log_p_y)).sum(dim=1)  # KL(p(y|x) || p(y)) per image
+        scores.append(math.exp(kl.mean().item()))
+    scores = np.array(scores)
+    return float(scores.mean()), float(scores.std())
+
+
+def splits_for(num_images, requested=10, min_per_split=50):
+    """The paper's 10 splits need many images; fewer splits, with at least min_per_split images each, when few."""
+    return max(1, min(requested, num_images // min_per_split))
+
+
+def knn_radii(features, k=3, chunk=1024):
+    """Distance from each feature [N x D] to its k-th nearest neighbour in the same set, itself excluded
+    (Kynkaanniemi et al. 2019, Sec. 2: the radius of the hypersphere around each point whose union
+    estimates the manifold). torch.cdist in chunks of rows, so N x N is never held at once."""
+    if len(features) <= k:
+        raise UsageError(f"precision/recall with k={k} needs more than {k} images in each set")
+    radii = []
+    for start in range(0, len(features), chunk):
+        distances = torch.cdist(features[start:start + chunk], features)
+        radii.append(distances.kthvalue(k + 1, dim=1).values)  # the k+1-th smallest: the 1st is the point itself
+    return torch.cat(radii)
+
+
+def inside_manifold(queries, support, radii, chunk=1024):
+    """f(phi, Phi) of Kynkaanniemi et al. 2019, eq. 1: 1 for each query that lies within the k-NN radius of
+    at least one support feature, else 0. queries [N x D], support [M x D], radii [M] -> bool [N]."""
+    inside = []
+    for start in range(0, len(queries), chunk):
+        distances = torch.cdist(queries[start:start + chunk], support)
+        inside.append((distances <= radii[None, :]).any(dim=1))
+    return torch.cat(inside)
+
+
+def precision_recall(sample_features, reference_features, k=3):
+    """Improved precision and recall (Kynkaanniemi et al. 2019, eq. 2):
+        precision = mean over samples of f(sample, reference manifold)   (are the samples realistic?)
+        recall    = mean over reference of f(real, sample manifold)      (is all of the data covered?)
+    with each manifold the union of k-NN balls (knn_radii). Returns (precision, recall)."""
+    fake, real = sample_features.double(), reference_features.double()
+    precision = inside_manifold(fake, real, knn_radii(real, k)).double().mean().item()
+    recall = inside_manifold(real, fake, knn_radii(fake, k)).double().mean().item()
+    return precision, recall
+
+
+def compute_metrics(sample_features, sample_logits, reference_features, reference_mu=None, reference_sigma=None,
+                    k=3, kid_subsets=10, kid_subset_size=1000, is_splits=10, seed=0):
+    """Every metric above for one set of sample features [N x D] (and logits [N x K]) against reference
+    features [M x D]. reference_mu/sigma: the reference statistics when already known (the cache).
+    Returns a dict of plain numbers."""
+    if reference_mu is None:
+        reference_mu, reference_sigma = feature_statistics(reference_features)
+    kid_mean, kid_std, kid_size = kernel_inception_distance(sample_features, reference_features, kid_subsets,
+                                                            kid_subset_size, seed)
+    splits = splits_for(len(sample_logits), is_splits)
+    is_mean, is_std = inception_score(sample_logits, splits)
+    precision, recall = precision_recall(sample_features, reference_features, k)
+    return dict(num_samples=len(sample_features), num_reference=len(reference_features),
+                fd=fid_from_features(sample_features, np.asarray(reference_mu), np.asarray(reference_sigma)),
+                kid_mean=kid_mean, kid_std=kid_std, kid_subsets=kid_subsets, kid_subset_size=kid_size,
+                is_mean=is_mean, is_std=is_std, is_splits=splits, precision=precision, recall=recall, k=k)
+
+
+def evaluate(sample_images, reference_images, extract, **options):
+    """uint8 images [N x C x S x S] and [M x C x S x S] -> compute_metrics' dict, with features from
+    extract(images) -> (features, logits). options go to compute_metrics."""
+    sample_features, sample_logits = extract(sample_images)
+    reference_features, _ = extract(reference_images)
+    return compute_metrics(sample_features, sample_logits, reference_features, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# The feature extractors: uint8 images in, (features float64 [N x D], logits [N x K]) out
+# ---------------------------------------------------------------------------------------------
+
+def classifier_extractor(classifier, device="cpu", batch_size=256):
+    """The offline classifier's 64 penultimate features and its logits (classifier.features_and_logits),
+    batch by batch under a progress bar."""
+    def extract(images_uint8, desc="features"):
+        feats, logits = [], []
+        for start in tqdm(range(0, len(images_uint8), batch_size), desc=desc, leave=False):
+            f, l = features_and_logits(classifier, images_uint8[start:start + batch_size], batch_size, device)
+            feats.append(f)
+            logits.append(l)
+        return torch.cat(feats), torch.cat(logits)
+    return extract
+
+
+def inception_weights_path(given=None):
+    """Where torchvision's IMAGENET1K_V1 Inception weights are on disk, without downloading: the file given,
+    or the one torchvision would have cached in torch.hub.get_dir()/checkpoints/. UsageError if neither."""
+    from torchvision.models import Inception_V3_Weights
+    if given:
+        if not os.path.isfile(given):
+            raise UsageError(f"--inception_weights {given}: no such file")
+        return given
+    filename = os.path.basename(Inception_V3_Weights.IMAGENET1K_V1.url)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.isfile(cached):
+        raise UsageError(f"--features inception: torchvision's Inception weights are not on disk and are never "
+                         f"downloaded here; put {filename} (from {Inception_V3_Weights.IMAGENET1K_V1.url}) at "
+                         f"{cached} or pass --inception_weights PATH")
+    return cached
+
+
+def load_inception(path):
+    """torchvision's inception_v3 with the IMAGENET1K_V1 weights read from path (weights_only=True), built as
+    torchvision builds it for those weights (transform_input=True, aux_logits=True), strictly loaded."""
+    from torchvision.models import inception_v3
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UsageError(f"--inception_weights {path}: not a weight file torch can read ({type(error).__name__})") from None
+    if not isinstance(state, dict) or tuple(getattr(state.get("fc.weight"), "shape", ())) != (1000, 2048):
+        raise UsageError(f"--inception_weights {path}: not torchvision's inception_v3 IMAGENET1K_V1 weights "
+                         "(pytorch-fid's FID Inception file is not supported yet)")
+    model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UsageError(f"--inception_weights {path}: its keys do not match torchvision's inception_v3") from None
+    return model.eval()
+
+
+def inception_extractor(model, device="cpu", batch_size=50):
+    """Inception's 2048 pool features (the input of its last linear layer, as in FID) and its 1000 logits.
+    Images are resized to 299x299 (bilinear), scaled to [0, 1] and normalised with ImageNet's mean and std,
+    as torchvision expects (transform_input=True then maps them to the [-1, 1] scaling the ported weights
+    were trained with); grayscale images are repeated to 3 channels."""
+    model = model.to(device)
+    fc, model.fc = model.fc, torch.nn.Identity()  # the network now ends at the pool features
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def extract(images_uint8, desc="features"):
+        feats, logits = [], []
+        for start in tqdm(range(0, len(images_uint8), batch_size), desc=desc, leave=False):
+            x = images_uint8[start:start + batch_size].to(device).float() / 255
+            x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            f = model((x - mean) / std)
+            feats.append(f.double().cpu())
+            logits.append(fc(f).cpu())
+        return torch.cat(feats), torch.cat(logits)
+    return extract
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="FD/FID, KID, IS and precision/recall of generated images.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--samples", required=True, help="folder of generated images (class subfolders allowed)")
+    p.add_argument("--reference", required=True, help="folder of real images, e.g. a held-out test split")
+    p.add_argument("--classifier", default=None, help="checkpoint of tools/classifier.py (required unless "
+                   "--features inception); it fixes the image size and channels")
+    p.add_argument("--features", default="classifier", choices=("classifier", "inception"))
+    p.add_argument("--inception_weights", default=None, help="torchvision's inception_v3_google-0cc3c7bd.pth; "
+                   "default: torch's hub cache. Never downloaded.")
+    p.add_argument("--num_samples", type=int, default=0, help="random samples to score (0 = all)")
+    p.add_argument("--num_reference", type=int, default=10000, help="random reference images (0 = all)")
+    p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
+    p.add_argument("--kid_subsets", type=int, default=10)
+    p.add_argument("--kid_subset_size", type=int, default=1000)
+    p.add_argument("--is_splits", type=int, default=10, help="fewer are used when there are < 50 images per split")
+    p.add_argument("--cache_dir", default=None, help="where reference features are cached; default: beside "
+                   "the classifier (or ./checkpoints)")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write the reference cache")
+    p.add_argument("--json", default=None, help="write every number here")
+    p.add_argument("--csv", default=None, help="append one row here")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="seed for the random subsets")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def check_folder(path, flag):
+    """A missing or image-less folder -> a one-line error before anything is loaded."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: no such folder")
+    files = list_images(path)
+    if not files:
+        raise UsageError(f"{flag} {path}: no image files in it (or in its subfolders)")
+    return files
+
+
+def check_sample_sizes(files, image_size, source):
+    """The samples must already have the size the features are computed at; resizing generated images
+    would change the numbers being measured."""
+    for path in files:
+        with Image.open(path) as img:
+            if img.size != (image_size, image_size):
+                raise UsageError(f"--samples: {path} is {img.size[0]}x{img.size[1]}, but {source} works at "
+                                 f"{image_size}x{image_size}; use a classifier trained at the samples' size")
+
+
+def load_images(path, flag, image_size, channels, limit, seed):
+    """load_folder with our flag names; channels=None learns them from the images, and a mismatch with the
+    network's channels is an error (a colour classifier on grayscale images, or the reverse)."""
+    images, _, _ = load_folder(path, image_size, None, limit, seed=seed, flag=flag)
+    if channels is not None and images.shape[1] != channels:
+        kind = {1: "grayscale", 3: "colour"}
+        raise UsageError(f"{flag} {path}: {kind[images.shape[1]]} images ({images.shape[1]} channel(s)), but the "
+                         f"classifier was trained on {kind[channels]} images ({channels})")
+    return images
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:12]
+
+
+def cache_path(args, extractor_name, image_size):
+    """<cache_dir>/<reference folder>-<hash of its full path>_<extractor>_<count>_seed<seed>_<size>px.pt"""
+    folder = args.cache_dir or (os.path.dirname(os.path.abspath(args.classifier)) if args.classifier
+                                else "checkpoints")
+    reference = os.path.abspath(args.reference)
+    where = hashlib.sha1(reference.encode()).hexdigest()[:8]
+    name = (f"{os.path.basename(os.path.normpath(reference))}-{where}_{extractor_name}_"
+            f"{args.num_reference or 'all'}_seed{args.seed}_{image_size}px.pt")
+    return os.path.join(folder, name)
+
+
+def folder_fingerprint(files):
+    """Changes when files are added, removed or rewritten: their count, total size and newest mtime."""
+    stats = [os.stat(f) for f in files]
+    return f"{len(stats)}-{sum(s.st_size for s in stats)}-{max(s.st_mtime_ns for s in stats)}"
+
+
+def reference_features(args, extract, extractor_key, image_size, channels, files):
+    """The reference features and their (mu, sigma), from the cache when it matches, else computed and cached."""
+    key = dict(extractor=extractor_key, reference=os.path.abspath(args.reference), folder=folder_fingerprint(files),
+               num_reference=args.num_reference, seed=args.seed, image_size=image_size)
+    path = None if args.no_cache else cache_path(args, extractor_key.split(":")[0], image_size)
+    if path and os.path.isfile(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("key") == key:
+                print(f"reference features from cache {path}")
+                return state["features"], state["mu"].numpy(), state["sigma"].numpy(), path
+        except Exception:  # a damaged or foreign file: recompute and overwrite it
+            pass
+    images = load_images(args.reference, "--reference", image_size, channels, args.num_reference, args.seed)
+    features, _ = extract(images, desc="reference features")
+    mu, sigma = feature_statistics(features)
+    if path:
+        save_checkpoint(dict(key=key, features=features, mu=torch.from_numpy(mu), sigma=torch.from_numpy(sigma)),
+                        path)
+        print(f"reference features cached in {path}")
+    return features, mu, sigma, path
+
+
+def summary_table(result):
+    """A Markdown table of the numbers, each row with the image counts it used."""
+    n, m = result["num_samples"], result["num_reference"]
+    inception = result["features"] == "inception"
+    rows = [("FID" if inception else "FD (FID recipe, classifier features)", f"{result['fd']:.4g}", "lower"),
+            (f"KID ({result['kid_subsets']} subsets of {result['kid_subset_size']})",
+             f"{result['kid_mean']:.4g} +- {result['kid_std']:.2g}", "lower"),
+            (("Inception Score" if inception else "classifier score (IS recipe)") + f" ({result['is_splits']} split{'s' if result['is_splits'] > 1 else ''})",
+             f"{result['is_mean']:.3f} +- {result['is_std']:.3f}", "higher"),
+            (f"precision (k={result['k']})", f"{result['precision']:.4f}", "higher"),
+            (f"recall (k={result['k']})", f"{result['recall']:.4f}", "higher")]
+    lines = ["| metric | value | better | samples | reference |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {value} | {better} | {n} | {m} |" for name, value, better in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.num_samples < 0 or args.num_reference < 0 or args.k < 1 or args.kid_subsets < 1 \
+            or args.kid_subset_size < 2 or args.is_splits < 1 or args.batch_size < 1:
+        raise UsageError("--num_samples/--num_reference must be >= 0, --k, --kid_subsets, --is_splits and "
+                         "--batch_size >= 1, --kid_subset_size >= 2")
+    sample_files = check_folder(args.samples, "--samples")
+    reference_files = check_folder(args.reference, "--reference")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+
+    image_size = channels = None
+    if args.classifier:
+        if not os.path.isfile(args.classifier):
+            raise UsageError(f"--classifier {args.classifier}: no such file; train one with tools/classifier.py")
+        try:
+            classifier, classifier_state = load_classifier(args.classifier)
+        except UsageError as error:
+            raise UsageError(str(error).replace("--ckpt", "--classifier", 1)) from None
+        image_size, channels = classifier_state["config"]["image_size"], classifier_state["config"]["channels"]
+        check_sample_sizes(sample_files, image_size, f"--classifier {args.classifier}")
+    elif args.features == "classifier":
+        raise UsageError("--classifier is required with --features classifier (train one with tools/classifier.py)")
+    else:  # Inception alone: both folders at the samples' own size, then to 299 alike
+        with Image.open(sample_files[0]) as img:
+            image_size = img.size[0]
+        check_sample_sizes(sample_files, image_size, "the first sample")
+
+    if args.features == "inception":
+        weights = inception_weights_path(args.inception_weights)
+        extract = inception_extractor(load_inception(weights), device)
+        extractor_key, extractor_text = f"inception:{os.path.basename(weights)}", f"inception_v3 ({weights})"
+        channels = None  # Inception takes either; repeats grayscale to 3 channels
+        print(f"features: {INCEPTION_NOTE}")
+    else:
+        extract = classifier_extractor(classifier.to(device), device, args.batch_size)
+        extractor_key = f"classifier:{file_digest(args.classifier)}"
+        extractor_text = (f"the offline classifier {args.classifier} (test accuracy "
+                          f"{classifier_state['test_accuracy']:.4f}), 64 features")
+
+    ref_features, ref_mu, ref_sigma, cache = reference_features(args, extract, extractor_key, image_size, channels,
+                                                                reference_files)
+    samples = load_images(args.samples, "--samples", image_size, channels, args.num_samples, args.seed)
+    sample_features, sample_logits = extract(samples, desc="sample features")
+    metrics = compute_metrics(sample_features, sample_logits, ref_features, ref_mu, ref_sigma, k=args.k,
+                              kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                              is_splits=args.is_splits, seed=args.seed)
+    result = dict(samples=args.samples, reference=args.reference, features=args.features,
+                  extractor=extractor_text, classifier=args.classifier,
+                  inception_weights=weights if args.features == "inception" else None,
+                  feature_dim=int(sample_features.shape[1]), image_size=image_size, seed=args.seed,
+                  reference_cache=cache, **metrics)
+    if args.features == "inception":
+        result["note"] = INCEPTION_NOTE
+
+    print(f"{metrics['num_samples']} samples from {args.samples} against {metrics['num_reference']} reference "
+          f"images from {args.reference}; features: {extractor_text}")
+    print(summary_table(result))
+    if args.features == "inception":
+        print(f"note: {INCEPTION_NOTE}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"results: {args.json}")
+    if args.csv:
+        append_csv_rows(args.csv, CSV_FIELDS, [{field: result[field] for field in CSV_FIELDS}])
+        print(f"row appended to {args.csv}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")
