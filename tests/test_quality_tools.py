@@ -111,3 +111,20 @@ def test_memory_benchmark_reports_peak_memory_and_speed_per_setting(tmp_path):
     assert [r["setting"] for r in rows] == ["baseline", "grad_checkpointing"]
     assert all(float(r["peak_memory_mb"]) > 0 and float(r["images_per_s"]) > 0 and r["device"] == "cpu" for r in rows)
     assert "grad_checkpointing" in result.stdout
+
+
+def test_benchmark_counts_flops_and_writes_its_json(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from benchmark import count_flops
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    # a 3x3 convolution: 2 FLOPs per multiply-add, Cin x k x k multiply-adds per output value
+    assert count_flops(lambda: conv(torch.zeros(1, 3, 16, 16))) == 2 * 3 * 9 * 8 * 16 * 16
+    run_script("tools/benchmark.py", "--image_size", "8", "--base_channels", "8", "--channel_mults", "1", "2",
+               "--num_res_blocks", "1", "--batch_size", "2", "--train_steps", "1", "--steps", "2", "--timesteps", "20",
+               "--device", "cpu", "--json", tmp_path / "bench.json", cwd=tmp_path, in_process=True)
+    import json
+    with open(tmp_path / "bench.json") as f:
+        result = json.load(f)
+    assert result["train_gflops_per_image"] > 2 * result["forward_gflops_per_image"] > 0  # backward ~ 2x forward
+    assert result["train_images_per_s"] > 0 and result["achieved_train_gflop_per_s"] > 0
+    assert [(r["sampler"], r["steps"]) for r in result["sampling"]] == [("ddpm", 2), ("ddim", 2)]
