@@ -165,3 +165,22 @@ def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeyp
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "pt_inception.pth")
     assert_one_line_error(run("--samples", samples, "--reference", reference, "--features", "inception",
                               "--inception_weights", tmp_path / "pt_inception.pth"), "not supported yet")
+
+
+def test_class_accuracy_reads_the_class_from_sample_py_file_names(tmp_path):
+    """sample.py names files sample_<i>_<class>.png; a stand-in classifier that calls dark images 'cat'
+    and bright ones 'dog' reads 3 of these 4 as named (the bright 'cat' is the miss)."""
+    from evaluate import class_accuracy
+    files = []
+    for i, (name, value) in enumerate([("cat", 0), ("dog", 255), ("dog", 250), ("cat", 255)]):
+        files.append(str(tmp_path / f"sample_{i:05d}_{name}.png"))
+        Image.new("L", (8, 8), value).save(files[-1])
+
+    def brightness_classifier(images, desc=None):
+        brightness = images.float().mean(dim=(1, 2, 3))
+        return None, torch.stack([128 - brightness, brightness - 128], dim=1)  # logits for [cat, dog]
+
+    assert class_accuracy(files, ["cat", "dog"], brightness_classifier, 8, 1) == (0.75, 4)
+    assert class_accuracy(files, ["bird", "dog"], brightness_classifier, 8, 1) is None  # 'cat' unknown
+    Image.new("L", (8, 8), 0).save(tmp_path / "sample_00009.png")  # an unconditional sample
+    assert class_accuracy(files + [str(tmp_path / "sample_00009.png")], ["cat", "dog"], brightness_classifier, 8, 1) is None

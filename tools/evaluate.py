@@ -46,6 +46,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -56,13 +57,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
-from utils import (UsageError, append_csv_rows, list_images, pick_device, save_checkpoint,  # noqa: E402
+from utils import (UsageError, append_csv_rows, list_images, load_image, pick_device, save_checkpoint,  # noqa: E402
                    seed_everything)
 
 INCEPTION_NOTE = ("torchvision's Inception weights, not the TensorFlow Inception of the FID papers: "
                   "not comparable with published FID/IS")
 CSV_FIELDS = ["samples", "reference", "features", "num_samples", "num_reference", "fd", "kid_mean", "kid_std",
-              "is_mean", "is_std", "precision", "recall", "k", "seed"]
+              "is_mean", "is_std", "precision", "recall", "class_accuracy", "k", "seed"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +382,25 @@ def reference_features(args, extract, extractor_key, image_size, channels, files
     return features, mu, sigma, path
 
 
+def class_accuracy(files, class_names, extract, image_size, channels, limit=0, seed=0):
+    """The usual protocol for class-conditional samples on MNIST-like data: the fraction the classifier
+    reads as the class they were drawn for. sample.py --individual_dir names each file
+    sample_<index>_<class name>.png; files without a known class name make this None (an
+    unconditional model, or classes the classifier does not know). Returns (accuracy, count) or None."""
+    labels = []
+    for path in files:
+        match = re.fullmatch(r"sample_\d+_(.+)\.png", os.path.basename(path))
+        if not match or match.group(1) not in class_names:
+            return None
+        labels.append(class_names.index(match.group(1)))
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
+    order = order[:limit] if limit else order
+    images = torch.stack([load_image(files[i], image_size, channels) for i in order.tolist()])
+    _, logits = extract(images, desc="class accuracy")
+    predicted = logits.argmax(dim=1)
+    return (predicted == torch.tensor(labels)[order]).double().mean().item(), len(order)
+
+
 def summary_table(result):
     """A Markdown table of the numbers, each row with the image counts it used."""
     n, m = result["num_samples"], result["num_reference"]
@@ -392,6 +412,8 @@ def summary_table(result):
              f"{result['is_mean']:.3f} +- {result['is_std']:.3f}", "higher"),
             (f"precision (k={result['k']})", f"{result['precision']:.4f}", "higher"),
             (f"recall (k={result['k']})", f"{result['recall']:.4f}", "higher")]
+    if result.get("class_accuracy") is not None:
+        rows.append(("class accuracy (the class in each file name)", f"{result['class_accuracy']:.4f}", "higher"))
     lines = ["| metric | value | better | samples | reference |", "|---|---|---|---|---|"]
     lines += [f"| {name} | {value} | {better} | {n} | {m} |" for name, value, better in rows]
     return "\n".join(lines)
@@ -444,6 +466,11 @@ def main(argv=None):
     metrics = compute_metrics(sample_features, sample_logits, ref_features, ref_mu, ref_sigma, k=args.k,
                               kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                               is_splits=args.is_splits, seed=args.seed)
+    accuracy = None
+    if args.features == "classifier":
+        accuracy = class_accuracy(sample_files, classifier_state["class_names"], extract, image_size, channels,
+                                  args.num_samples, args.seed)
+    metrics["class_accuracy"] = accuracy[0] if accuracy else None
     result = dict(samples=args.samples, reference=args.reference, features=args.features,
                   extractor=extractor_text, classifier=args.classifier,
                   inception_weights=weights if args.features == "inception" else None,
