@@ -323,22 +323,29 @@ def to_image_size(images, image_size):
     return images.contiguous()
 
 
+def read_npz_arrays(path, split="train", flag=""):
+    """The arrays x_<split> (uint8 [N x H x W] or [N x H x W x C]) and y_<split> [N] of an MNIST-style .npz
+    file, checked, with one-line errors that start with flag (the option that named the file)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag}{path}: no such file; pass an .npz with x_{split} and y_{split} arrays")
+    try:
+        with np.load(path) as data:
+            images, labels = data[f"x_{split}"], data[f"y_{split}"]
+    except (KeyError, ValueError, OSError) as error:
+        raise UsageError(f"{flag}{path}: cannot read arrays x_{split} and y_{split} ({error})") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels) or len(images) == 0:
+        raise UsageError(f"{flag}{path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, got "
+                         f"{images.dtype} {images.shape} and {labels.shape}")
+    return images, labels
+
+
 def load_npz_dataset(path, image_size, channels=None, split="train"):
     """An MNIST-style .npz file (uint8 x_train [N x H x W] or [N x H x W x C], integer y_train [N]) as a
     TensorImageDataset at image_size. The labels' distinct values, sorted, become the class names.
     Each image is resized exactly as an image file would be (fit_image), so training on the .npz and
     on its export to PNGs (tools/export_dataset.py) sees the same pixels, and a reference folder
     exported from it matches the training data (tools/evaluate.py)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"--dataset_path {path}: no such file; pass an .npz with x_{split} and y_{split} arrays")
-    try:
-        with np.load(path) as data:
-            images, labels = data[f"x_{split}"], data[f"y_{split}"]
-    except (KeyError, ValueError, OSError) as error:
-        raise UsageError(f"--dataset_path {path}: cannot read arrays x_{split} and y_{split} ({error})") from None
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels) or len(images) == 0:
-        raise UsageError(f"--dataset_path {path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, got "
-                         f"{images.dtype} {images.shape} and {labels.shape}")
+    images, labels = read_npz_arrays(path, split, "--dataset_path ")
     values, indices = np.unique(labels, return_inverse=True)  # any label values -> 0 .. K-1
     channels = channels or (3 if images.ndim == 4 and images.shape[-1] == 3 else 1)
     images = torch.stack([fit_image(Image.fromarray(image.squeeze()), image_size, channels)
@@ -483,6 +490,14 @@ def save_gif(frames, path, duration_ms=80, hold_last_ms=1500):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def write_json(path, result):
+    """A tool's results as indented JSON (folders created)."""
+    import json
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 def append_csv_rows(path, fields, rows):

@@ -15,7 +15,6 @@ Algorithm 1 (ddpm.py) with AdamW on random images, as train.py runs it, without 
 Sampling images/s are measured by running each sampler for its step count on one batch.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,8 @@ from ddim import ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model, count_parameters, resolve_model_config  # noqa: E402
-from utils import UsageError, load_checkpoint, peak_memory_mb, pick_device, reset_peak_memory  # noqa: E402
+from utils import (UsageError, load_checkpoint, peak_memory_mb, pick_device, reset_peak_memory,  # noqa: E402
+                   write_json)
 
 
 def parse_args(argv=None):
@@ -158,9 +158,7 @@ def main(argv=None):
     for row in sampling:
         print(f"| {row['sampler']} {row['steps']} steps: images/s | {row['images_per_s']:.2f} |")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"results: {args.json}")
     return result
 

@@ -43,7 +43,6 @@ and seed come back; --no_cache recomputes them.
 """
 import argparse
 import hashlib
-import json
 import math
 import os
 import re
@@ -58,7 +57,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
 from utils import (UsageError, append_csv_rows, list_images, load_image, pick_device, save_checkpoint,  # noqa: E402
-                   seed_everything)
+                   seed_everything, write_json)
 
 INCEPTION_NOTE = ("torchvision's Inception weights, not the TensorFlow Inception of the FID papers: "
                   "not comparable with published FID/IS")
@@ -485,9 +484,7 @@ def main(argv=None):
     if args.features == "inception":
         print(f"note: {INCEPTION_NOTE}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(args.json, result)
         print(f"results: {args.json}")
     if args.csv:
         append_csv_rows(args.csv, CSV_FIELDS, [{field: result[field] for field in CSV_FIELDS}])

@@ -15,28 +15,18 @@ import argparse
 import os
 import sys
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import UsageError, load_builtin_dataset  # noqa: E402
+from utils import UsageError, load_builtin_dataset, read_npz_arrays  # noqa: E402
 
 BUILTIN = ("shapes", "mnist", "fashion_mnist", "cifar10")
 
 
 def read_npz(path, split):
     """(uint8 images [N x H x W (x C)], folder name of each image's class)."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file; pass an .npz with x_{split} and y_{split}, or one of {', '.join(BUILTIN)}")
-    try:
-        with np.load(path) as data:
-            images, labels = data[f"x_{split}"], data[f"y_{split}"]
-    except (KeyError, ValueError, OSError) as error:
-        raise UsageError(f"{path}: cannot read arrays x_{split} and y_{split} ({error})") from None
-    if images.dtype != np.uint8 or len(images) != len(labels) or images.ndim not in (3, 4):
-        raise UsageError(f"{path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, "
-                         f"got {images.dtype} {images.shape} and {labels.shape}")
+    images, labels = read_npz_arrays(path, split)
     return images, [str(label) for label in labels.tolist()]
 
 
