@@ -10,7 +10,7 @@ import torch
 import train
 from conftest import ROOT, TINY_TRAIN_FLAGS, make_image_folder
 
-# Dropout 0: it is the one random stream each process draws for itself (see train.SharedRandomness).
+# Dropout 0: it is the one random stream each process draws for itself (see scaling.SharedRandomness).
 FLAGS = [*TINY_TRAIN_FLAGS, "--dropout", "0", "--accumulation_iters", "2", "--max_steps", "4", "--save_every", "2",
          "--sample_every", "0", "--lr", "1e-3"]
 
