@@ -211,8 +211,6 @@ def check_args(args):
         raise UsageError(f"--swa_start {args.swa_start}: must be a step in 0 .. --max_steps {args.max_steps} - 1")
     if args.keep_last < 0:
         raise UsageError(f"--keep_last {args.keep_last}: must be 0 (only <run>.pt) or more")
-    if args.amp == "fp16" and args.device not in ("auto", "cuda") and not args.device.startswith("cuda"):
-        raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on --device {args.device}")
     if not 0.0 <= args.p_uncond < 1.0:
         raise UsageError(f"--p_uncond {args.p_uncond}: must be in [0, 1) (0.1 is the usual; 1 would never use the labels)")
     if args.dataset_path and args.dataset:

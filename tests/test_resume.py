@@ -219,6 +219,12 @@ def test_bf16_autocast_keeps_weights_ema_and_optimizer_state_in_fp32(tmp_path, m
     assert state["config"]["amp"] == "bf16"
 
 
+def test_fp16_without_cuda_is_a_one_line_error(tmp_path, image_folder):
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--amp", "fp16",
+                        cwd=tmp_path, check=False, in_process=True)
+    assert_one_line_error(result, "--amp fp16 needs a CUDA device", "--amp bf16 on cpu")
+
+
 def test_grad_checkpointing_and_channels_last_train_the_same_weights(tmp_path, monkeypatch):
     """Recomputing activations changes memory, not arithmetic: bit-identical weights (dropout included,
     torch's checkpoint replays its random masks). channels_last reorders memory: equal up to rounding."""
