@@ -25,6 +25,7 @@ Symbols (paper -> code), every tensor of shape [T], float32, indexed by code t:
     x_0 coefficient of mu~_t    posterior_mean_coef1              eq. 7
     x_t coefficient of mu~_t    posterior_mean_coef2              eq. 7
     alpha_bar_t/(1-alpha_bar_t) snr                               signal-to-noise ratio SNR(t) (Min-SNR weighting)
+    eq. 12's weight, clipped    vlb_weights                       per-t weight of --loss vlb_l2 (see there)
 
 Tensor shapes: images x_0, x_t, eps are [B x C x H x W] in [-1, 1] (data scaled as in Sec. 3.3);
 t and labels y are int64 [B].
@@ -43,15 +44,23 @@ from tqdm import tqdm
 from utils import UsageError
 
 SCHEDULES = ("linear", "cosine")
-# Distances for the simple objective (Algorithm 1), and the two objectives built on the variational
-# bound that improved_ddpm.py implements (Improved DDPM eq. 16 'hybrid', and the bound alone, 'kl').
-SIMPLE_LOSSES = ("l2", "l1", "huber")
+# Losses of Algorithm 1: distances between the network's output and its target ('l2' is L_simple,
+# eq. 14), and 'vlb_l2', the squared error weighted per t as in the variational bound (eq. 12) with
+# clipped weights. Then the two objectives built on the bound that improved_ddpm.py implements
+# (Improved DDPM eq. 16 'hybrid', and the bound alone, 'kl').
+SIMPLE_LOSSES = ("l2", "l1", "huber", "vlb_l2")
 VLB_LOSSES = ("hybrid", "kl")
 LOSSES = SIMPLE_LOSSES + VLB_LOSSES
 # sigma_t^2 of the reverse step: beta~_t, beta_t (DDPM Sec. 3.2), or learned (Improved DDPM eq. 15).
 VARIANCES = ("posterior", "beta", "learned")
 # What the network predicts: the noise eps (DDPM), the clean image x_0, or v (Salimans & Ho 2022).
 PREDICTIONS = ("eps", "x0", "v")
+# --loss vlb_l2: eq. 12's weights are divided by their median over t (a typical t weighs 1, as in
+# L_simple, so learning rates carry over) and clipped at this many times the median. Unclipped they run
+# from 0.7 times the median (mid-range t) to infinity at t = 0 (sigma^2 = beta~ is 0 there), and reach
+# 1e5 times the median at the cosine schedule's last step (beta_T = 0.999). The clip touches the first
+# 12 of T = 1000 linear steps, and 42 of the cosine schedule's (both ends).
+VLB_WEIGHT_CLIP = 10.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +137,9 @@ class GaussianDiffusion:
         if loss == "hybrid" and not learn_sigma:
             raise UsageError("--loss hybrid: its L_vlb part trains only the learned variances (Improved DDPM "
                              "eq. 16), so it needs --learn_sigma; without it, use l2 (the same objective)")
+        if loss == "vlb_l2" and (prediction != "eps" or min_snr_gamma):
+            raise UsageError("--loss vlb_l2: eq. 12 weighs the error of a predicted eps; use it with --prediction "
+                             "eps and without --min_snr_gamma (one weighting at a time)")
         if min_snr_gamma < 0:
             raise UsageError(f"--min_snr_gamma {min_snr_gamma}: must be >= 0 (0 = off; the paper uses 5)")
         self.timesteps, self.schedule, self.loss, self.variance = timesteps, schedule, loss, variance
@@ -164,6 +176,15 @@ class GaussianDiffusion:
             # SNR(t) = alpha_bar_t / (1 - alpha_bar_t): signal-to-noise ratio of x_t (Min-SNR, Hang et al.)
             snr=alphas_cumprod / (1.0 - alphas_cumprod),
         )
+        # The weight of the eps error in the bound's term L_{t-1} (eq. 12), with the fixed reverse variance
+        # sigma_t^2 this diffusion samples with (beta~_t or beta_t, Sec. 3.2):
+        #     beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t))
+        # L_simple (eq. 14) is this bound with every weight set to 1; --loss vlb_l2 keeps the weights,
+        # scaled so their median is 1 and clipped at VLB_WEIGHT_CLIP: unclipped, t = 0 (beta~ = 0) and
+        # the cosine schedule's last steps would dominate every batch.
+        sigma2 = betas if self.variance == "beta" else constants["posterior_variance"]
+        eq12_weights = betas ** 2 / (2.0 * sigma2 * alphas * (1.0 - alphas_cumprod))   # inf where sigma2 = 0
+        constants["vlb_weights"] = (eq12_weights / eq12_weights.median()).clamp(max=VLB_WEIGHT_CLIP)
         # beta~ is 0 at t = 0 (x_0 is then known exactly), so its log would be -inf: use beta~ of
         # the next step there, as Improved DDPM's code does. Only used where a log-variance is needed.
         variance_for_log = torch.cat([constants["posterior_variance"][1:2], constants["posterior_variance"][1:]])
@@ -329,7 +350,7 @@ class GaussianDiffusion:
 
     def simple_loss(self, prediction, x0, t, noise):
         """The distance between prediction and target, averaged over each image: [B]. With eps, 'l2'
-        and no weighting this is L_simple (eq. 14)."""
+        and no weighting this is L_simple (eq. 14); 'vlb_l2' weighs it per t as eq. 12 does (vlb_weights)."""
         target = self.prediction_target(x0, t, noise)
         prediction = prediction.float()
         if self.loss == "l1":
@@ -338,7 +359,10 @@ class GaussianDiffusion:
             distance = F.smooth_l1_loss(prediction, target, reduction="none")      # Huber with delta = 1
         else:
             distance = F.mse_loss(prediction, target, reduction="none")            # the hybrid's L_simple too
-        return distance.mean(dim=tuple(range(1, x0.ndim))) * self.min_snr_weight(t)
+        distance = distance.mean(dim=tuple(range(1, x0.ndim)))                    # [B]
+        if self.loss == "vlb_l2":
+            distance = distance * self.vlb_weights[t]                              # eq. 12's weight, clipped
+        return distance * self.min_snr_weight(t)
 
     def training_loss(self, model, x0, y=None, t=None, noise=None):
         """Algorithm 1 (Training), one step's loss:

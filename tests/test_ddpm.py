@@ -124,7 +124,7 @@ def test_training_loss_is_zero_for_a_model_that_knows_the_noise():
     d = GaussianDiffusion(timesteps=100)
     x0, noise, t = torch.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randint(0, 100, (4,))
     oracle = lambda x, t_, y: noise
-    for loss in ("l2", "l1", "huber"):
+    for loss in ("l2", "l1", "huber", "vlb_l2"):
         d.loss = loss
         assert d.training_loss(oracle, x0, t=t, noise=noise)[0].mean().item() == 0.0
     d.loss = "l2"
@@ -132,6 +132,50 @@ def test_training_loss_is_zero_for_a_model_that_knows_the_noise():
     per_image, _ = d.training_loss(zero, x0, t=t, noise=noise)
     assert per_image.shape == (4,)  # one loss per image, averaged over its C*H*W values
     assert torch.allclose(per_image, noise.pow(2).mean(dim=(1, 2, 3)))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("variance", ["posterior", "beta"])
+def test_vlb_l2_weights_are_eq_12_so_the_loss_is_the_bounds_term_up_to_one_constant(schedule, variance):
+    """DDPM eq. 12: with a fixed sigma_t^2, the bound's term L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p_theta)
+    is, apart from a constant that does not depend on the network (eq. 8's C), the eps error weighted
+    by beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t)). So for a network that is wrong by a known
+    amount, KL(wrong) - KL(exact) divided by the vlb_l2 loss is one number for every unclipped t (the
+    median the weights were divided by); clipped t weigh exactly VLB_WEIGHT_CLIP; the median weight is 1."""
+    from ddpm import VLB_WEIGHT_CLIP
+    from improved_ddpm import vlb_terms
+    torch.set_default_dtype(torch.float64)  # the KL difference is small next to the KL at large t
+    try:
+        T = 200
+        d = GaussianDiffusion(timesteps=T, schedule=schedule, loss="vlb_l2", variance=variance)
+        t = torch.arange(1, T)                                   # t = 0 is the decoder, not a KL term
+        x0 = torch.rand(len(t), 1, 4, 4) * 2 - 1
+        noise, error = torch.randn_like(x0), 0.01 * torch.randn_like(x0)
+        xt = d.q_sample(x0, t, noise)
+        bits = {}
+        for name, eps in (("exact", noise), ("wrong", noise + error)):
+            out = d.p_mean_variance(lambda x, t_, y: eps, xt, t, clip_denoised=False)
+            bits[name] = vlb_terms(d, x0, xt, t, out)          # bits per dimension [T-1]
+        kl_from_error = (bits["wrong"] - bits["exact"]) * math.log(2)  # nats per dimension
+        loss = d.simple_loss(noise + error, x0, t, noise)          # vlb_weights[t] * mean squared error
+        clipped = d.vlb_weights[t] == VLB_WEIGHT_CLIP
+        ratio = kl_from_error[~clipped] / loss[~clipped]
+        assert torch.allclose(ratio, ratio.median().expand_as(ratio), rtol=1e-4)
+        assert clipped.sum() < 0.1 * T                          # the clip touches a few t, not most
+        if variance == "posterior":
+            assert d.vlb_weights[0] == VLB_WEIGHT_CLIP         # beta~_0 = 0: an infinite weight, clipped
+        assert d.vlb_weights.median().item() == pytest.approx(1.0)
+        # the same weights times the plain squared error: L_simple with eq. 12's weights
+        assert torch.allclose(loss, d.vlb_weights[t] * error.pow(2).mean(dim=(1, 2, 3)))
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_vlb_l2_needs_eps_prediction_and_no_second_weighting():
+    with pytest.raises(UsageError, match="--loss vlb_l2.*--prediction eps"):
+        GaussianDiffusion(loss="vlb_l2", prediction="v")
+    with pytest.raises(UsageError, match="--loss vlb_l2"):
+        GaussianDiffusion(loss="vlb_l2", min_snr_gamma=5)
 
 
 def test_training_draws_t_uniformly_from_0_to_T_minus_1():
