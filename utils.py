@@ -159,9 +159,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     skipped with a warning naming it, and a neighbouring image is returned in its place.
     """
 
-    def __init__(self, folder, image_size, channels=None):
+    def __init__(self, folder, image_size, channels=None, flag="--dataset_path"):
+        # flag: the option that named the folder, so that every error below names it
         if not os.path.isdir(folder):
-            raise UsageError(f"--dataset_path {folder}: no such folder; point it at a folder of images "
+            raise UsageError(f"{flag} {folder}: no such folder; point it at a folder of images "
                              "(class subfolders become labels)")
         subfolders = sorted(d for d in os.listdir(folder)
                             if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
@@ -179,7 +180,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             self.class_names = []
             candidates = [(path, 0) for path in loose]
         if not candidates:
-            raise UsageError(f"--dataset_path {folder}: no image files found (looked for "
+            raise UsageError(f"{flag} {folder}: no image files found (looked for "
                              ".jpg/.png/.webp/... here and in its subfolders)")
 
         # Opening an image reads only its header, so checking every file is cheap and catches
@@ -193,7 +194,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             except (UnidentifiedImageError, OSError) as error:
                 warnings.warn(f"skipping unreadable image {path}: {error}")
         if not self.samples:
-            raise UsageError(f"--dataset_path {folder}: none of the {len(candidates)} image files could be read; "
+            raise UsageError(f"{flag} {folder}: none of the {len(candidates)} image files could be read; "
                              "check them with python tools/clean_dataset.py " + folder)
         self.channels = channels or (3 if any_colour else 1)
         self.image_size = image_size
@@ -440,29 +441,33 @@ def check_output_folder(folder, flag, bytes_needed=0):
                          f"{bytes_needed / 2**20:.0f} MB; free some space or pick another folder")
 
 
-def load_checkpoint(path, required=("model_config", "diffusion_config")):
+def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt"):
     """Load a checkpoint written by train.py: CPU first, weights_only=True (no arbitrary code runs),
-    with a one-line UsageError for a missing file, a file that is not a checkpoint, or missing keys."""
+    with a one-line UsageError for a missing file, a file that is not a checkpoint, or missing keys.
+    flag: the option that named the file, so that the error names it (--ckpt, --classifier_ckpt ...)."""
     if not os.path.isfile(path):
-        raise UsageError(f"--ckpt {path}: no such file; train one first (python train.py ...) or check the path")
+        raise UsageError(f"{flag} {path}: no such file; train one first (python train.py ...) or check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UsageError(f"--ckpt {path}: not a checkpoint this repository can read ({type(error).__name__}); "
+        raise UsageError(f"{flag} {path}: not a checkpoint this repository can read ({type(error).__name__}); "
                          "pass a .pt file written by train.py") from None
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
+    if "diffusion_config" in missing and isinstance(state, dict) and "cold_config" in state:
+        raise UsageError(f"{flag} {path}: a Cold Diffusion model (cold.py), and this needs a Gaussian diffusion "
+                         f"checkpoint; sample it with python sample.py --ckpt {path}")
     if missing:
-        raise UsageError(f"--ckpt {path}: not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+        raise UsageError(f"{flag} {path}: not a checkpoint written by train.py (it lacks {', '.join(missing)})")
     return state
 
 
-def load_weights(module, state_dict, path):
+def load_weights(module, state_dict, path, flag="--ckpt"):
     """Strict load (every key must match) with a one-line error that says what does not match."""
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
-        raise UsageError(f"--ckpt {path}: its weights do not match the model its own config describes "
+        raise UsageError(f"{flag} {path}: its weights do not match the model its own config describes "
                          f"({first[:200]}); the file was edited or written by different code") from None
 
 

@@ -79,20 +79,18 @@ def feature_statistics(features):
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def load_classifier(path):
-    state = load_checkpoint(path, required=("classifier", "config", "class_names", "test_accuracy"))
+def load_classifier(path, flag="--classifier"):
+    """A checkpoint written by this script -> (classifier in eval mode, the checkpoint's dict)."""
+    state = load_checkpoint(path, required=("classifier", "config", "class_names", "test_accuracy"), flag=flag)
     classifier = build_classifier(state["config"])
-    load_weights(classifier, state["classifier"], path)
+    load_weights(classifier, state["classifier"], path, flag)
     return classifier.eval(), state
 
 
 def load_folder(path, image_size, channels, limit=0, seed=0, flag="--dataset_path"):
     """A folder of class subfolders -> (uint8 images [N x C x S x S], labels int64 [N], class names);
     a random `limit` of them when limit > 0."""
-    try:
-        dataset = ImageFolderDataset(path, image_size, channels)
-    except UsageError as error:
-        raise UsageError(f"{flag}: {error}") from None
+    dataset = ImageFolderDataset(path, image_size, channels, flag=flag)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     order = order[:limit] if limit else order
     items = [dataset[i] for i in tqdm(order.tolist(), desc=f"loading {os.path.basename(os.path.normpath(path))}",

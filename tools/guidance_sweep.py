@@ -79,11 +79,12 @@ def main(argv=None):
     null = len(class_names)
     classifier = None
     if args.mode == "classifier":
-        clf_state = load_checkpoint(args.classifier_ckpt, required=("model_config", "ema", "class_names"))
+        clf_state = load_checkpoint(args.classifier_ckpt, required=("model_config", "ema", "class_names"),
+                                    flag="--classifier_ckpt")
         if clf_state.get("task") != "classifier" or clf_state["class_names"] != class_names:
             raise UsageError(f"--classifier_ckpt {args.classifier_ckpt}: not a noisy classifier of this model's classes")
         classifier = build_classifier(clf_state["model_config"])
-        load_weights(classifier, clf_state["ema"], args.classifier_ckpt)
+        load_weights(classifier, clf_state["ema"], args.classifier_ckpt, "--classifier_ckpt")
         classifier = classifier.to(device).eval()
 
     classes = args.classes if args.classes else list(range(min(10, len(class_names))))
@@ -94,7 +95,7 @@ def main(argv=None):
 
     scorer = None
     if args.eval_classifier:
-        scorer, scorer_state = load_classifier(args.eval_classifier)
+        scorer, scorer_state = load_classifier(args.eval_classifier, "--eval_classifier")
         scorer = scorer.to(device)
         real, _, _ = load_folder(args.reference_path, size, channels, args.num_reference, seed=args.seed,
                                  flag="--reference_path")
