@@ -128,3 +128,51 @@ def test_benchmark_counts_flops_and_writes_its_json(tmp_path):
     assert result["train_gflops_per_image"] > 2 * result["forward_gflops_per_image"] > 0  # backward ~ 2x forward
     assert result["train_images_per_s"] > 0 and result["achieved_train_gflop_per_s"] > 0
     assert [(r["sampler"], r["steps"]) for r in result["sampling"]] == [("ddpm", 2), ("ddim", 2)]
+
+
+def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_it_stopped(trained, tmp_path):
+    """tools/training_sweep.py: one choice at a time from the baseline (the first values), each run a real
+    train.py whose checkpoint describes the configuration; a second call trains nothing and scores the
+    same (the same noise, the same weights); a larger budget resumes each run; bad input is one line."""
+    root, folder = trained
+    train_flags = [f for f in TINY_TRAIN_FLAGS]
+    for flag in ("--timesteps", "--device"):  # the sweep sets these itself
+        i = train_flags.index(flag)
+        del train_flags[i:i + 2]
+    out = tmp_path / "sweep"
+    args = ["--dataset_path", folder, "--classifier", root / "classifier.pt", "--reference_path", folder,
+            "--timesteps", "20", "--losses", "l2", "vlb_l2", "--schedules", "linear", "cosine", "--max_steps", "2",
+            "--num_samples", "4", "--sample_steps", "2", "--batch_size", "4", "--out_dir", out, "--device", "cpu"]
+    first = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path,
+                       in_process=True)
+    assert "3 runs of 2 steps: T20_linear_l2, T20_cosine_l2, T20_linear_vlb_l2" in first.stdout
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["real", "T20_linear_l2", "T20_cosine_l2", "T20_linear_vlb_l2"]
+    assert [(r["schedule"], r["loss"]) for r in rows[1:]] == [("linear", "l2"), ("cosine", "l2"), ("linear", "vlb_l2")]
+    for r in rows[1:]:
+        state = torch.load(out / "checkpoints" / f"{r['run']}.pt", map_location="cpu", weights_only=True)
+        assert state["step"] == 2 and state["diffusion_config"]["timesteps"] == 20
+        assert (state["diffusion_config"]["schedule"], state["diffusion_config"]["loss"]) == (r["schedule"], r["loss"])
+        assert float(r["fd"]) >= -1e-6 and r["num_samples"] == "4" and float(r["train_seconds"]) > 0
+    assert (out / "results.png").is_file() and "| T20_linear_vlb_l2 | 20 | linear | vlb_l2 |" in first.stdout
+
+    again = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path,
+                       in_process=True)
+    assert again.stdout.count("already trained (2 steps)") == 3 and "training for" not in again.stdout
+    with open(out / "results.csv") as f:
+        assert [r["fd"] for r in csv.DictReader(f)] == [r["fd"] for r in rows]  # same weights, same noise
+
+    longer = [a if a != "2" or args[i - 1] != "--max_steps" else "3" for i, a in enumerate(args)]
+    more = run_script("tools/training_sweep.py", *longer, "--losses", "l2", "--schedules", "linear", "--",
+                      *train_flags, "--sample_every", "0", cwd=tmp_path, in_process=True)
+    assert "T20_linear_l2: training for 3 steps (resuming at step 2)" in more.stdout
+    assert torch.load(out / "checkpoints" / "T20_linear_l2.pt", weights_only=True)["step"] == 3
+
+    clash = run_script("tools/training_sweep.py", *args, "--", "--loss", "l1", cwd=tmp_path, check=False,
+                       in_process=True)
+    assert_one_line_error(clash, "--loss", "set by the sweep itself")
+    broken = run_script("tools/training_sweep.py", *args, "--out_dir", tmp_path / "broken", "--",
+                        *train_flags, "--base_channels", "0", cwd=tmp_path, check=False, in_process=True)
+    assert_one_line_error(broken, "run T20_linear_l2: train.py stopped", "--base_channels",
+                          str(tmp_path / "broken" / "logs" / "T20_linear_l2.log"))

@@ -53,6 +53,48 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def draw_samples(diffusion, model, sampler, steps, noise, labels=None, batch_size=200, seed=0):
+    """Samples from the starting noise x_T [N x C x H x W] (labels [N] or None) with DDPM (Algorithm 2,
+    respaced to `steps` by Improved DDPM eq. 19 when steps < T) or DDIM (eta 0) -> (uint8 images, seconds).
+    torch.manual_seed(seed) first, so every setting sees the same per-step noise."""
+    device = diffusion.betas.device
+    torch.manual_seed(seed)
+    respaced = respace(diffusion, steps) if sampler == "ddpm" and steps < diffusion.timesteps else diffusion
+    started = time.perf_counter()
+    images = []
+    for start in range(0, len(noise), batch_size):
+        x_T = noise[start:start + batch_size].to(device)
+        y = labels[start:start + batch_size].to(device) if labels is not None else None
+        if sampler == "ddim":
+            out = ddim_sample(diffusion, model, x_T.shape, steps, 0.0, "uniform", y, x_T)
+        else:
+            out = respaced.sample(model, x_T.shape, y, x_T)
+        images.append(from_model_range(out))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return torch.cat(images), time.perf_counter() - started
+
+
+def score_images(classifier, images_uint8, labels, reference_mu, reference_sigma, device="cpu"):
+    """(FD of the classifier's features against the reference statistics, the fraction of images
+    classified as their label: NaN when labels is None)."""
+    features, logits = features_and_logits(classifier, images_uint8, device=device)
+    fd = frechet_distance(*feature_statistics(features), reference_mu, reference_sigma)
+    accuracy = (logits.argmax(1).cpu() == labels.cpu()).float().mean().item() if labels is not None else float("nan")
+    return fd, accuracy
+
+
+def check_classifier_fits(classifier_state, model_config, class_names, flag="--classifier"):
+    """One-line errors when the offline classifier was made for other images or other classes."""
+    made_for = (classifier_state["config"]["image_size"], classifier_state["config"]["channels"])
+    size, channels = model_config["image_size"], model_config["in_channels"]
+    if made_for != (size, channels):
+        raise UsageError(f"{flag}: made for {made_for[0]}px, {made_for[1]} channels; the model makes {size}px, "
+                         f"{channels}; train one with tools/classifier.py --image_size {size}")
+    if class_names and class_names != classifier_state["class_names"]:
+        raise UsageError(f"{flag}: its classes differ from the model's")
+
+
 def plot(csv_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -97,11 +139,7 @@ def main(argv=None):
     classifier = classifier.to(device)
     config, class_names = state["model_config"], state.get("class_names") or []
     size, channels = config["image_size"], config["in_channels"]
-    if (classifier_state["config"]["image_size"], classifier_state["config"]["channels"]) != (size, channels):
-        raise UsageError(f"--classifier {args.classifier}: made for {classifier_state['config']['image_size']}px, "
-                         f"{classifier_state['config']['channels']} channels; the model makes {size}px, {channels}")
-    if class_names and class_names != classifier_state["class_names"]:
-        raise UsageError(f"--classifier {args.classifier}: its classes differ from the model's")
+    check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
     run = args.run_name or os.path.splitext(os.path.basename(args.ckpt))[0]
 
     # One random draw of real images: the first num_samples are scored like samples (the floor), the rest
@@ -119,10 +157,7 @@ def main(argv=None):
           f"{classifier_state['test_accuracy']:.4f}")
 
     def score(images_uint8, labels):
-        features, logits = features_and_logits(classifier, images_uint8, device=device)
-        fd = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
-        accuracy = (logits.argmax(1) == labels).float().mean().item() if labels is not None else float("nan")
-        return fd, accuracy
+        return score_images(classifier, images_uint8, labels, ref_mu, ref_sigma, device)
 
     rows = []
     # The floor: num_samples real images, disjoint from the reference, scored the same way.
@@ -135,22 +170,7 @@ def main(argv=None):
     labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
     for sampler in args.samplers:
         for steps in args.steps:
-            torch.manual_seed(args.seed)  # the same per-step noise for every DDPM setting
-            respaced = respace(diffusion, steps) if sampler == "ddpm" and steps < diffusion.timesteps else diffusion
-            started = time.perf_counter()
-            images = []
-            for start in range(0, args.num_samples, args.batch_size):
-                x_T = noise[start:start + args.batch_size].to(device)
-                y = labels[start:start + args.batch_size].to(device) if labels is not None else None
-                if sampler == "ddim":
-                    out = ddim_sample(diffusion, model, x_T.shape, steps, 0.0, "uniform", y, x_T)
-                else:
-                    out = respaced.sample(model, x_T.shape, y, x_T)
-                images.append(from_model_range(out))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - started
-            images = torch.cat(images)
+            images, seconds = draw_samples(diffusion, model, sampler, steps, noise, labels, args.batch_size, args.seed)
             fd, accuracy = score(images, labels)
             rows.append(dict(run=run, sampler=sampler, steps=steps, num_samples=args.num_samples, fd=f"{fd:.3f}",
                              class_accuracy=f"{accuracy:.4f}", seconds=f"{seconds:.1f}", device=str(device)))

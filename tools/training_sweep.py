@@ -1,0 +1,312 @@
+"""
+Which training choices matter? Train several small configurations one after another for the same
+budget of optimizer steps, and score each with the offline classifier of tools/classifier.py:
+the Frechet distance of its features to held-out real images (FD, lower is better) and, for
+class-conditional data, the fraction of samples classified as the class asked for.
+
+The choices swept are the ones a reader of ddpm.py meets first:
+    --timesteps  T, the number of diffusion steps (DDPM Sec. 4 used 1000)
+    --schedules  linear (DDPM Sec. 4) or cosine (Improved DDPM eq. 17)
+    --losses     l2 = L_simple (DDPM eq. 14); l1; huber; vlb_l2 = the squared error weighted per t as
+                 in the variational bound (DDPM eq. 12), with the weights clipped (ddpm.py)
+
+    python tools/training_sweep.py --dataset_path mnist.npz --classifier checkpoints/mnist_classifier.pt \\
+        --reference_path data/mnist_test --timesteps 1000 250 --schedules linear cosine \\
+        --losses l2 l1 huber vlb_l2 --max_steps 2000 --out_dir runs/mnist_sweep \\
+        -- --base_channels 16 --num_res_blocks 1 --dropout 0
+
+By default one choice changes at a time: the first value of each list is the baseline, and every
+other value is tried with the rest at baseline (the command above trains 1 + 1 + 1 + 3 = 6 models);
+--grid full trains every combination. Everything after "--" goes to every train.py run unchanged.
+Each run is train.py itself (a separate process, its log in <out_dir>/logs/), so a sweep trains
+exactly what the same command line would. Every run uses the same seed, so the same initial
+weights (where the shapes agree), data order and noise draws. Sampling: --num_samples images from
+the EMA weights, the same starting noise for every run, DDPM respaced to --sample_steps (Improved
+DDPM eq. 19; the same number of network calls whatever T is).
+
+Interrupt it and run the same command again: finished runs are not trained again, a run cut short
+resumes from its checkpoint (train.py --resume), and every finished run is scored again (quick, and
+deterministic). Written to --out_dir: results.csv (one row per run, plus "real": --num_samples
+held-out images scored the same way, the floor FD can reach with that many images), results.png
+(FD and class accuracy per run, and 16 samples of each), checkpoints/, samples/ and logs/.
+"""
+import argparse
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from classifier import features_and_logits, feature_statistics, load_classifier, load_folder  # noqa: E402
+from ddpm import SCHEDULES, SIMPLE_LOSSES, GaussianDiffusion  # noqa: E402
+from model import build_model  # noqa: E402
+from sampler_sweep import check_classifier_fits, draw_samples, score_images  # noqa: E402
+from utils import UsageError, load_checkpoint, load_weights, make_grid_image, pick_device  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELDS = ["run", "timesteps", "schedule", "loss", "max_steps", "final_loss", "train_seconds", "num_samples",
+          "sampler", "sample_steps", "fd", "class_accuracy", "sample_seconds", "device"]
+# Flags the sweep sets on every train.py run itself; passing them after "--" would break the comparison.
+OWN_FLAGS = ("--dataset_path", "--timesteps", "--schedule", "--loss", "--max_steps", "--run_name",
+             "--checkpoint_dir", "--sample_dir", "--resume", "--seed", "--device")
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    train_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description="Train several configurations for one budget and score each.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                usage="%(prog)s --dataset_path D --classifier C --reference_path R [options] "
+                                "[-- train.py flags for every run]")
+    p.add_argument("--dataset_path", required=True, help="training data, as for train.py (folder or .npz)")
+    p.add_argument("--classifier", required=True, help="checkpoint written by tools/classifier.py")
+    p.add_argument("--reference_path", required=True, help="held-out real images (class subfolders)")
+    p.add_argument("--num_reference", type=int, default=10000, help="reference images for the statistics (0 = all)")
+    p.add_argument("--timesteps", type=int, nargs="+", default=[1000], help="values of T; the first is the baseline")
+    p.add_argument("--schedules", nargs="+", default=["linear"], choices=SCHEDULES)
+    p.add_argument("--losses", nargs="+", default=["l2"], choices=SIMPLE_LOSSES)
+    p.add_argument("--grid", default="one_at_a_time", choices=("one_at_a_time", "full"),
+                   help="one_at_a_time: vary one choice from the baseline (the first values); full: all combinations")
+    p.add_argument("--max_steps", type=int, default=2000, help="the budget: optimizer steps for every run")
+    p.add_argument("--seed", type=int, default=0, help="the same seed for every run")
+    p.add_argument("--num_samples", type=int, default=500, help="samples scored per run")
+    p.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"))
+    p.add_argument("--sample_steps", type=int, default=100, help="network calls per sample (ddpm: respaced)")
+    p.add_argument("--batch_size", type=int, default=250, help="samples per sampling batch")
+    p.add_argument("--out_dir", default="runs/sweep", help="checkpoints, logs, results.csv and results.png")
+    p.add_argument("--device", default="auto", help="for training and sampling")
+    args = p.parse_args(argv)
+    args.train_args = train_args
+    return args
+
+
+def configurations(args):
+    """The (T, schedule, loss) triples to train, baseline first, without repeats."""
+    if args.grid == "full":
+        triples = list(itertools.product(args.timesteps, args.schedules, args.losses))
+    else:
+        base = (args.timesteps[0], args.schedules[0], args.losses[0])
+        triples = [base]
+        triples += [(T, base[1], base[2]) for T in args.timesteps[1:]]
+        triples += [(base[0], s, base[2]) for s in args.schedules[1:]]
+        triples += [(base[0], base[1], loss) for loss in args.losses[1:]]
+    return list(dict.fromkeys(triples))
+
+
+def check_args(args):
+    if args.max_steps < 1 or args.num_samples < 2 or args.batch_size < 1 or args.sample_steps < 1:
+        raise UsageError("--max_steps, --batch_size and --sample_steps must be at least 1, --num_samples at least 2")
+    if min(args.timesteps) < 2:
+        raise UsageError(f"--timesteps {args.timesteps}: every T must be at least 2")
+    if args.sample_steps > min(args.timesteps):
+        raise UsageError(f"--sample_steps {args.sample_steps}: must be at most the smallest T ({min(args.timesteps)})")
+    clashing = [flag for flag in args.train_args if flag.split("=")[0] in OWN_FLAGS]
+    if clashing:
+        raise UsageError(f"after '--': {', '.join(clashing)} is set by the sweep itself; use the sweep's own "
+                         "--timesteps/--schedules/--losses/--max_steps/--seed/--device")
+
+
+def run_name(T, schedule, loss):
+    return f"T{T}_{schedule}_{loss}"
+
+
+def trained_step(path):
+    """The step a checkpoint was saved at, or None when there is none (or it cannot be read)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True).get("step", 0))
+    except Exception:
+        return None
+
+
+def train(args, name, T, schedule, loss):
+    """Run train.py for one configuration (or resume it, or skip it when it is finished).
+    Returns the seconds spent training, summed over every attempt (kept in logs/<run>.json)."""
+    folders = {flag: os.path.join(args.out_dir, sub) for flag, sub in
+               (("checkpoints", "checkpoints"), ("samples", "samples"), ("logs", "logs"))}
+    os.makedirs(folders["logs"], exist_ok=True)
+    record_path = os.path.join(folders["logs"], f"{name}.json")
+    record = {"train_seconds": 0.0}
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+    checkpoint = os.path.join(folders["checkpoints"], f"{name}.pt")
+    step = trained_step(checkpoint)
+    if step is not None and step >= args.max_steps:
+        print(f"{name}: already trained ({step} steps), not training again")
+        return record["train_seconds"]
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset_path", args.dataset_path,
+               "--timesteps", str(T), "--schedule", schedule, "--loss", loss, "--max_steps", str(args.max_steps),
+               "--seed", str(args.seed), "--device", args.device, "--run_name", name,
+               "--checkpoint_dir", folders["checkpoints"], "--sample_dir", folders["samples"]]
+    command += ["--resume"] if step is not None else []
+    command += args.train_args
+    log_path = os.path.join(folders["logs"], f"{name}.log")
+    print(f"{name}: training for {args.max_steps} steps" + (f" (resuming at step {step})" if step else "")
+          + f"; log: {log_path}", flush=True)
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            returncode = process.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached train.py too: let it write its checkpoint before this sweep stops
+            # (subprocess.run would kill it after a quarter of a second).
+            process.wait()
+            raise
+        finally:
+            record["train_seconds"] += time.perf_counter() - started
+            with open(record_path, "w") as f:
+                json.dump(record, f)
+    if returncode != 0:
+        with open(log_path) as f:
+            last = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
+        reason = last[-1] if last else f"exit status {returncode}"
+        raise UsageError(f"run {name}: train.py stopped: {reason} (whole log: {log_path})")
+    return record["train_seconds"]
+
+
+def final_loss(args, name):
+    """The mean logged loss over the last 100 steps of the run (its loss.csv), for the table."""
+    path = os.path.join(args.out_dir, "samples", name, "loss.csv")
+    if not os.path.isfile(path):
+        return float("nan")
+    with open(path) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    return sum(losses[-100:]) / max(1, len(losses[-100:]))
+
+
+def write_results(path, rows):
+    """Rewrite the whole table (a sweep run again replaces its rows, rather than appending twice)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def plot(rows, grids, png_path):
+    """FD and class accuracy per run (the real-image floor as a line), and 16 samples of each run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [r for r in rows if r["run"] != "real"]
+    real = next((r for r in rows if r["run"] == "real"), None)
+    columns = min(len(runs), 4)
+    grid_rows = -(-len(runs) // columns)
+    fig = plt.figure(figsize=(3 * columns + 1, 3.2 + 2.6 * grid_rows))
+    layout = fig.add_gridspec(1 + grid_rows, 2 * columns, height_ratios=[1.3] + [1] * grid_rows)
+    names = [r["run"] for r in runs]
+    for i, (key, label) in enumerate((("fd", "FD (classifier features), lower is better"),
+                                      ("class_accuracy", "class accuracy, higher is better"))):
+        ax = fig.add_subplot(layout[0, i * columns:(i + 1) * columns])
+        values = [float(r[key]) for r in runs]
+        ax.barh(names[::-1], values[::-1], color="tab:blue")
+        if real is not None and real[key] not in ("", "nan"):
+            ax.axvline(float(real[key]), color="black", linestyle="--", linewidth=1,
+                       label=f"{real['num_samples']} real images")
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_xlabel(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for i, r in enumerate(runs):
+        ax = fig.add_subplot(layout[1 + i // columns, 2 * (i % columns):2 * (i % columns) + 2])
+        ax.imshow(grids[r["run"]], cmap="gray" if grids[r["run"]].mode == "L" else None)
+        ax.set_title(f"{r['run']}\nFD {float(r['fd']):.1f}", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(rows):
+    lines = ["| run | T | schedule | loss | final loss | train time | FD | class accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["run"] == "real":
+            lines.append(f"| {r['num_samples']} real held-out images (the floor) | | | | | | {float(r['fd']):.1f} | "
+                         f"{float(r['class_accuracy']):.1%} |")
+            continue
+        accuracy = float(r["class_accuracy"])
+        lines.append(f"| {r['run']} | {r['timesteps']} | {r['schedule']} | {r['loss']} | {float(r['final_loss']):.4f} | "
+                     f"{float(r['train_seconds']) / 60:.1f} min | {float(r['fd']):.1f} | "
+                     + ("" if accuracy != accuracy else f"{accuracy:.1%}") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    device = pick_device(args.device)
+    os.makedirs(args.out_dir, exist_ok=True)
+    triples = configurations(args)
+    print(f"{len(triples)} runs of {args.max_steps} steps: {', '.join(run_name(*c) for c in triples)}")
+    classifier, classifier_state = load_classifier(args.classifier)
+    classifier = classifier.to(device)
+
+    rows, grids, reference, noise = [], {}, None, None
+    for T, schedule, loss in triples:
+        name = run_name(T, schedule, loss)
+        seconds = train(args, name, T, schedule, loss)
+        ckpt = os.path.join(args.out_dir, "checkpoints", f"{name}_ema.pt")
+        state = load_checkpoint(ckpt, required=("model_config", "diffusion_config", "ema"))
+        config, class_names = state["model_config"], state.get("class_names") or []
+        check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
+        size, channels = config["image_size"], config["in_channels"]
+        if reference is None:  # once, at the first model's image size: the floor row and the statistics
+            limit = args.num_reference + args.num_samples if args.num_reference else 0
+            real, real_labels, _ = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
+                                               flag="--reference_path")
+            if len(real) < 2 * args.num_samples:
+                raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least "
+                                 f"twice --num_samples ({2 * args.num_samples})")
+            reference = feature_statistics(features_and_logits(classifier, real[args.num_samples:], device=device)[0])
+            fd, accuracy = score_images(classifier, real[:args.num_samples],
+                                        real_labels[:args.num_samples] if class_names else None, *reference, device)
+            rows.append(dict(run="real", num_samples=args.num_samples, fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}",
+                             device=str(device)))
+            print(f"real: {args.num_samples} held-out images score FD {fd:.2f}, class accuracy {accuracy:.3f}")
+            noise = torch.randn(args.num_samples, channels, size, size,
+                                generator=torch.Generator().manual_seed(args.seed))
+        model = build_model(config)
+        load_weights(model, state["ema"], ckpt)
+        model = model.to(device).eval()
+        diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
+        labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
+        images, sample_seconds = draw_samples(diffusion, model, args.sampler, args.sample_steps, noise, labels,
+                                              args.batch_size, args.seed)
+        fd, accuracy = score_images(classifier, images, labels, *reference, device)
+        grids[name] = make_grid_image(images[:16], nrow=4)
+        grids[name].save(os.path.join(args.out_dir, "samples", name, "sweep_samples.png"))
+        rows.append(dict(run=name, timesteps=T, schedule=schedule, loss=loss, max_steps=args.max_steps,
+                         final_loss=f"{final_loss(args, name):.5f}", train_seconds=f"{seconds:.1f}",
+                         num_samples=args.num_samples, sampler=args.sampler, sample_steps=args.sample_steps,
+                         fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}", sample_seconds=f"{sample_seconds:.1f}",
+                         device=str(device)))
+        print(f"{name}: FD {fd:.2f}, class accuracy {accuracy:.3f} ({args.num_samples} samples, "
+              f"{sample_seconds:.0f} s); trained in {seconds / 60:.1f} min", flush=True)
+        write_results(os.path.join(args.out_dir, "results.csv"), rows)
+
+    plot(rows, grids, os.path.join(args.out_dir, "results.png"))
+    print()
+    print(markdown_table(rows))
+    print(f"\ntable: {os.path.join(args.out_dir, 'results.csv')}; plot: {os.path.join(args.out_dir, 'results.png')}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: run the same command again to continue (finished runs are kept; train.py "
+                 "saved the run it was in)")
