@@ -162,9 +162,10 @@ def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeyp
     assert_one_line_error(run("--samples", samples, "--reference", reference, "--classifier", classifier,
                               "--features", "inception"), "inception_v3_google-0cc3c7bd.pth",
                           str(tmp_path / "torch_home" / "hub" / "checkpoints"), "--inception_weights")
-    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "pt_inception.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     assert_one_line_error(run("--samples", samples, "--reference", reference, "--features", "inception",
-                              "--inception_weights", tmp_path / "pt_inception.pth"), "not supported yet")
+                              "--inception_weights", tmp_path / "other.pth"), "--inception_weights",
+                          "pt_inception-2015-12-05-6726825d.pth", "1008x2048")
 
 
 def test_class_accuracy_reads_the_class_from_sample_py_file_names(tmp_path):
@@ -184,3 +185,47 @@ def test_class_accuracy_reads_the_class_from_sample_py_file_names(tmp_path):
     assert class_accuracy(files, ["bird", "dog"], brightness_classifier, 8, 1) is None  # 'cat' unknown
     Image.new("L", (8, 8), 0).save(tmp_path / "sample_00009.png")  # an unconditional sample
     assert class_accuracy(files + [str(tmp_path / "sample_00009.png")], ["cat", "dog"], brightness_classifier, 8, 1) is None
+
+
+def test_fid_inception_pools_like_the_tensorflow_graph_and_reads_pytorch_fid_weight_files(tiny, tmp_path):
+    """pytorch-fid's weight file holds the TensorFlow FID graph, which differs from torchvision's
+    Inception-v3 in its pooling branches only: average pools that ignore the zero padding in
+    Mixed_5b-d, 6b-e and 7b, a max pool in Mixed_7c. The patched blocks compute exactly that (and differ
+    from torchvision's where the padding counts); the other branches are torchvision's. A file with the
+    layout of pytorch-fid's (1008 classes, no auxiliary classifier; random weights here, as the real
+    file is 92 MB) is recognised and used end to end."""
+    import torch.nn.functional as F
+    from evaluate import INCEPTION_NOTES, build_fid_inception, load_inception
+    torch.manual_seed(0)
+    model = build_fid_inception().eval()
+    with torch.no_grad():
+        for name, in_channels, pool_channels, pool in (
+                ("Mixed_5b", 192, 32, "average"), ("Mixed_6e", 768, 192, "average"),
+                ("Mixed_7b", 1280, 192, "average"), ("Mixed_7c", 2048, 192, "max")):
+            block, x = getattr(model, name), torch.randn(1, in_channels, 8, 8)
+            out = block(x)
+            if pool == "max":
+                pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+            else:
+                pooled = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            torchvision_pooled = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)  # counts the padding
+            assert torch.equal(out[:, -pool_channels:], block.branch_pool(pooled)), name
+            assert not torch.allclose(out[:, -pool_channels:], block.branch_pool(torchvision_pooled)), name
+            torchvision_out = torch.cat(type(block)._forward(block, x), dim=1)
+            assert torch.equal(out[:, :-pool_channels], torchvision_out[:, :-pool_channels]), name
+    state = model.state_dict()
+    assert state["fc.weight"].shape == (1008, 2048) and not any(k.startswith("AuxLogits") for k in state)
+    torch.save(state, tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    loaded, kind = load_inception(str(tmp_path / "pt_inception-2015-12-05-6726825d.pth"))
+    assert kind == "fid" and torch.equal(loaded.state_dict()["fc.weight"], state["fc.weight"])
+
+    root, reference, samples = tiny
+    result = run_script("tools/evaluate.py", "--samples", samples, "--reference", reference, "--features",
+                        "inception", "--inception_weights", tmp_path / "pt_inception-2015-12-05-6726825d.pth",
+                        "--num_reference", "10", "--no_cache", "--json", tmp_path / "r.json", "--device", "cpu",
+                        cwd=tmp_path, in_process=True)
+    assert INCEPTION_NOTES["fid"] in result.stdout and "FID" in result.stdout
+    with open(tmp_path / "r.json") as f:
+        numbers = json.load(f)
+    assert numbers["feature_dim"] == 2048 and numbers["num_samples"] == 12 and np.isfinite(numbers["fd"])
+    assert "fid weights" in numbers["extractor"]

@@ -27,14 +27,17 @@ The features come from one of two networks:
         penultimate features and its logits. The "FD" is the FID recipe with this network in place of
         Inception, and "IS" is the classifier score (at most the number of classes). Numbers are
         comparable only between runs with the same classifier and the same image counts.
-    --features inception  torchvision's inception_v3 with Inception_V3_Weights.IMAGENET1K_V1: the
-        2048 pool features of images resized to 299x299 (bilinear), and its 1000 ImageNet logits.
-        These are torchvision's Inception weights, NOT the TensorFlow Inception of the FID and IS
-        papers, so the numbers are not comparable with published FIDs or Inception Scores. The
-        weights are never downloaded: they must already be in torch's hub cache
-        (torch.hub.get_dir()/checkpoints/inception_v3_google-0cc3c7bd.pth) or be given with
-        --inception_weights. pytorch-fid's FID Inception weight file (pt_inception-2015-12-05-*.pth)
-        is not supported yet.
+    --features inception  Inception-v3's 2048 pool features of images resized to 299x299 (bilinear),
+        and its class logits, from one of two weight files, told apart by their shapes:
+        - pytorch-fid's port of the TensorFlow Inception graph that the FID and IS papers' code uses
+          (pt_inception-2015-12-05-6726825d.pth, 1008 classes): the FID is comparable with published
+          FIDs computed by pytorch-fid (which itself reports small differences from the TensorFlow
+          code). Built here as torchvision's inception_v3 with the graph's two quirks (build_fid_inception).
+        - torchvision's Inception_V3_Weights.IMAGENET1K_V1 (inception_v3_google-0cc3c7bd.pth, 1000
+          classes): a different network; its numbers are NOT comparable with published FIDs or ISs.
+        Weights are never downloaded: pass --inception_weights PATH, or leave either file in torch's
+        hub cache (torch.hub.get_dir()/checkpoints/, where pytorch-fid and torchvision keep them);
+        pytorch-fid's file is preferred when both are there.
 
 All four are biased by the number of images (FD and IS strongly, KID not at all), so compare numbers
 only at equal counts; every printed line says how many images it used. The reference features are
@@ -59,8 +62,14 @@ from classifier import features_and_logits, feature_statistics, frechet_distance
 from utils import (UsageError, append_csv_rows, list_images, load_image, pick_device, save_checkpoint,  # noqa: E402
                    seed_everything, write_json)
 
-INCEPTION_NOTE = ("torchvision's Inception weights, not the TensorFlow Inception of the FID papers: "
-                  "not comparable with published FID/IS")
+# The two Inception weight files (see the docstring): file name -> the note printed beside every result.
+FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_NOTES = {
+    "fid": "pytorch-fid's port of the TensorFlow FID Inception: comparable with published FIDs computed by "
+           "pytorch-fid, at the same image counts",
+    "torchvision": "torchvision's Inception weights, not the TensorFlow Inception of the FID papers: not "
+                   "comparable with published FID/IS",
+}
 CSV_FIELDS = ["samples", "reference", "features", "num_samples", "num_reference", "fd", "kid_mean", "kid_std",
               "is_mean", "is_std", "precision", "recall", "class_accuracy", "k", "seed"]
 
@@ -215,46 +224,88 @@ def classifier_extractor(classifier, device="cpu", batch_size=256):
 
 
 def inception_weights_path(given=None):
-    """Where torchvision's IMAGENET1K_V1 Inception weights are on disk, without downloading: the file given,
-    or the one torchvision would have cached in torch.hub.get_dir()/checkpoints/. UsageError if neither."""
+    """Where Inception weights are on disk, without downloading: the file given, else pytorch-fid's FID
+    Inception file in torch.hub.get_dir()/checkpoints/, else torchvision's IMAGENET1K_V1 file there.
+    UsageError if none is."""
     from torchvision.models import Inception_V3_Weights
     if given:
         if not os.path.isfile(given):
             raise UsageError(f"--inception_weights {given}: no such file")
         return given
-    filename = os.path.basename(Inception_V3_Weights.IMAGENET1K_V1.url)
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if not os.path.isfile(cached):
-        raise UsageError(f"--features inception: torchvision's Inception weights are not on disk and are never "
-                         f"downloaded here; put {filename} (from {Inception_V3_Weights.IMAGENET1K_V1.url}) at "
-                         f"{cached} or pass --inception_weights PATH")
-    return cached
+    torchvision_file = os.path.basename(Inception_V3_Weights.IMAGENET1K_V1.url)
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    for filename in (FID_INCEPTION_FILE, torchvision_file):
+        if os.path.isfile(os.path.join(folder, filename)):
+            return os.path.join(folder, filename)
+    raise UsageError(f"--features inception: no Inception weights on disk, and they are never downloaded here; "
+                     f"put pytorch-fid's {FID_INCEPTION_FILE} (for paper-comparable FIDs) or torchvision's "
+                     f"{torchvision_file} in {folder}, or pass --inception_weights PATH")
+
+
+def tensorflow_pooling(block, pool):
+    """Make a torchvision Inception block compute its pooling branch with `pool`, as the TensorFlow graph
+    does, leaving its other branches as they are. torchvision's block._forward returns the branches'
+    outputs with the pooling branch last; that one is recomputed (a 1x1 convolution: cheap) and the
+    channels are concatenated in the same order."""
+    def forward(x):
+        branches = block._forward(x)[:-1]
+        return torch.cat(branches + [block.branch_pool(pool(x))], dim=1)
+    block.forward = forward  # an instance attribute: nn.Module calls it in place of the class's forward
+
+
+def build_fid_inception():
+    """The network of pytorch-fid's weight file: torchvision's inception_v3 with 1008 classes (the
+    TensorFlow graph's), no auxiliary classifier, and the graph's two differences in pooling:
+      - its average pools ignore the zero padding (count_include_pad=False), in Mixed_5b-d, 6b-e, 7b;
+      - the last block, Mixed_7c, max-pools its pooling branch where the paper's design averages."""
+    from torchvision.models import inception_v3
+    model = inception_v3(weights=None, num_classes=1008, aux_logits=False, transform_input=False,
+                         init_weights=False)
+
+    def average_without_padding(x):
+        return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+    def maximum(x):
+        return F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+
+    for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"):
+        tensorflow_pooling(getattr(model, name), average_without_padding)
+    tensorflow_pooling(model.Mixed_7c, maximum)
+    return model
 
 
 def load_inception(path):
-    """torchvision's inception_v3 with the IMAGENET1K_V1 weights read from path (weights_only=True), built as
-    torchvision builds it for those weights (transform_input=True, aux_logits=True), strictly loaded."""
+    """Inception-v3 with the weights in path (weights_only=True), strictly loaded -> (model, kind): kind
+    'fid' for pytorch-fid's FID Inception file (fc: 1008 classes), 'torchvision' for torchvision's
+    IMAGENET1K_V1 (1000 classes; built as torchvision builds it for them: transform_input=True,
+    aux_logits=True)."""
     from torchvision.models import inception_v3
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UsageError(f"--inception_weights {path}: not a weight file torch can read ({type(error).__name__})") from None
-    if not isinstance(state, dict) or tuple(getattr(state.get("fc.weight"), "shape", ())) != (1000, 2048):
-        raise UsageError(f"--inception_weights {path}: not torchvision's inception_v3 IMAGENET1K_V1 weights "
-                         "(pytorch-fid's FID Inception file is not supported yet)")
-    model = inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
+    classes = tuple(getattr(state.get("fc.weight"), "shape", ())) if isinstance(state, dict) else ()
+    if classes == (1008, 2048):
+        kind, model = "fid", build_fid_inception()
+    elif classes == (1000, 2048):
+        kind, model = "torchvision", inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                                  init_weights=False)
+    else:
+        raise UsageError(f"--inception_weights {path}: neither pytorch-fid's {FID_INCEPTION_FILE} nor torchvision's "
+                         "inception_v3 IMAGENET1K_V1 weights (expected fc.weight of shape 1008x2048 or 1000x2048)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError:
-        raise UsageError(f"--inception_weights {path}: its keys do not match torchvision's inception_v3") from None
-    return model.eval()
+        raise UsageError(f"--inception_weights {path}: its keys do not match the {kind} Inception-v3") from None
+    return model.eval(), kind
 
 
-def inception_extractor(model, device="cpu", batch_size=50):
-    """Inception's 2048 pool features (the input of its last linear layer, as in FID) and its 1000 logits.
-    Images are resized to 299x299 (bilinear), scaled to [0, 1] and normalised with ImageNet's mean and std,
-    as torchvision expects (transform_input=True then maps them to the [-1, 1] scaling the ported weights
-    were trained with); grayscale images are repeated to 3 channels."""
+def inception_extractor(model, kind, device="cpu", batch_size=50):
+    """Inception's 2048 pool features (the input of its last linear layer, as in FID) and its logits
+    (1008 or 1000). Images are resized to 299x299 (bilinear) and scaled to [0, 1], then to what the
+    weights expect: [-1, 1] for the FID Inception (as pytorch-fid does); ImageNet's mean and std for
+    torchvision's (whose transform_input=True then maps them to the [-1, 1] scaling the ported weights
+    were trained with). Grayscale images are repeated to 3 channels."""
     model = model.to(device)
     fc, model.fc = model.fc, torch.nn.Identity()  # the network now ends at the pool features
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
@@ -267,7 +318,7 @@ def inception_extractor(model, device="cpu", batch_size=50):
             x = images_uint8[start:start + batch_size].to(device).float() / 255
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            f = model((x - mean) / std)
+            f = model(2 * x - 1 if kind == "fid" else (x - mean) / std)
             feats.append(f.double().cpu())
             logits.append(fc(f).cpu())
         return torch.cat(feats), torch.cat(logits)
@@ -286,8 +337,9 @@ def parse_args(argv=None):
     p.add_argument("--classifier", default=None, help="checkpoint of tools/classifier.py (required unless "
                    "--features inception); it fixes the image size and channels")
     p.add_argument("--features", default="classifier", choices=("classifier", "inception"))
-    p.add_argument("--inception_weights", default=None, help="torchvision's inception_v3_google-0cc3c7bd.pth; "
-                   "default: torch's hub cache. Never downloaded.")
+    p.add_argument("--inception_weights", default=None, help=f"pytorch-fid's {FID_INCEPTION_FILE} (paper-comparable "
+                   "FID) or torchvision's inception_v3_google-0cc3c7bd.pth; default: either, from torch's hub cache. "
+                   "Never downloaded.")
     p.add_argument("--num_samples", type=int, default=0, help="random samples to score (0 = all)")
     p.add_argument("--num_reference", type=int, default=10000, help="random reference images (0 = all)")
     p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
@@ -433,10 +485,7 @@ def main(argv=None):
     if args.classifier:
         if not os.path.isfile(args.classifier):
             raise UsageError(f"--classifier {args.classifier}: no such file; train one with tools/classifier.py")
-        try:
-            classifier, classifier_state = load_classifier(args.classifier)
-        except UsageError as error:
-            raise UsageError(str(error).replace("--ckpt", "--classifier", 1)) from None
+        classifier, classifier_state = load_classifier(args.classifier)
         image_size, channels = classifier_state["config"]["image_size"], classifier_state["config"]["channels"]
         check_sample_sizes(sample_files, image_size, f"--classifier {args.classifier}")
     elif args.features == "classifier":
@@ -448,10 +497,11 @@ def main(argv=None):
 
     if args.features == "inception":
         weights = inception_weights_path(args.inception_weights)
-        extract = inception_extractor(load_inception(weights), device)
-        extractor_key, extractor_text = f"inception:{os.path.basename(weights)}", f"inception_v3 ({weights})"
+        inception, kind = load_inception(weights)
+        extract = inception_extractor(inception, kind, device)
+        extractor_key, extractor_text = f"inception:{file_digest(weights)}", f"inception_v3, {kind} weights ({weights})"
         channels = None  # Inception takes either; repeats grayscale to 3 channels
-        print(f"features: {INCEPTION_NOTE}")
+        print(f"features: {INCEPTION_NOTES[kind]}")
     else:
         extract = classifier_extractor(classifier.to(device), device, args.batch_size)
         extractor_key = f"classifier:{file_digest(args.classifier)}"
@@ -476,13 +526,13 @@ def main(argv=None):
                   feature_dim=int(sample_features.shape[1]), image_size=image_size, seed=args.seed,
                   reference_cache=cache, **metrics)
     if args.features == "inception":
-        result["note"] = INCEPTION_NOTE
+        result["note"] = INCEPTION_NOTES[kind]
 
     print(f"{metrics['num_samples']} samples from {args.samples} against {metrics['num_reference']} reference "
           f"images from {args.reference}; features: {extractor_text}")
     print(summary_table(result))
     if args.features == "inception":
-        print(f"note: {INCEPTION_NOTE}")
+        print(f"note: {INCEPTION_NOTES[kind]}")
     if args.json:
         write_json(args.json, result)
         print(f"results: {args.json}")
