@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ddim import SPACINGS, ddim_timesteps
 from ddpm import GaussianDiffusion, extract, make_beta_schedule
+from utils import UsageError
 
 LAMBDA_VLB = 0.001   # lambda in eq. 16: small, so L_vlb steers the variances without swamping L_simple
 TIMESTEP_SAMPLERS = ("uniform", "loss-aware")
@@ -137,28 +138,38 @@ class TimestepSampler:
                  E_{t~p}[weight * L_t] = E_{t~uniform}[L_t]. The few t with huge, noisy losses (near
                  t = 0 for L_vlb) are sampled often and weighed down, cutting the gradient noise.
                  Uniform until every t has its 10 losses.
+    t_range = (t_min, t_max): only t in {t_min, ..., t_max} (inclusive) are drawn, uniformly or by loss,
+    and the weights keep the loss unbiased for the uniform draw on that interval: an expert denoiser
+    of eDiff-I (experts.py). Default: all of 0 .. T-1.
     state_dict() goes into the full checkpoint, so resuming keeps the history."""
 
-    def __init__(self, timesteps, kind="uniform", history=10, uniform_prob=0.001):
+    def __init__(self, timesteps, kind="uniform", history=10, uniform_prob=0.001, t_range=None):
         if kind not in TIMESTEP_SAMPLERS:
             raise ValueError(f"timestep sampler {kind}: choose one of {', '.join(TIMESTEP_SAMPLERS)}")
         self.timesteps, self.kind, self.uniform_prob = timesteps, kind, uniform_prob
+        t_min, t_max = t_range if t_range is not None else (0, timesteps - 1)
+        if not 0 <= t_min <= t_max < timesteps:
+            raise UsageError(f"--t_min {t_min} --t_max {t_max}: need 0 <= t_min <= t_max <= T-1 = {timesteps - 1}")
+        self.allowed = torch.zeros(timesteps, dtype=torch.bool)                    # [T], the interval
+        self.allowed[t_min:t_max + 1] = True
         self.loss_history = torch.zeros(timesteps, history, dtype=torch.float64)   # [T x 10], newest last
         self.loss_counts = torch.zeros(timesteps, dtype=torch.long)                # [T], saturates at 10
 
     def probabilities(self):
-        """p_t [T], summing to 1."""
-        uniform = torch.full((self.timesteps,), 1.0 / self.timesteps, dtype=torch.float64)
-        if self.kind == "uniform" or not bool((self.loss_counts == self.loss_history.shape[1]).all()):
+        """p_t [T], summing to 1 (0 outside the interval)."""
+        uniform = self.allowed.double() / self.allowed.sum()
+        full = self.loss_counts[self.allowed] == self.loss_history.shape[1]
+        if self.kind == "uniform" or not bool(full.all()):
             return uniform
-        rms = self.loss_history.pow(2).mean(dim=1).sqrt()
+        rms = self.loss_history.pow(2).mean(dim=1).sqrt() * self.allowed
         return (1 - self.uniform_prob) * rms / rms.sum() + self.uniform_prob * uniform
 
     def sample(self, batch_size, device, generator=None):
-        """(t int64 [B], weights float32 [B]) on device; generator (on device) makes the draw repeatable."""
+        """(t int64 [B], weights float32 [B]) on device; generator (on device) makes the draw repeatable.
+        weight = 1 / (n p_t) with n the interval's length: E_{t~p}[weight L_t] = the uniform mean."""
         p = self.probabilities().to(device)
         t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        weights = 1.0 / (self.timesteps * p[t])
+        weights = 1.0 / (int(self.allowed.sum()) * p[t])
         return t, weights.float()
 
     def update(self, t, losses):

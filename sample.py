@@ -17,6 +17,10 @@ Conditioning and upscaling (guidance.py, cascade.py, realesrgan.py):
     python sample.py --ckpt checkpoints/cars_sr_ema.pt --cond_images small_photos/          # SR your own images
     python sample.py --ckpt checkpoints/cars_ema.pt --upscale 4 --upscale_mode bicubic     # or realesrgan
 
+Expert denoisers (experts.py, eDiff-I): one --ckpt per expert; each is used for the t it was trained on.
+
+    python sample.py --ckpt checkpoints/low_t_ema.pt --ckpt checkpoints/high_t_ema.pt
+
 The checkpoint describes itself (model and diffusion configuration, class names, the prediction
 target, learned variances, what it is conditioned on), so no other flag is needed. Either file works:
 <run>_ema.pt, or the full <run>.pt. Both are sampled with their EMA weights, which give better images
@@ -37,6 +41,8 @@ from PIL import Image
 import cascade
 from ddim import SPACINGS, ddim_invert, ddim_sample, interpolation_noise
 from ddpm import VARIANCES, GaussianDiffusion
+from cold import COLD_SAMPLERS, ColdDiffusion
+from experts import ExpertEnsemble, check_compatible, check_coverage, expert_range
 from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
@@ -52,7 +58,10 @@ MAX_CLASS_ROWS = 20  # with no --class_name/--class_label, a grid shows at most 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Sample images from a checkpoint written by train.py.",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoints/<run>_ema.pt or checkpoints/<run>.pt")
+    p.add_argument("--ckpt", required=True, action="append",
+                   help="checkpoints/<run>_ema.pt or checkpoints/<run>.pt; repeat it to sample with an ensemble of "
+                   "expert denoisers (eDiff-I, experts.py), each trained on its interval of t with train.py "
+                   "--t_min/--t_max")
     p.add_argument("--weights", default="ema", choices=WEIGHTS,
                    help="which weights of --ckpt to sample with: ema, the exponential moving average (usually the "
                    "best images); swa, the plain mean of the weights since train.py --swa_start (stochastic "
@@ -69,6 +78,15 @@ def parse_args(argv=None):
     p.add_argument("--gif", default=None, help="also write the reverse process of the first batch as a GIF "
                    "(x_t on the left, the predicted x_0 on the right)")
     p.add_argument("--gif_frames", type=int, default=50, help="frames in the GIF")
+    colds = p.add_argument_group("Cold Diffusion checkpoints (cold.py; train.py --process cold)")
+    colds.add_argument("--cold_sampler", default="improved", choices=COLD_SAMPLERS,
+                       help="improved: Algorithm 2, x_{s-1} = x_s - D(x0_hat, s) + D(x0_hat, s-1); naive: "
+                       "Algorithm 1, x_{s-1} = D(x0_hat, s-1)")
+    colds.add_argument("--cold_restore", default=None, metavar="PATH",
+                       help="instead of generating: degrade these images (a file or a folder) to --cold_level and "
+                       "restore them; writes degraded / restored / original rows")
+    colds.add_argument("--cold_level", type=int, default=None,
+                       help="the level --cold_restore degrades to, 1 .. T (default T/2)")
     sampler = p.add_argument_group("sampler")
     sampler.add_argument("--sampler", default="ddpm", choices=("ddpm", "ddim"),
                          help="ddpm: Algorithm 2 (ancestral), respaced when --steps < T; ddim: DDIM eq. 12")
@@ -200,19 +218,129 @@ def describe_weights(state, weights):
 def load_diffusion_model(path, flag, device, variance=None, weights="ema"):
     """A diffusion checkpoint -> (state, GaussianDiffusion, UNet in eval mode on device), with the
     weight set named by weights (pick_weights)."""
-    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"))
+    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), flag=flag)
     if state.get("task") == "classifier":
         raise UsageError(f"{flag} {path}: this is a noisy classifier; pass it as --classifier_ckpt, with a "
                          "diffusion model as --ckpt")
     diffusion = GaussianDiffusion(**dict(state["diffusion_config"], **({"variance": variance} if variance else {})))
     model = build_model(state["model_config"])
-    load_weights(model, pick_weights(state, path, weights), path)
+    load_weights(model, pick_weights(state, path, weights), path, flag)
     return state, diffusion.to(device), model.to(device).eval()
+
+
+def load_model_or_experts(paths, device, variance=None, weights="ema"):
+    """One --ckpt: load_diffusion_model. Several: expert denoisers (experts.py), each loaded the same way,
+    checked to share the diffusion, image size and classes and to cover every t exactly once, and joined
+    into one ExpertEnsemble(x_t, t, y) that every sampler can call. Returns (the first file's state, the
+    diffusion, the model)."""
+    loaded = [load_diffusion_model(path, "--ckpt", device, variance, weights) for path in paths]
+    state, diffusion, model = loaded[0]
+    ranges = [expert_range(s) for s, _, _ in loaded]
+    if len(paths) == 1:
+        if ranges[0] != (0, diffusion.timesteps - 1):
+            print(f"warning: {paths[0]} is an expert for t = {ranges[0][0]}..{ranges[0][1]} only (train.py --t_min/"
+                  "--t_max); alone it serves every t. Pass the other experts with more --ckpt")
+        return state, diffusion, model
+    states = [s for s, _, _ in loaded]
+    check_compatible(states, paths)
+    check_coverage(ranges, diffusion.timesteps, paths)
+    for path, (t_min, t_max), s in zip(paths, ranges, states):
+        print(f"expert {path}: t = {t_min}..{t_max}, step {s.get('step')}")
+    return state, diffusion, ExpertEnsemble([m for _, _, m in loaded], ranges).to(device).eval()
+
+
+def sample_cold(args, path, device):
+    """A Cold Diffusion checkpoint (cold.py): generate from random channel means (blur, pixelate, fade),
+    or with --cold_restore degrade real images and restore them; either way with Algorithm 2 (improved)
+    or 1 (naive). Gaussian-only flags are refused."""
+    gaussian_only = [flag for flag, used in (
+        ("--sampler ddim", args.sampler != "ddpm"), ("--steps", args.steps is not None), ("--eta", args.eta is not None),
+        ("--guidance_scale", args.guidance_scale != 1.0), ("--classifier_ckpt", args.classifier_ckpt),
+        ("--interpolate", args.interpolate), ("--invert", args.invert), ("--cond_images", args.cond_images),
+        ("--sr_ckpt", args.sr_ckpt), ("--variance", args.variance), ("--no_clip", args.no_clip)) if used]
+    if gaussian_only:
+        raise UsageError(f"{gaussian_only[0]}: belongs to Gaussian diffusion; {path} is a Cold Diffusion model "
+                         "(its options: --cold_sampler, --cold_restore, --cold_level)")
+    state = load_checkpoint(path, required=("model_config", "cold_config", "ema"))
+    process = ColdDiffusion(**state["cold_config"]).to(device)
+    model = build_model(state["model_config"])
+    load_weights(model, pick_weights(state, path, args.weights), path)
+    model = model.to(device).eval()
+    size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
+    class_names = state.get("class_names") or []
+    print(f"{path}: step {state.get('step')}, {describe_weights(state, args.weights)}, {size}x{size}x{channels}, "
+          f"{len(class_names) or 'no'} classes; {process.describe()}; sampler: {args.cold_sampler}")
+    name = os.path.splitext(os.path.basename(path))[0] + ("" if args.weights == "ema" else f"_{args.weights}")
+    generator = torch.Generator().manual_seed(args.seed)
+    started = time.perf_counter()
+    if args.cold_restore:
+        if not os.path.exists(args.cold_restore):
+            raise UsageError(f"--cold_restore {args.cold_restore}: no such file or folder")
+        level = args.cold_level if args.cold_level is not None else max(1, process.timesteps // 2)
+        if not 1 <= level <= process.timesteps:
+            raise UsageError(f"--cold_level {level}: must be between 1 and the model's T = {process.timesteps}")
+        files = ([args.cold_restore] if os.path.isfile(args.cold_restore) else list_images(args.cold_restore))
+        files = files[:args.num_samples or 16]
+        if not files:
+            raise UsageError(f"--cold_restore {args.cold_restore}: no images found")
+        original = to_model_range(torch.stack([load_image(f, size, channels) for f in files])).to(device)
+        levels = torch.full((len(original),), level, device=device, dtype=torch.long)
+        degraded = process.degrade(original, levels)
+        labels = None
+        if class_names:  # the class of each image is its folder's name, as for --invert
+            labels = torch.tensor([class_names.index(os.path.basename(os.path.dirname(f)))
+                                   if os.path.basename(os.path.dirname(f)) in class_names else len(class_names)
+                                   for f in files], device=device)
+        restored = process.sample(model, degraded, labels, args.cold_sampler, steps=level)
+        out_path = args.out or os.path.join("samples", f"{name}_restored.png")
+        save_grid(from_model_range(torch.cat([degraded, restored, original])), out_path, nrow=len(files))
+        print(f"{len(files)} images degraded to level {level} of {process.timesteps} and restored in "
+              f"{time.perf_counter() - started:.1f} s: degraded / restored / original rows in {out_path}")
+        return
+    if class_names:  # one row per class, as for Gaussian models
+        classes = list(range(min(len(class_names), MAX_CLASS_ROWS)))
+        labels, nrow = torch.tensor(classes).repeat_interleave(args.num_samples or 4), args.num_samples or 4
+    else:
+        labels, nrow = None, None
+    count = len(labels) if labels is not None else (args.num_samples or 16)
+    images, trajectory = [], None
+    for start in range(0, count, args.batch_size):
+        b = min(args.batch_size, count - start)
+        x_T = process.start_images(b, channels, generator, device)
+        y = labels[start:start + b].to(device) if labels is not None else None
+        every = max(1, process.timesteps // args.gif_frames) if (args.gif and trajectory is None) else 0
+        out = process.sample(model, x_T, y, args.cold_sampler, trajectory_every=every)
+        if every:
+            out, trajectory = out
+        images.append(from_model_range(out).cpu())
+    images = torch.cat(images)
+    out_path = args.out or os.path.join("samples", f"{name}.png")
+    save_grid(images, out_path, nrow=nrow)
+    print(f"grid of {len(images)} samples in {time.perf_counter() - started:.1f} s ({process.timesteps} network calls "
+          f"each, {args.cold_sampler} sampler): {out_path}")
+    if args.individual_dir:
+        save_individual(images, args.individual_dir, [class_names[c] for c in labels.tolist()] if class_names else None)
+    if args.gif:
+        save_trajectory_gif(trajectory, args.gif)
+
+
+def save_trajectory_gif(trajectory, path):
+    """GIF of a reverse process: each frame x_t (left) beside the predicted x_0 (right), first 16 images."""
+    frames = []
+    for _, xt, pred_x0 in trajectory:
+        left, right = make_grid_image(from_model_range(xt[:16])), make_grid_image(from_model_range(pred_x0[:16]))
+        frame = Image.new(left.mode, (left.width + right.width + 8, left.height), 255)
+        frame.paste(left, (0, 0))
+        frame.paste(right, (left.width + 8, 0))
+        frames.append(frame)
+    save_gif(frames, path)
+    print(f"reverse process, {len(frames)} frames: {path}")
 
 
 def load_noisy_classifier(path, diffusion, class_names, device):
     """The classifier for classifier guidance, checked against the diffusion model it will steer."""
-    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema", "class_names"))
+    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema", "class_names"),
+                            flag="--classifier_ckpt")
     if state.get("task") != "classifier":
         raise UsageError(f"--classifier_ckpt {path}: not a classifier; train one with train.py --task classifier")
     saved = state["diffusion_config"]
@@ -223,7 +351,7 @@ def load_noisy_classifier(path, diffusion, class_names, device):
     if class_names and state["class_names"] != class_names:
         raise UsageError(f"--classifier_ckpt {path}: its classes differ from the model's; train both on the same folder")
     classifier = build_classifier(state["model_config"])
-    load_weights(classifier, state["ema"], path)
+    load_weights(classifier, state["ema"], path, "--classifier_ckpt")
     return classifier.to(device).eval(), state["class_names"]
 
 
@@ -295,7 +423,17 @@ def save_individual(images, folder, names=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    state, diffusion, model = load_diffusion_model(args.ckpt, "--ckpt", device, args.variance, args.weights)
+    paths = args.ckpt
+    first = load_checkpoint(paths[0], required=())
+    if isinstance(first, dict) and first.get("process") == "cold":
+        if len(paths) > 1:
+            raise UsageError("--ckpt: one Cold Diffusion checkpoint at a time (expert ensembles are for Gaussian models)")
+        return sample_cold(args, paths[0], device)
+    if args.cold_restore or args.cold_level is not None or args.cold_sampler != "improved":
+        raise UsageError("--cold_sampler/--cold_restore/--cold_level: for Cold Diffusion checkpoints "
+                         "(train.py --process cold)")
+    args.ckpt = " + ".join(paths)  # for the messages below
+    state, diffusion, model = load_model_or_experts(paths, device, args.variance, args.weights)
     check_args(args, diffusion.timesteps)
     seed_everything(args.seed)
     task = state.get("task", "diffusion")
@@ -360,7 +498,7 @@ def main(argv=None):
             out.append(from_model_range(generate(net, noise[part].to(device), y, cond_fn=cond_fn)).cpu())
         return torch.cat(out)
 
-    name = os.path.splitext(os.path.basename(args.ckpt))[0]
+    name = os.path.splitext(os.path.basename(paths[0]))[0] + ("_experts" if len(paths) > 1 else "")
     name += "" if args.weights == "ema" else f"_{args.weights}"  # samples/cars_ema_swa.png beside cars_ema.png
     started = time.perf_counter()
     if task in ("super_resolution", "image_to_image"):
@@ -472,15 +610,7 @@ def main(argv=None):
     if args.individual_dir:
         save_individual(images, args.individual_dir, names)
     if args.gif:
-        frames = []
-        for _, xt, pred_x0 in trajectory:
-            left, right = make_grid_image(from_model_range(xt[:16])), make_grid_image(from_model_range(pred_x0[:16]))
-            frame = Image.new(left.mode, (left.width + right.width + 8, left.height), 255)
-            frame.paste(left, (0, 0))
-            frame.paste(right, (left.width + 8, 0))
-            frames.append(frame)
-        save_gif(frames, args.gif)
-        print(f"reverse process, {len(frames)} frames: {args.gif}")
+        save_trajectory_gif(trajectory, args.gif)
 
     if args.sr_ckpt or args.upscale or args.upscale_mode:
         upscale_samples(args, images, out_path, nrow, sr, make_generate)

@@ -31,6 +31,9 @@ it class-conditional, with classifier-free guidance's label dropout --p_uncond),
 classifier of noisy images for classifier guidance), 'super_resolution' (a diffusion model conditioned on
 a --low_res copy of each image, with conditioning augmentation) or 'image_to_image' (conditioned on a
 paired input image from --cond_path).
+
+--t_min / --t_max train an expert denoiser on one interval of t (eDiff-I, experts.py), and
+--init_from starts a run from another checkpoint's EMA weights (fine-tuning).
 """
 import argparse
 import contextlib
@@ -50,7 +53,9 @@ from tqdm import tqdm
 
 import cascade
 import improved_ddpm
+import cold
 from cascade import TASKS
+from cold import COLD_LOSSES, DEGRADATIONS, ColdDiffusion
 from ddpm import LOSSES, PREDICTIONS, SCHEDULES, VLB_LOSSES, GaussianDiffusion
 from guidance import drop_labels
 from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
@@ -100,12 +105,19 @@ def parse_args(argv=None):
                       help="data-loading processes; default 0 on CPU (the model needs both cores), 4 on GPU")
 
     diffusion = p.add_argument_group("diffusion (ddpm.py; Improved DDPM options: improved_ddpm.py)")
-    diffusion.add_argument("--timesteps", type=int, default=1000, help="T, the number of diffusion steps")
+    diffusion.add_argument("--process", default="gaussian", choices=("gaussian", "cold"),
+                           help="gaussian: DDPM's noise (ddpm.py); cold: a deterministic --degradation "
+                           "(Cold Diffusion, cold.py)")
+    diffusion.add_argument("--degradation", default="blur", choices=DEGRADATIONS,
+                           help="--process cold: what destroys the image (blur, pixelate, mask, fade)")
+    diffusion.add_argument("--timesteps", type=int, default=None,
+                           help="T, the number of diffusion steps (default 1000; 50 levels for --process cold)")
     diffusion.add_argument("--schedule", default="linear", choices=SCHEDULES,
                            help="beta schedule: linear (DDPM) or cosine (Improved DDPM eq. 17)")
-    diffusion.add_argument("--loss", default="l2", choices=LOSSES,
-                           help="l2 is L_simple (eq. 14); l1, huber swap the distance; hybrid = L_simple + "
-                           "0.001 L_vlb (Improved DDPM eq. 16, needs --learn_sigma); kl = L_vlb alone")
+    diffusion.add_argument("--loss", default=None, choices=LOSSES,
+                           help="l2 (the default) is L_simple (eq. 14); l1, huber swap the distance; vlb_l2 weighs "
+                           "it per t as eq. 12; hybrid = L_simple + 0.001 L_vlb (Improved DDPM eq. 16, needs "
+                           "--learn_sigma); kl = L_vlb alone. --process cold: l1 (the default) or l2")
     diffusion.add_argument("--prediction", default="eps", choices=PREDICTIONS,
                            help="what the network predicts: the noise eps (DDPM), the image x0, or v "
                            "(Salimans & Ho 2022)")
@@ -114,6 +126,10 @@ def parse_args(argv=None):
                            "better with few sampling steps; use with --loss hybrid")
     diffusion.add_argument("--min_snr_gamma", type=float, default=0.0,
                            help="Min-SNR-gamma loss weighting (Hang et al. 2023); 5 is the paper's; 0 = off")
+    diffusion.add_argument("--t_min", type=int, default=None,
+                           help="train an expert denoiser (eDiff-I, experts.py) on t = --t_min .. --t_max only "
+                           "(code t, 0 .. T-1); default: every t")
+    diffusion.add_argument("--t_max", type=int, default=None, help="the expert's last t (see --t_min)")
     diffusion.add_argument("--timestep_sampler", default="uniform", choices=TIMESTEP_SAMPLERS,
                            help="how t is drawn: uniform (Algorithm 1) or loss-aware importance sampling "
                            "(Improved DDPM, for --loss kl)")
@@ -160,6 +176,9 @@ def parse_args(argv=None):
                        help="keep a stochastic weight average (Izmailov et al. 2018; torch.optim.swa_utils) of the "
                        "weights after every step from this one on, beside the EMA; sample it with sample.py "
                        "--weights swa")
+    train.add_argument("--init_from", default=None,
+                       help="start from this checkpoint's EMA weights instead of random ones (fine-tuning, e.g. "
+                       "eDiff-I experts from a model trained on every t); its model and diffusion must match")
     train.add_argument("--seed", type=int, default=0, help="seed for weights, data order, noise")
     train.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps; "
                        "under torchrun each process takes the GPU of its LOCAL_RANK")
@@ -194,6 +213,14 @@ def parse_args(argv=None):
     return args, p
 
 
+def resolve_process_defaults(args):
+    """Defaults that depend on --process: T = 1000 and L_simple for Gaussian diffusion; T = 50 levels and
+    the l1 restoration loss (the Cold Diffusion authors' default) for --process cold."""
+    cold = args.process == "cold"
+    args.timesteps = args.timesteps if args.timesteps is not None else (50 if cold else 1000)
+    args.loss = args.loss if args.loss is not None else ("l1" if cold else "l2")
+
+
 def check_args(args):
     """Catch bad settings before any work is done, each with the flag's name."""
     positive = ("image_size", "timesteps", "batch_size", "accumulation_iters", "max_steps", "base_channels",
@@ -215,6 +242,20 @@ def check_args(args):
         raise UsageError(f"--p_uncond {args.p_uncond}: must be in [0, 1) (0.1 is the usual; 1 would never use the labels)")
     if args.dataset_path and args.dataset:
         raise UsageError("give either --dataset_path (your folder) or --dataset (a built-in), not both")
+    if args.process == "cold":
+        gaussian_only = [flag for flag, used in (
+            ("--task " + args.task, args.task != "diffusion"), ("--learn_sigma", args.learn_sigma),
+            ("--prediction " + args.prediction, args.prediction != "eps"), ("--min_snr_gamma", args.min_snr_gamma),
+            ("--timestep_sampler " + args.timestep_sampler, args.timestep_sampler != "uniform"),
+            ("--t_min/--t_max", args.t_min is not None or args.t_max is not None),
+            ("--init_from", args.init_from is not None), ("--sample_steps", args.sample_steps is not None)) if used]
+        if gaussian_only:
+            raise UsageError(f"--process cold: {gaussian_only[0]} belongs to Gaussian diffusion; a Cold Diffusion "
+                             "model restores x_0 from every level (cold.py)")
+        if args.loss not in COLD_LOSSES:
+            raise UsageError(f"--process cold --loss {args.loss}: the restoration loss is l1 or l2")
+    if args.task == "classifier" and (args.t_min is not None or args.t_max is not None):
+        raise UsageError("--t_min/--t_max train an expert denoiser (experts.py); a --task classifier sees every t")
     if args.task == "super_resolution":
         if args.low_res is None or not 1 <= args.low_res < args.image_size:
             raise UsageError(f"--task super_resolution needs --low_res smaller than --image_size {args.image_size} "
@@ -228,6 +269,32 @@ def check_args(args):
     if (args.task == "image_to_image") != (args.cond_path is not None) or (args.cond_path and not args.dataset_path):
         raise UsageError("--task image_to_image needs --dataset_path (targets) and --cond_path (inputs), "
                          "and --cond_path belongs to that task only")
+
+
+def expert_t_range(args):
+    """The interval of t this run trains on, (t_min, t_max) inclusive: all of 0 .. T-1 unless --t_min or
+    --t_max make it an expert denoiser (eDiff-I, experts.py)."""
+    return (args.t_min if args.t_min is not None else 0,
+            args.t_max if args.t_max is not None else args.timesteps - 1)
+
+
+def init_weights_from(model, path, model_config, diffusion_config):
+    """--init_from: copy a checkpoint's EMA weights into model, after checking that its network and its
+    diffusion are this run's (a fine-tuned expert must speak the same t and predict the same thing)."""
+    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), flag="--init_from")
+    saved = resolve_model_config(**state["model_config"])
+    differ = [k for k in model_config if saved.get(k) != model_config[k]]
+    for key in ("timesteps", "schedule", "prediction", "learn_sigma"):
+        if state["diffusion_config"].get(key) != diffusion_config[key]:
+            differ.append(key)
+    if differ:
+        key = differ[0]
+        mine = model_config.get(key, diffusion_config.get(key))
+        theirs = saved.get(key, state["diffusion_config"].get(key))
+        raise UsageError(f"--init_from {path}: it has {key} = {theirs}, this run {mine}; pass the same model and "
+                         "diffusion flags it was trained with")
+    load_weights(model, state["ema"], path, "--init_from")
+    return state.get("step")
 
 
 def load_dataset(args):
@@ -299,9 +366,14 @@ def checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, s
     (classifier-free guidance). swa (with swa_count, the number of weights averaged) appears once
     --swa_start is reached; rng holds every random stream, so that a resumed run is exact."""
     task = config["task"]
-    describes_itself = dict(task=task, model_config=model_config, diffusion_config=diffusion_config,
+    # A Cold Diffusion model stores its degradation under cold_config, so that the tools made for Gaussian
+    # diffusion, which read diffusion_config, refuse it with a clear message (utils.load_checkpoint).
+    process = {"cold_config": diffusion_config, "process": "cold"} if config["process"] == "cold" else {
+        "diffusion_config": diffusion_config}
+    describes_itself = dict(task=task, model_config=model_config, **process,
                             class_names=class_names, step=step, conditioning=config["conditioning"],
-                            p_uncond=config["p_uncond"] if class_names and task == "diffusion" else 0.0)
+                            p_uncond=config["p_uncond"] if class_names and task == "diffusion" else 0.0,
+                            t_range=config["t_range"])
     averaged = {}
     if swa_model is not None and swa_model.n_averaged.item() > 0:
         averaged = dict(swa=swa_model.module.state_dict(), swa_count=int(swa_model.n_averaged.item()))
@@ -330,7 +402,7 @@ def main(argv=None):
         if not os.path.isfile(full_path):
             raise UsageError(f"--resume: no checkpoint {full_path} to resume from; train without --resume first, "
                              "or pass the --run_name / --checkpoint_dir it was saved under")
-        resumed = load_checkpoint(full_path, required=("config", "model", "ema", "optimizer", "step"))
+        resumed = load_checkpoint(full_path, required=("config", "model", "ema", "optimizer", "step"), flag="--resume:")
         saved = resumed["config"]
         for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
             if getattr(args, name) != parser.get_default(name) and name in saved:
@@ -339,6 +411,8 @@ def main(argv=None):
         if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
             args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
         args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
+        args.process = getattr(args, "process", None) or "gaussian"  # runs saved before --process existed
+    resolve_process_defaults(args)
     check_args(args)
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
@@ -355,15 +429,26 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks, logs, draws and saves
     seed_everything(args.seed)  # the same seed everywhere: every process builds the same initial weights
     # Diffusion before data: it checks that the loss, prediction and variance settings fit together.
-    diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.loss, prediction=args.prediction,
-                                  learn_sigma=args.learn_sigma, min_snr_gamma=args.min_snr_gamma).to(device)
-    timestep_sampler = TimestepSampler(args.timesteps, args.timestep_sampler)
+    if args.process == "cold":  # Cold Diffusion (cold.py): a deterministic degradation, a restoration loss
+        diffusion = ColdDiffusion(args.degradation, args.timesteps, args.image_size, args.loss).to(device)
+    else:
+        diffusion = GaussianDiffusion(args.timesteps, args.schedule, args.loss, prediction=args.prediction,
+                                      learn_sigma=args.learn_sigma, min_snr_gamma=args.min_snr_gamma).to(device)
+    t_range = expert_t_range(args)  # all of 0 .. T-1, or an expert's interval (eDiff-I, experts.py)
+    timestep_sampler = TimestepSampler(args.timesteps, args.timestep_sampler, t_range=t_range)
     dataset = load_dataset(args)
     class_names = list(dataset.class_names) if len(dataset.class_names) > 1 else []
     if args.task == "classifier" and not class_names:
         raise UsageError("--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
+    if args.process == "cold":  # where generation starts: a mixture over the data's channel means (cold.py)
+        if resumed:
+            diffusion.start_mixture = resumed["cold_config"]["start_mixture"]
+        else:
+            picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:2000]
+            means = cold.channel_means(torch.stack([dataset[i][0] for i in picks.tolist()]))
+            diffusion.start_mixture = cold.fit_start_mixture(means, seed=args.seed)
     # Flipped digits are not digits: auto leaves flips off for anything named like MNIST.
     hflip = args.hflip == "on" or (args.hflip == "auto" and "mnist" not in data_name.lower())
     if len(dataset) // world_size < args.batch_size:
@@ -388,6 +473,9 @@ def main(argv=None):
                        cond_augment=args.task == "super_resolution" and args.aug_max_t > 0)
     model_config = resolve_config(**network)
     model = build(model_config).to(device)
+    if args.init_from and not resumed:  # fine-tuning: the EMA copy below starts from the same weights
+        init_step = init_weights_from(model, args.init_from, model_config, diffusion.config())
+        say(f"starting from {args.init_from} (its EMA weights at step {init_step})")
     if args.grad_checkpointing:
         model.grad_checkpointing = True  # model.py: blocks recompute their activations in backward
     if args.channels_last:
@@ -423,10 +511,10 @@ def main(argv=None):
             now = ", ".join(f"{k}={model_config[k]}" for k in changed)
             raise UsageError(f"--resume: {full_path} was trained with {was}, but the data now gives {now}; "
                              "restore the dataset or start a new --run_name")
-        load_weights(model, resumed["model"], full_path)
-        load_weights(ema_model, resumed["ema"], full_path)
+        load_weights(model, resumed["model"], full_path, "--resume:")
+        load_weights(ema_model, resumed["ema"], full_path, "--resume:")
         if swa_model is not None and "swa" in resumed:
-            load_weights(swa_model.module, resumed["swa"], full_path)
+            load_weights(swa_model.module, resumed["swa"], full_path, "--resume:")
             swa_model.n_averaged.fill_(resumed["swa_count"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
@@ -450,10 +538,15 @@ def main(argv=None):
     config["attention_resolutions"] = model_config["attention_resolutions"]  # the resolved default, not None
     config["conditioning"] = conditioning_settings(args)
     config["world_size"] = world_size  # for the record; --batch_size is per process
+    config["t_range"] = list(t_range)
     say(f"run {run_name}: {len(dataset)} images ({dataset.channels}-channel, {args.image_size}x{args.image_size}), "
         f"{len(class_names) or 'no'} classes, {'random flips' if hflip else 'no flips'}, device {device}"
         f"{f', {world_size} processes' if world_size > 1 else ''}{', resuming at step ' + str(step) if resumed else ''}")
     say(diffusion.describe())
+    if t_range != (0, args.timesteps - 1):
+        say(f"expert denoiser (eDiff-I, experts.py): trains on t = {t_range[0]}..{t_range[1]} of 0..{args.timesteps - 1}. "
+            "Its sample grids use it at every t, so they will look poor; sample with every expert: "
+            "sample.py --ckpt A_ema.pt --ckpt B_ema.pt")
     say(f"model: {count_parameters(model) / 1e6:.2f} M parameters, {model_config}")
     say("settings:", {k: v for k, v in config.items() if k not in model_config})
 
@@ -521,6 +614,11 @@ def main(argv=None):
             network = cascade.conditioned(train_model, cond, cond_t)
         elif cond is not None:
             network = cascade.conditioned(train_model, cond)
+        if args.process == "cold":  # the restoration loss || R(D(x_0, t + 1), t) - x_0 || (cold.py)
+            t = randomness.randint(args.timesteps, b)
+            with autocast:
+                losses, t = diffusion.training_loss(network, x0, y, t)
+            return losses.float(), t
         # Alg. 1 line 3 (importance weights are 1 for the uniform sampler), for the global batch
         all_t, all_weights = timestep_sampler.sample(b * world_size, device, randomness.generator)
         t, weights = randomness.rows(all_t), randomness.rows(all_weights)
@@ -599,7 +697,15 @@ def main(argv=None):
             write_checkpoints(*states, full_path, ema_path, step, args.keep_last)
 
     grid_diffusion = diffusion  # what draws the grids: Algorithm 2 over all T steps, or respaced (eq. 19)
-    if args.sample_steps and args.sample_steps < args.timesteps:
+    if args.process == "cold":  # fixed starts: channel means from the mixture, or (mask) real images to restore
+        fixed_real = to_model_range(torch.stack([dataset[i][0] for i in range(min(args.num_samples, len(dataset)))]))
+        if args.degradation in cold.GENERATES:
+            fixed_start = diffusion.start_images(args.num_samples, dataset.channels, torch.Generator().manual_seed(
+                args.seed), device)
+        else:
+            half = torch.full((len(fixed_real),), args.timesteps // 2, dtype=torch.long)
+            fixed_start = diffusion.degrade(fixed_real.to(device), half.to(device))
+    elif args.sample_steps and args.sample_steps < args.timesteps:
         grid_diffusion = improved_ddpm.respace(diffusion, args.sample_steps)
 
     def sample_grid():
@@ -616,6 +722,16 @@ def main(argv=None):
                     predicted = ema_model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t).argmax(1).cpu()
                 accuracy.append(f"t={t_value}: {(predicted == labels).float().mean().item():.0%}")
             return "accuracy on noisy images, " + ", ".join(accuracy), None
+        if args.process == "cold" and args.degradation not in cold.GENERATES:  # restoration from level T/2
+            restored = diffusion.sample(ema_model, fixed_start, fixed_labels[:len(fixed_start)] if class_names
+                                        else None, steps=args.timesteps // 2, progress=False)
+            save_grid(from_model_range(torch.cat([fixed_start, restored, fixed_real.to(device)])), path,
+                      nrow=len(fixed_start))
+            return f"degraded / restored / original rows in {path}", path
+        if args.process == "cold":  # generation from the fixed starts, Algorithm 2
+            images = diffusion.sample(ema_model, fixed_start, fixed_labels, progress=False)
+            save_grid(from_model_range(images), path)
+            return f"samples in {path}", path
         if args.task == "diffusion":
             images = grid_diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
             save_grid(from_model_range(images), path)
