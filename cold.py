@@ -38,7 +38,7 @@ import math
 import torch
 from tqdm import tqdm
 
-from utils import UsageError
+from utils import UsageError, tensors_to
 
 DEGRADATIONS = ("blur", "pixelate", "mask", "fade")
 COLD_LOSSES = ("l1", "l2")
@@ -127,10 +127,8 @@ class ColdDiffusion:
                     loss=self.loss, start_mixture=self.start_mixture)
 
     def to(self, device):
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
+        """Move the precomputed operators to device."""
+        return tensors_to(self, device)
 
     def describe(self):
         return (f"cold diffusion (cold.py): {self.degradation}, T={self.timesteps} levels, restores x_0 with "

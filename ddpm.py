@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from utils import UsageError
+from utils import UsageError, tensors_to
 
 SCHEDULES = ("linear", "cosine")
 # Losses of Algorithm 1: distances between the network's output and its target ('l2' is L_simple,
@@ -201,10 +201,7 @@ class GaussianDiffusion:
 
     def to(self, device):
         """Move every constant to device (the constants are plain tensor attributes)."""
-        for name, value in list(vars(self).items()):
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value.to(device))
-        return self
+        return tensors_to(self, device)
 
     def describe(self):
         """One line for start-up: T, the beta range and the terminal signal sqrt(alpha_bar_T),

@@ -42,6 +42,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # Device and seeds
 # ---------------------------------------------------------------------------------------------
 
+def tensors_to(obj, device):
+    """Move every tensor attribute of obj to device, in place, and return obj: the .to() of the classes
+    that hold their precomputed constants as plain tensor attributes (GaussianDiffusion, ColdDiffusion)."""
+    for name, value in list(vars(obj).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(obj, name, value.to(device))
+    return obj
+
+
 def pick_device(name="auto"):
     """'auto' picks CUDA, then Apple MPS, then CPU. Never assume a GPU is there."""
     if name == "auto":
