@@ -9,6 +9,7 @@ from conftest import TINY_TRAIN_FLAGS, assert_one_line_error, run_script
 from ddim import ddim_sample
 from ddpm import GaussianDiffusion
 from experts import ExpertEnsemble, check_coverage
+from guidance import classifier_free_guidance
 from improved_ddpm import TimestepSampler
 from model import build_model
 from utils import UsageError
@@ -47,19 +48,23 @@ def test_each_t_is_served_by_exactly_the_expert_whose_interval_holds_it():
 
 
 def test_an_ensemble_of_copies_of_one_model_is_that_model():
+    """The same network three times over three intervals: every output, DDIM's samples and classifier-free
+    guidance (the doubled batch goes through the ensemble) are the plain model's."""
     torch.manual_seed(0)
     model = build_model(dict(image_size=8, in_channels=1, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
-                             attention_resolutions=[], dropout=0.0, num_classes=0)).eval()
+                             attention_resolutions=[], dropout=0.0, num_classes=2)).eval()
     for p in model.parameters():  # the zero-initialised output layer would make every model agree
         p.data.add_(0.05 * torch.randn_like(p))
     ensemble = ExpertEnsemble([model, model, model], [(0, 4), (5, 5), (6, 19)]).eval()
-    x, t = torch.randn(6, 1, 8, 8), torch.tensor([0, 5, 19, 4, 6, 12])
+    x, t, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 5, 19, 4, 6, 12]), torch.tensor([0, 1, 2, 1, 0, 2])
     with torch.no_grad():
-        assert torch.allclose(ensemble(x, t), model(x, t), atol=1e-6)
+        assert torch.allclose(ensemble(x, t, y), model(x, t, y), atol=1e-6)
+        guided, plain = classifier_free_guidance(ensemble, 3.0, 2), classifier_free_guidance(model, 3.0, 2)
+        assert torch.allclose(guided(x, t, y), plain(x, t, y), atol=1e-6)
     diffusion = GaussianDiffusion(timesteps=20)
-    noise = torch.randn(2, 1, 8, 8)
-    a = ddim_sample(diffusion, model, noise.shape, 10, 0.0, "uniform", None, noise, progress=False)
-    b = ddim_sample(diffusion, ensemble, noise.shape, 10, 0.0, "uniform", None, noise, progress=False)
+    noise, labels = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    a = ddim_sample(diffusion, model, noise.shape, 10, 0.0, "uniform", labels, noise, progress=False)
+    b = ddim_sample(diffusion, ensemble, noise.shape, 10, 0.0, "uniform", labels, noise, progress=False)
     assert torch.equal(a, b)
 
 
