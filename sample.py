@@ -46,9 +46,9 @@ from experts import ExpertEnsemble, check_compatible, check_coverage, expert_ran
 from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
-from utils import (HelpFormatter, UsageError, from_model_range, is_image_file, list_images, load_checkpoint,
-                   load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid, seed_everything,
-                   to_model_range)
+from utils import (HelpFormatter, UsageError, check_keys, from_model_range, is_image_file, list_images,
+                   load_checkpoint, load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid,
+                   seed_everything, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
@@ -170,14 +170,15 @@ def check_args(args, timesteps):
                          "--interpolate, --invert and --cond_images")
 
 
-def load_images_to_invert(path, limit, size, channels, class_names):
-    """uint8 [N x C x S x S] and labels (int64 [N] or None) for --invert. A class-conditional model
-    needs each image's class: it is read from the name of the folder holding the image."""
+def load_labelled_images(path, limit, size, channels, class_names, flag="--invert"):
+    """uint8 [N x C x S x S] and labels (int64 [N] or None) for --invert and --cold_restore. A
+    class-conditional model needs each image's class: it is read from the name of the folder holding
+    the image."""
     paths = [path] if os.path.isfile(path) else list_images(path)
     if os.path.isfile(path) and not is_image_file(path):
-        raise UsageError(f"--invert {path}: not an image file")
+        raise UsageError(f"{flag} {path}: not an image file")
     if not paths:
-        raise UsageError(f"--invert {path}: no images found in this folder")
+        raise UsageError(f"{flag} {path}: no images found in this folder")
     paths = paths[:limit]
     images = torch.stack([load_image(p, size, channels) for p in paths])
     if not class_names:
@@ -186,7 +187,7 @@ def load_images_to_invert(path, limit, size, channels, class_names):
     for p in paths:
         folder = os.path.basename(os.path.dirname(os.path.abspath(p)))
         if folder not in class_names:
-            raise UsageError(f"--invert {p}: this model is class-conditional and '{folder}' is not one of its "
+            raise UsageError(f"{flag} {p}: this model is class-conditional and '{folder}' is not one of its "
                              f"classes ({', '.join(class_names[:5])}...); put the image in a folder named after its class")
         labels.append(class_names.index(folder))
     return images, torch.tensor(labels)
@@ -215,10 +216,11 @@ def describe_weights(state, weights):
     return {"ema": "EMA weights", "raw": "raw weights"}[weights]
 
 
-def load_diffusion_model(path, flag, device, variance=None, weights="ema"):
+def load_diffusion_model(path, flag, device, variance=None, weights="ema", state=None):
     """A diffusion checkpoint -> (state, GaussianDiffusion, UNet in eval mode on device), with the
-    weight set named by weights (pick_weights)."""
-    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), flag=flag)
+    weight set named by weights (pick_weights). state: the file's contents, if already loaded."""
+    required = ("model_config", "diffusion_config", "ema")
+    state = load_checkpoint(path, required, flag) if state is None else check_keys(state, path, required, flag)
     if state.get("task") == "classifier":
         raise UsageError(f"{flag} {path}: this is a noisy classifier; pass it as --classifier_ckpt, with a "
                          "diffusion model as --ckpt")
@@ -228,12 +230,13 @@ def load_diffusion_model(path, flag, device, variance=None, weights="ema"):
     return state, diffusion.to(device), model.to(device).eval()
 
 
-def load_model_or_experts(paths, device, variance=None, weights="ema"):
+def load_model_or_experts(paths, device, variance=None, weights="ema", first_state=None):
     """One --ckpt: load_diffusion_model. Several: expert denoisers (experts.py), each loaded the same way,
     checked to share the diffusion, image size and classes and to cover every t exactly once, and joined
     into one ExpertEnsemble(x_t, t, y) that every sampler can call. Returns (the first file's state, the
     diffusion, the model)."""
-    loaded = [load_diffusion_model(path, "--ckpt", device, variance, weights) for path in paths]
+    loaded = [load_diffusion_model(path, "--ckpt", device, variance, weights, first_state if i == 0 else None)
+              for i, path in enumerate(paths)]
     state, diffusion, model = loaded[0]
     ranges = [expert_range(s) for s, _, _ in loaded]
     if len(paths) == 1:
@@ -249,7 +252,7 @@ def load_model_or_experts(paths, device, variance=None, weights="ema"):
     return state, diffusion, ExpertEnsemble([m for _, _, m in loaded], ranges).to(device).eval()
 
 
-def sample_cold(args, path, device):
+def sample_cold(args, path, state, device):
     """A Cold Diffusion checkpoint (cold.py): generate from random channel means (blur, pixelate, fade),
     or with --cold_restore degrade real images and restore them; either way with Algorithm 2 (improved)
     or 1 (naive). Gaussian-only flags are refused."""
@@ -261,7 +264,7 @@ def sample_cold(args, path, device):
     if gaussian_only:
         raise UsageError(f"{gaussian_only[0]}: belongs to Gaussian diffusion; {path} is a Cold Diffusion model "
                          "(its options: --cold_sampler, --cold_restore, --cold_level)")
-    state = load_checkpoint(path, required=("model_config", "cold_config", "ema"))
+    check_keys(state, path, ("model_config", "cold_config", "ema"))
     process = ColdDiffusion(**state["cold_config"]).to(device)
     model = build_model(state["model_config"])
     load_weights(model, pick_weights(state, path, args.weights), path)
@@ -279,22 +282,16 @@ def sample_cold(args, path, device):
         level = args.cold_level if args.cold_level is not None else max(1, process.timesteps // 2)
         if not 1 <= level <= process.timesteps:
             raise UsageError(f"--cold_level {level}: must be between 1 and the model's T = {process.timesteps}")
-        files = ([args.cold_restore] if os.path.isfile(args.cold_restore) else list_images(args.cold_restore))
-        files = files[:args.num_samples or 16]
-        if not files:
-            raise UsageError(f"--cold_restore {args.cold_restore}: no images found")
-        original = to_model_range(torch.stack([load_image(f, size, channels) for f in files])).to(device)
+        images, labels = load_labelled_images(args.cold_restore, args.num_samples or 16, size, channels, class_names,
+                                               "--cold_restore")
+        original = to_model_range(images).to(device)
         levels = torch.full((len(original),), level, device=device, dtype=torch.long)
         degraded = process.degrade(original, levels)
-        labels = None
-        if class_names:  # the class of each image is its folder's name, as for --invert
-            labels = torch.tensor([class_names.index(os.path.basename(os.path.dirname(f)))
-                                   if os.path.basename(os.path.dirname(f)) in class_names else len(class_names)
-                                   for f in files], device=device)
-        restored = process.sample(model, degraded, labels, args.cold_sampler, steps=level)
+        restored = process.sample(model, degraded, labels.to(device) if labels is not None else None,
+                                  args.cold_sampler, steps=level)
         out_path = args.out or os.path.join("samples", f"{name}_restored.png")
-        save_grid(from_model_range(torch.cat([degraded, restored, original])), out_path, nrow=len(files))
-        print(f"{len(files)} images degraded to level {level} of {process.timesteps} and restored in "
+        save_grid(from_model_range(torch.cat([degraded, restored, original])), out_path, nrow=len(images))
+        print(f"{len(images)} images degraded to level {level} of {process.timesteps} and restored in "
               f"{time.perf_counter() - started:.1f} s: degraded / restored / original rows in {out_path}")
         return
     if class_names:  # one row per class, as for Gaussian models
@@ -428,12 +425,12 @@ def main(argv=None):
     if isinstance(first, dict) and first.get("process") == "cold":
         if len(paths) > 1:
             raise UsageError("--ckpt: one Cold Diffusion checkpoint at a time (expert ensembles are for Gaussian models)")
-        return sample_cold(args, paths[0], device)
+        return sample_cold(args, paths[0], first, device)
     if args.cold_restore or args.cold_level is not None or args.cold_sampler != "improved":
         raise UsageError("--cold_sampler/--cold_restore/--cold_level: for Cold Diffusion checkpoints "
                          "(train.py --process cold)")
     args.ckpt = " + ".join(paths)  # for the messages below
-    state, diffusion, model = load_model_or_experts(paths, device, args.variance, args.weights)
+    state, diffusion, model = load_model_or_experts(paths, device, args.variance, args.weights, first)
     check_args(args, diffusion.timesteps)
     seed_everything(args.seed)
     task = state.get("task", "diffusion")
@@ -555,7 +552,7 @@ def main(argv=None):
         return
 
     if args.invert:
-        originals, labels = load_images_to_invert(args.invert, args.num_samples or 16, size, channels,
+        originals, labels = load_labelled_images(args.invert, args.num_samples or 16, size, channels,
                                                   state.get("class_names") or [])
         x0 = to_model_range(originals)
         latents = []

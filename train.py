@@ -411,7 +411,6 @@ def main(argv=None):
         if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
             args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
         args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
-        args.process = getattr(args, "process", None) or "gaussian"  # runs saved before --process existed
     resolve_process_defaults(args)
     check_args(args)
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
@@ -697,14 +696,14 @@ def main(argv=None):
             write_checkpoints(*states, full_path, ema_path, step, args.keep_last)
 
     grid_diffusion = diffusion  # what draws the grids: Algorithm 2 over all T steps, or respaced (eq. 19)
-    if args.process == "cold":  # fixed starts: channel means from the mixture, or (mask) real images to restore
+    restoring = args.process == "cold" and args.degradation not in cold.GENERATES  # a mask model cannot generate
+    if restoring:  # fixed real images, degraded to level T/2, to restore
         fixed_real = to_model_range(torch.stack([dataset[i][0] for i in range(min(args.num_samples, len(dataset)))]))
-        if args.degradation in cold.GENERATES:
-            fixed_start = diffusion.start_images(args.num_samples, dataset.channels, torch.Generator().manual_seed(
-                args.seed), device)
-        else:
-            half = torch.full((len(fixed_real),), args.timesteps // 2, dtype=torch.long)
-            fixed_start = diffusion.degrade(fixed_real.to(device), half.to(device))
+        half = torch.full((len(fixed_real),), args.timesteps // 2, dtype=torch.long)
+        fixed_start = diffusion.degrade(fixed_real.to(device), half.to(device))
+    elif args.process == "cold":  # fixed starts: channel means drawn from the mixture
+        fixed_start = diffusion.start_images(args.num_samples, dataset.channels,
+                                             torch.Generator().manual_seed(args.seed), device)
     elif args.sample_steps and args.sample_steps < args.timesteps:
         grid_diffusion = improved_ddpm.respace(diffusion, args.sample_steps)
 
@@ -722,14 +721,14 @@ def main(argv=None):
                     predicted = ema_model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t).argmax(1).cpu()
                 accuracy.append(f"t={t_value}: {(predicted == labels).float().mean().item():.0%}")
             return "accuracy on noisy images, " + ", ".join(accuracy), None
-        if args.process == "cold" and args.degradation not in cold.GENERATES:  # restoration from level T/2
-            restored = diffusion.sample(ema_model, fixed_start, fixed_labels[:len(fixed_start)] if class_names
-                                        else None, steps=args.timesteps // 2, progress=False)
-            save_grid(from_model_range(torch.cat([fixed_start, restored, fixed_real.to(device)])), path,
-                      nrow=len(fixed_start))
-            return f"degraded / restored / original rows in {path}", path
-        if args.process == "cold":  # generation from the fixed starts, Algorithm 2
-            images = diffusion.sample(ema_model, fixed_start, fixed_labels, progress=False)
+        if args.process == "cold":  # Algorithm 2 from the fixed starts (all T levels, or T/2 when restoring)
+            labels = fixed_labels[:len(fixed_start)] if class_names else None
+            images = diffusion.sample(ema_model, fixed_start, labels, steps=args.timesteps // 2 if restoring else None,
+                                      progress=False)
+            if restoring:
+                save_grid(from_model_range(torch.cat([fixed_start, images, fixed_real.to(device)])), path,
+                          nrow=len(fixed_start))
+                return f"degraded / restored / original rows in {path}", path
             save_grid(from_model_range(images), path)
             return f"samples in {path}", path
         if args.task == "diffusion":

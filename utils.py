@@ -461,6 +461,12 @@ def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="-
     except Exception as error:
         raise UsageError(f"{flag} {path}: not a checkpoint this repository can read ({type(error).__name__}); "
                          "pass a .pt file written by train.py") from None
+    return check_keys(state, path, required, flag)
+
+
+def check_keys(state, path, required, flag="--ckpt"):
+    """load_checkpoint's check that a loaded checkpoint holds the keys its user needs, on its own, for a
+    caller that loaded the file once and learns only afterwards what it needs. Returns state."""
     missing = [key for key in required if not isinstance(state, dict) or key not in state]
     if "diffusion_config" in missing and isinstance(state, dict) and "cold_config" in state:
         raise UsageError(f"{flag} {path}: a Cold Diffusion model (cold.py), and this needs a Gaussian diffusion "
