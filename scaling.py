@@ -112,22 +112,25 @@ class SharedRandomness:
         return torch.stack(parts, dim=1).reshape(-1)  # [B x W]: element (j, r) is global row j*W + r
 
 
-def step_statistics(losses, t, timesteps, stop_requested, world_size):
+def step_statistics(losses, t, timesteps, stop_requested, world_size, seconds=0.0):
     """This step's per-image losses and t [k*B] -> (mean loss, [mean loss of the images whose t lies in
-    each quarter of 0 .. T-1, NaN where none did], whether any process was asked to stop), over all
-    processes with one all-reduce. The quarters show which noise levels are hard (Improved DDPM
-    Fig. 2 makes the same split: the terms at small t dominate the variational bound)."""
+    each quarter of 0 .. T-1, NaN where none did], whether any process was asked to stop, the training
+    seconds so far averaged over processes), over all processes with one all-reduce. The quarters show
+    which noise levels are hard (Improved DDPM Fig. 2 makes the same split: the terms at small t
+    dominate the variational bound). Every process gets the same seconds, so a time budget
+    (--max_minutes) sets the same learning rate and stops every process at the same step."""
     quarter = (t * 4 // timesteps).clamp(max=3)
-    stats = torch.zeros(11, device=losses.device)
+    stats = torch.zeros(12, device=losses.device)  # float32 keeps a day's seconds to 0.01 s
     stats[0], stats[1] = losses.float().sum(), losses.numel()
     stats[2:6].index_add_(0, quarter, losses.float())
     stats[6:10].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float))
     stats[10] = float(stop_requested)
+    stats[11] = seconds
     if world_size > 1:
         dist.all_reduce(stats)  # summed over processes: means of the global batch
     stats = stats.cpu()
     by_quarter = [(stats[2 + q] / stats[6 + q]).item() if stats[6 + q] > 0 else float("nan") for q in range(4)]
-    return (stats[0] / stats[1]).item(), by_quarter, bool(stats[10] > 0)
+    return (stats[0] / stats[1]).item(), by_quarter, bool(stats[10] > 0), stats[11].item() / world_size
 
 
 # ---------------------------------------------------------------------------------------------

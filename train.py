@@ -4,6 +4,7 @@ train.py: train a DDPM on a folder of your images (or a built-in dataset) and wr
     python train.py                                   # the offline built-in 'shapes' dataset
     python train.py --dataset_path data/cars          # your folder; class subfolders become labels
     python train.py --dataset_path data/cars --resume # continue from checkpoints/cars.pt
+    python train.py --dataset_path data/cars --max_minutes 20 --amp   # a 20-minute budget, bf16 if it pays
     python train.py --dataset_path data/cars --task super_resolution --low_res 32 --image_size 64
     python train.py --dataset_path data/cars --task classifier     # a noisy classifier for guidance
 
@@ -65,9 +66,9 @@ from scaling import (LOG_FIELDS, ResumableSampler, SharedRandomness, StopSignals
                      endless_batches, log_fields, setup_distributed, start_log, step_statistics, weights_are_finite,
                      write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
-                   from_model_range, load_builtin_dataset, load_checkpoint, load_npz_dataset, load_weights,
-                   peak_memory_mb, plot_loss, remove_stale_temporaries, reset_peak_memory, save_grid,
-                   seed_everything, to_model_range)
+                   cpu_has_fast_bf16, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
+                   load_npz_dataset, load_weights, peak_memory_mb, plot_loss, remove_stale_temporaries,
+                   reset_peak_memory, save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -76,9 +77,9 @@ RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr"
 # from the command line; every other setting comes from the checkpoint, so the run continues unchanged.
 # The memory and speed switches are among them: they change how a step is computed, not what it computes,
 # so a run may resume on other hardware with other switches.
-RUN_CONTROL_FLAGS = ("max_steps", "save_every", "sample_every", "num_samples", "sample_steps", "device", "num_workers",
-                     "checkpoint_dir", "sample_dir", "resume", "keep_last", "tensorboard", "grad_checkpointing",
-                     "channels_last", "compile")
+RUN_CONTROL_FLAGS = ("max_steps", "max_minutes", "save_every", "sample_every", "num_samples", "sample_steps", "device",
+                     "num_workers", "checkpoint_dir", "sample_dir", "resume", "keep_last", "tensorboard",
+                     "grad_checkpointing", "channels_last", "compile")
 # A non-finite loss or gradient skips the step (fp16 loss scaling overflows now and then); this many in
 # a row means the run has diverged, and it stops.
 MAX_SKIPPED_STEPS = 5
@@ -167,11 +168,15 @@ def parse_args(argv=None):
     train.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     train.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm (DDPM used 1)")
     train.add_argument("--max_steps", type=int, default=10000, help="optimizer steps to train for")
+    train.add_argument("--max_minutes", type=float, default=None,
+                       help="also stop (and save) after this many minutes of training, and let the learning-rate "
+                            "cosine follow whichever of steps and minutes runs out first (README: Speed)")
     train.add_argument("--ema_decay", type=float, default=0.999,
                        help="EMA decay (with warm-up); 0.9999 as in DDPM suits runs of 100k+ steps")
     train.add_argument("--amp", nargs="?", const="auto", default="off", choices=("off", "auto", "bf16", "fp16"),
                        help="mixed precision (autocast; weights, EMA and optimizer state stay fp32): bf16, or fp16 "
-                       "with loss scaling (CUDA only); --amp alone = auto: bf16 where supported, else fp16")
+                       "with loss scaling (CUDA only); --amp alone = auto: on CUDA bf16 where supported, else fp16; on a "
+                       "CPU bf16 if it has AMX or AVX-512 BF16 (2-3x faster there), else fp32")
     train.add_argument("--swa_start", type=int, default=None,
                        help="keep a stochastic weight average (Izmailov et al. 2018; torch.optim.swa_utils) of the "
                        "weights after every step from this one on, beside the EMA; sample it with sample.py "
@@ -230,6 +235,8 @@ def check_args(args):
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise UsageError(f"--max_minutes {args.max_minutes}: must be positive (leave it out to stop by --max_steps only)")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UsageError(f"--ema_decay {args.ema_decay}: must be in [0, 1)")
     if args.sample_steps is not None and not 1 <= args.sample_steps <= args.timesteps:
@@ -315,11 +322,13 @@ def load_dataset(args):
 # The training aids around Algorithm 1
 # ---------------------------------------------------------------------------------------------
 
-def lr_lambda(step, warmup_steps, max_steps):
-    """Learning-rate factor: linear warm-up to 1 over warmup_steps, then half a cosine down to 0."""
+def lr_lambda(step, warmup_steps, max_steps, time_used=0.0):
+    """Learning-rate factor: linear warm-up to 1 over warmup_steps, then half a cosine down to 0. With a
+    time budget (--max_minutes), time_used is the fraction of it spent, and the cosine follows whichever
+    of steps and time is further along, so a run cut short by the clock still ends at a low rate."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    progress = max((step - warmup_steps) / max(1, max_steps - warmup_steps), time_used)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -359,12 +368,13 @@ def conditioning_settings(args):
 
 
 def checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config, model_config,
-                      diffusion_config, class_names, timestep_sampler, rng):
+                      diffusion_config, class_names, timestep_sampler, rng, train_seconds=0.0):
     """The two checkpoint dicts, all plain Python types and tensors (loadable with weights_only=True).
     task says what the network is (cascade.TASKS); conditioning holds a super-resolution model's
     low_res and augmentation levels; p_uncond tells sample.py whether the "no label" input was trained
     (classifier-free guidance). swa (with swa_count, the number of weights averaged) appears once
-    --swa_start is reached; rng holds every random stream, so that a resumed run is exact."""
+    --swa_start is reached; rng holds every random stream, so that a resumed run is exact; train_seconds
+    is the wall-clock time spent training so far, over every resumed part (tools/time_to_quality.py)."""
     task = config["task"]
     # A Cold Diffusion model stores its degradation under cold_config, so that the tools made for Gaussian
     # diffusion, which read diffusion_config, refuse it with a clear message (utils.load_checkpoint).
@@ -373,7 +383,7 @@ def checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, s
     describes_itself = dict(task=task, model_config=model_config, **process,
                             class_names=class_names, step=step, conditioning=config["conditioning"],
                             p_uncond=config["p_uncond"] if class_names and task == "diffusion" else 0.0,
-                            t_range=config["t_range"])
+                            t_range=config["t_range"], train_seconds=float(train_seconds))
     averaged = {}
     if swa_model is not None and swa_model.n_averaged.item() > 0:
         averaged = dict(swa=swa_model.module.state_dict(), swa_count=int(swa_model.n_averaged.item()))
@@ -425,6 +435,7 @@ def main(argv=None):
                              "or train without the flag (loss.csv is written either way)") from None
 
     rank, world_size, device = setup_distributed(args.device)
+    keep_freed_memory()  # glibc: stop handing the step's big buffers back to the OS (utils.py; README: Speed)
     say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks, logs, draws and saves
     seed_everything(args.seed)  # the same seed everywhere: every process builds the same initial weights
     # Diffusion before data: it checks that the loss, prediction and variance settings fit together.
@@ -488,20 +499,28 @@ def main(argv=None):
     # AdamW; the fused kernel on CUDA, the multi-tensor ("foreach") one elsewhere.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
+    # --max_minutes: the fraction of the time budget used so far, which the cosine follows too (lr_lambda).
+    budget_s = args.max_minutes * 60 if args.max_minutes else None
+    budget = dict(used=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, args.warmup_steps, args.max_steps))
+        optimizer, lambda step: lr_lambda(step, args.warmup_steps, args.max_steps, budget["used"]))
     # Mixed precision: autocast runs the network's matrix products in 16 bits; the weights, the EMA, the
     # SWA average and AdamW's moments stay fp32. fp16 needs loss scaling (GradScaler), bf16 does not.
     amp = args.amp
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" and not torch.cuda.is_bf16_supported() else "bf16"
+    if amp == "auto" and device.type == "cuda":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
+        amp = "bf16" if cpu_has_fast_bf16() else "off"
+        say(f"--amp auto: {'bf16 (this CPU has AMX or AVX-512 BF16)' if amp == 'bf16' else 'fp32 (this CPU has no bf16 matrix hardware, where bf16 is slower)'}")
+    elif amp == "auto":
+        amp = "bf16"
     if amp == "fp16" and device.type != "cuda":
         raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on {device}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
 
-    step = 0
+    step, train_seconds = 0, 0.0  # train_seconds: wall-clock time spent training, over every resumed part
     if resumed:
         saved_config = resolve_config(**resumed["model_config"])  # with settings added since filled in
         if saved_config != model_config:  # e.g. a class folder was added since
@@ -519,6 +538,7 @@ def main(argv=None):
         scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])
         step = resumed["step"]
+        train_seconds = resumed.get("train_seconds", 0.0)
         if "timestep_sampler" in resumed:
             timestep_sampler.load_state_dict(resumed["timestep_sampler"])
         rng = resumed["rng"]
@@ -691,7 +711,8 @@ def main(argv=None):
             raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, the last checkpoint "
                              f"{full_path} is kept. Try a lower --lr, or --amp bf16 instead of fp16")
         states = checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config,
-                                   model_config, diffusion.config(), class_names, timestep_sampler, rng_states())
+                                   model_config, diffusion.config(), class_names, timestep_sampler, rng_states(),
+                                   train_seconds)
         if rank == 0:
             write_checkpoints(*states, full_path, ema_path, step, args.keep_last)
 
@@ -771,13 +792,15 @@ def main(argv=None):
     model.train()
     reset_peak_memory(device)  # loss.csv's peak_memory_mb: the training's, not the data loading's
     bar = tqdm(total=args.max_steps, initial=step, desc=run_name, dynamic_ncols=True, disable=rank != 0)
-    skipped_in_a_row, stop = 0, False
+    skipped_in_a_row, stop, out_of_time = 0, False, False
+    seconds_before, loop_started = train_seconds, time.perf_counter()
     try:
-        while step < args.max_steps and not stop:
+        while step < args.max_steps and not stop and not out_of_time:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(args.accumulation_iters)]
             losses, t = accumulate_gradients(loss_fn, micro_batches, scaler, no_sync)
-            loss, by_quarter, stop = step_statistics(losses, t, args.timesteps, signals.requested, world_size)
+            loss, by_quarter, stop, train_seconds = step_statistics(
+                losses, t, args.timesteps, signals.requested, world_size, seconds_before + time.perf_counter() - loop_started)
             scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             # The same on every process: the gradients were averaged over processes, the loss too.
@@ -786,6 +809,9 @@ def main(argv=None):
                 scaler.step(optimizer)
             scaler.update()  # fp16: a smaller loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)
+            if budget_s:
+                budget["used"] = train_seconds / budget_s
+                out_of_time = train_seconds >= budget_s  # the same on every process (step_statistics)
             scheduler.step()
             if finite:
                 update_ema(ema_model, model, args.ema_decay, step)
@@ -812,10 +838,11 @@ def main(argv=None):
                               + (" (fp16 loss scaling overflows a few times at first)" if amp == "fp16" else ""))
             else:
                 skipped_in_a_row = 0
-            if step % args.save_every == 0 or step == args.max_steps or stop:
+            finished = step == args.max_steps or out_of_time
+            if step % args.save_every == 0 or finished or stop:
                 flush_log()
                 save()
-            if not stop and rank == 0 and args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+            if not stop and rank == 0 and args.sample_every and (step % args.sample_every == 0 or finished):
                 bar.write(f"step {step}: {draw_grid()}")
     except KeyboardInterrupt:  # a second signal: quit at once
         bar.close()
@@ -834,6 +861,8 @@ def main(argv=None):
            "super_resolution": f"python sample.py --ckpt <base _ema.pt> --sr_ckpt {ema_path}, or "
                                f"--ckpt {ema_path} --cond_images <low-res images>",
            "image_to_image": f"python sample.py --ckpt {ema_path} --cond_images <input images>"}[args.task]
+    if out_of_time:
+        say(f"--max_minutes {args.max_minutes:g} reached after {train_seconds / 60:.1f} minutes of training, at step {step}")
     say(f"done at step {step}: {full_path} (to resume) and {ema_path} (to use: {use})")
 
 

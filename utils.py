@@ -101,6 +101,44 @@ def peak_memory_mb(device):
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
 
 
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory instead of returning it to the operating system, so that
+    the training loop stops paying the kernel for the same pages every step. Returns True if it could.
+
+    Why: a training step allocates and frees the same large activation buffers (8-17 MiB each for a
+    batch of 64 at 32x32) again and again. glibc serves blocks above its "mmap threshold" with fresh
+    mmap() calls and unmaps them on free; the next step maps them again and the kernel zero-fills
+    every page on first touch. On 2 CPU cores that was 20-30% of the time in the kernel (the peers'
+    bench, ../shared/bench/README.md). mallopt() raises the mmap threshold to its largest value,
+    32 MiB on 64-bit Linux, so those buffers come from the heap, and the trim threshold to 1 GiB,
+    so that freed heap memory is not handed back either. It changes where memory comes from, never
+    a number computed. Blocks above 32 MiB (large attention maps) still go to mmap; only another
+    allocator, for example jemalloc via LD_PRELOAD (README, "Speed"), keeps those. No effect and
+    False outside Linux with glibc. Call it once at start-up, before the big tensors exist."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def cpu_has_fast_bf16():
+    """True when the CPU multiplies bf16 matrices in hardware: Intel AMX (amx_bf16) or AVX-512 BF16
+    (avx512_bf16), read from /proc/cpuinfo's flags. Without either, bf16 autocast on a CPU is emulated
+    and usually slower than fp32, so --amp auto stays in fp32 there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
     random.seed(seed)

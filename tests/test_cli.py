@@ -7,9 +7,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
+import utils
 from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
 
 
@@ -73,6 +75,23 @@ def test_resume_continues_at_the_saved_step_with_the_saved_settings(tmp_path, im
     assert full["config"]["lr"] == 1e-3 and full["config"]["image_size"] == 16  # not the defaults
     assert full["optimizer"]["state"][0]["step"].item() == 5  # the optimizer continued too
     assert [row["step"] for row in read_log(tmp_path / "samples" / "pets" / "loss.csv")] == ["1", "2", "3", "4", "5"]
+    # The training time adds up over the resumed parts, and the EMA file records it too.
+    ema = torch.load(tmp_path / "checkpoints" / "pets_ema.pt", map_location="cpu", weights_only=True)
+    assert ema["train_seconds"] == full["train_seconds"] > 0
+
+
+def test_max_minutes_stops_the_run_and_saves_it(tmp_path, image_folder):
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "100000",
+                        "--max_minutes", "0.0001", "--warmup_steps", "1", "--sample_every", "0", "--amp", cwd=tmp_path)
+    assert "--max_minutes 0.0001 reached" in result.stdout
+    # --amp alone on a CPU: bf16 only where the CPU has bf16 matrix hardware (utils.cpu_has_fast_bf16)
+    assert ("--amp auto: bf16" if utils.cpu_has_fast_bf16() else "--amp auto: fp32") in result.stdout
+    full = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
+    assert 1 <= full["step"] < 100 and full["train_seconds"] >= 0.006
+    assert full["scheduler"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # the cosine ran to its end with the clock
+    result = run_script("train.py", "--dataset_path", image_folder, "--max_minutes", "0", cwd=tmp_path, check=False,
+                        in_process=True)
+    assert_one_line_error(result, "--max_minutes 0")
 
 
 def test_unconditional_grayscale_folder(tmp_path):

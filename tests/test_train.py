@@ -90,6 +90,14 @@ def test_learning_rate_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
 
 
+def test_a_time_budget_moves_the_cosine_along_when_time_runs_out_before_the_steps():
+    # --max_minutes: the cosine follows whichever of steps and time is further along
+    assert lr_lambda(20, 10, 110, time_used=0.5) == pytest.approx(0.5, abs=1e-6)  # time ahead of the steps
+    assert lr_lambda(60, 10, 110, time_used=0.1) == pytest.approx(0.5, abs=1e-6)  # the steps ahead of time
+    assert lr_lambda(20, 10, 110, time_used=1.0) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda(5, 10, 110, time_used=0.9) == pytest.approx(0.6)  # warm-up is by steps only
+
+
 def test_a_tiny_model_overfits_one_batch():
     """Algorithm 1 on one fixed batch of 4 images: the eps-loss, measured on a fixed set of (t, eps),
     falls by a large factor. If the model, the loss or the update were wired wrong it would not."""
