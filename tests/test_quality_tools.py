@@ -88,6 +88,38 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
     assert_one_line_error(result, "--steps [21]")
 
 
+def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
+    """tools/time_to_quality.py: a checkpoint's minutes come from the train_seconds it records, a peer's from
+    its .npz; every set is scored against the same reference, and one-line errors name the bad input."""
+    root, folder = trained
+    ckpt = root / "checkpoints" / "pets_ema.pt"
+    peer = root / "peer.npz"
+    np.savez(peer, x=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), train_s=90.0, steps=7)
+    csv_path, plot_path = root / "ttq.csv", root / "ttq.png"
+    args = ["--classifier", root / "classifier.pt", "--reference_path", folder, "--num_samples", "8",
+            "--num_reference", "10", "--steps", "3", "--batch_size", "5", "--csv", csv_path, "--device", "cpu"]
+    run_script("tools/time_to_quality.py", "--ckpt", ckpt, "--peer", f"noise={peer}", *args, "--plot", plot_path,
+               "--grids", root / "ttq_grids", cwd=root)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["real", "ours", "noise"]
+    seconds = torch.load(ckpt, map_location="cpu", weights_only=True)["train_seconds"]
+    assert float(rows[1]["minutes"]) == pytest.approx(seconds / 60, abs=0.01) and rows[1]["step"] == "2"
+    assert (rows[2]["minutes"], rows[2]["step"]) == ("1.50", "7")
+    assert all(r["num_samples"] == "8" and float(r["fd"]) >= -1e-6 and 0 <= float(r["rarest_class"]) <= 0.5
+               for r in rows)
+    assert float(rows[0]["class_accuracy"]) >= 0 and rows[2]["class_accuracy"] == "nan"  # a peer has no labels
+    assert plot_path.is_file() and (root / "ttq_grids" / "ours_2.png").is_file()
+    result = run_script("tools/time_to_quality.py", "--peer", "noise", *args, cwd=root, check=False, in_process=True)
+    assert_one_line_error(result, "--peer noise: expected NAME=PATH")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    del state["train_seconds"]
+    torch.save(state, root / "old_ema.pt")
+    result = run_script("tools/time_to_quality.py", "--ckpt", root / "old_ema.pt", *args, cwd=root, check=False,
+                        in_process=True)
+    assert_one_line_error(result, "does not record its training time")
+
+
 def test_nll_tool_reports_bits_per_dim(trained):
     root, folder = trained
     result = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path", folder,
