@@ -13,10 +13,22 @@ forward and backward pass, about 3x the forward's. Achieved GFLOP/s = training F
 images/s: against the device's peak it says how much of the hardware the model uses. Training is
 Algorithm 1 (ddpm.py) with AdamW on random images, as train.py runs it, without data loading.
 Sampling images/s are measured by running each sampler for its step count on one batch.
+
+    python tools/benchmark.py --vs-peers                               # side by side with the peers (CPU)
+
+--vs-peers times our default and medium networks, in fp32 and in bf16 autocast, beside lucidrains'
+and diffusers' UNets of the same sizes, in one run of ../shared/bench/peers.py (each model in its own
+process, same loop, same threads), then prints one table: images/s and the ratio to the fastest peer
+of the same size, GFLOP/s against this machine's measured peak in that precision (the fp32 and bf16
+3x3-convolution and matmul peaks, machine_peak below), sampling network evaluations/s and peak
+resident memory. It needs the bench's virtual environment (bash ../shared/bench/setup.sh).
 """
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,8 +39,14 @@ from ddim import ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model, count_parameters, resolve_model_config  # noqa: E402
-from utils import (UsageError, load_checkpoint, peak_memory_mb, pick_device, reset_peak_memory,  # noqa: E402
-                   write_json)
+from utils import (UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint, peak_memory_mb,  # noqa: E402
+                   pick_device, reset_peak_memory, write_json)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The peers of each size in ../shared/bench/peers.py, and our contenders (tools/peer_contender.py).
+PEERS = dict(small=["lucid-d32-122", "diffusers-32-64-64"], medium=["lucid-d64-122", "diffusers-64-128-128"])
+CONTENDERS = dict(small=[("build", "ours-fp32"), ("build_bf16", "ours-bf16")],
+                  medium=[("build_medium", "ours-medium-fp32"), ("build_medium_bf16", "ours-medium-bf16")])
 
 
 def parse_args(argv=None):
@@ -40,13 +58,32 @@ def parse_args(argv=None):
     p.add_argument("--base_channels", type=int, default=32)
     p.add_argument("--channel_mults", type=int, nargs="+", default=[1, 2, 2])
     p.add_argument("--num_res_blocks", type=int, default=2)
+    p.add_argument("--attention_resolutions", type=int, nargs="*", default=None,
+                   help="resolutions with self-attention (default: model.py's; none when given without values)")
     p.add_argument("--num_classes", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64, help="images per training step and per sampling batch")
     p.add_argument("--train_steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
     p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, nargs="+", default=[10, 50], help="sampling step counts to time")
     p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--amp", default="off", choices=("off", "bf16"), help="bf16 autocast for training")
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
+                   help="bf16 autocast for training; auto: bf16 on a CPU with AMX or AVX-512 BF16, or on CUDA")
+    p.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                   help="keep: glibc keeps freed memory, as train.py sets it (utils.keep_freed_memory); "
+                        "default: leave the allocator alone, to measure the difference")
+    p.add_argument("--channels_last", action="store_true", help="weights and images in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for training (slow to start)")
+    peers = p.add_argument_group("--vs-peers: the side-by-side table against lucidrains and diffusers")
+    peers.add_argument("--vs-peers", dest="vs_peers", action="store_true",
+                       help="run ../shared/bench/peers.py with our networks as contenders and print the table")
+    peers.add_argument("--bench_dir", default=os.path.join(os.path.dirname(ROOT), "shared", "bench"))
+    peers.add_argument("--bench_python", default=os.environ.get("BENCH_PYTHON", "/tmp/benchvenv/bin/python"),
+                       help="the bench's virtual environment (made by its setup.sh), with the peers installed")
+    peers.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=("small", "medium"))
+    peers.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    peers.add_argument("--alloc", default="default", choices=("default", "jemalloc", "glibc-tuned"),
+                       help="the bench's allocator setting for every model, peers included")
+    peers.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
@@ -57,6 +94,86 @@ def count_flops(fn):
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def machine_peak(dtype, threads, reps=7):
+    """This CPU's achievable GFLOP/s in dtype: the best of a 3x3 convolution (64 -> 64 channels, 32x32,
+    batch 64, channels_last, forward) and a 2048 x 2048 matrix product, median of reps runs each. The
+    fp32 figure matches ../shared/bench/machine_peak.py's; bf16 is measured the same way, so each
+    precision's fraction of peak is against its own limit."""
+    torch.set_num_threads(threads)
+    x = torch.randn(64, 64, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    best = {}
+    for name, fn, flops in (("conv3x3", lambda: torch.nn.functional.conv2d(x, weight, padding=1),
+                             2 * 64 * 64 * 9 * 32 * 32 * 64), ("matmul", lambda: a @ b, 2 * 2048 ** 3)):
+        fn()
+        times = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        best[name] = flops / sorted(times)[reps // 2] / 1e9
+    return max(best.values()), best
+
+
+def vs_peers(args):
+    """The side-by-side table: ../shared/bench/peers.py with our contenders, then our summary of it."""
+    bench = os.path.abspath(args.bench_dir)
+    if not os.path.isfile(os.path.join(bench, "peers.py")):
+        raise UsageError(f"--bench_dir {args.bench_dir}: no peers.py there; point it at ../shared/bench")
+    if not os.path.isfile(args.bench_python):
+        raise UsageError(f"--bench_python {args.bench_python}: not found; make the bench's environment with "
+                         f"bash {os.path.join(bench, 'setup.sh')}, or pass its python")
+    contender_file = os.path.join(ROOT, "tools", "peer_contender.py")
+    peers, contenders = [], []
+    for size in args.sizes:
+        peers += PEERS[size]
+        contenders += [f"{contender_file}:{fn}={label}" for fn, label in CONTENDERS[size]
+                       if label.rsplit("-", 1)[1] in args.precisions]
+    results_dir = tempfile.mkdtemp(prefix="vs_peers_")
+    command = [args.bench_python, "peers.py", "--only", "^(" + "|".join(peers) + "|ours.*)$", "--channels",
+               str(args.channels), "--threads", str(args.threads), "--alloc", args.alloc, "--batch",
+               str(args.batch_size), "--md", "", "--results-dir", results_dir]
+    for contender in contenders:
+        command += ["--contender", contender]
+    print("running:", " ".join(command), f"(in {bench}; each model takes about a minute)", flush=True)
+    done = subprocess.run(command, cwd=bench, stdout=subprocess.PIPE, text=True)
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not any(r.get("kind") == "peer" for r in rows):
+        raise UsageError(f"peers.py failed (exit code {done.returncode}); its messages are above")
+    meta = next(r for r in rows if r.get("kind") == "meta")
+    fp32_bench_peak = next((r["peak_gflops"] for r in rows if r.get("kind") == "machine_peak"), None)
+    peaks = {name: machine_peak(dtype, args.threads) for name, dtype in (("fp32", torch.float32),
+                                                                          ("bf16", torch.bfloat16))}
+    models = [r for r in rows if r.get("kind") == "peer"]
+    result = dict(meta=meta, peers_peak_fp32=fp32_bench_peak, bf16_hardware=cpu_has_fast_bf16(),
+                  peaks={k: dict(best=v[0], **v[1]) for k, v in peaks.items()}, models=models)
+    print(f"\n{meta['cpu']}, {args.threads} threads, torch {meta['versions'].get('torch')}, allocator "
+          f"{meta['alloc']}, batch {meta['batch']}, {meta['res']}x{meta['res']}x{args.channels}; peak GFLOP/s: "
+          f"fp32 {peaks['fp32'][0]:.0f} (the bench's own: {fp32_bench_peak or float('nan'):.0f}), "
+          f"bf16 {peaks['bf16'][0]:.0f} ({'AMX or AVX-512 BF16' if cpu_has_fast_bf16() else 'no bf16 hardware'})\n")
+    print("| model | size | precision | params | train img/s | vs fastest peer | train GFLOP/s | % of peak | "
+          "sampling evals/s (batch 64) | vs fastest peer | peak RSS in training |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        mine = [r for r in models if r["name"].startswith("ours") and ("medium" in r["name"]) == (size == "medium")]
+        theirs = [r for r in models if r["name"] in PEERS[size]]
+        best_train = max((r["train_img_s"] for r in theirs), default=float("nan"))
+        best_sample = max((r["sample_evals_s"] for r in theirs), default=float("nan"))
+        for r in theirs + mine:
+            precision = "bf16" if r["name"].endswith("bf16") else "fp32"
+            r.update(precision=precision, size=size, train_vs_best_peer=r["train_img_s"] / best_train,
+                     sample_vs_best_peer=r["sample_evals_s"] / best_sample,
+                     fraction_of_peak=r["train_gflops_3x"] / peaks[precision][0])
+            print(f"| {r['name']} | {size} | {precision} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
+                  f"{r['train_vs_best_peer']:.2f}x | {r['train_gflops_3x']:.0f} | {100 * r['fraction_of_peak']:.0f}% | "
+                  f"{r['sample_evals_s']:.2f} | {r['sample_vs_best_peer']:.2f}x | {r['peak_rss_train_mb'] / 1024:.1f} GB |")
+    if args.json:
+        write_json(args.json, result)
+        print(f"results: {args.json}")
+    return result
 
 
 def synchronize(device):
@@ -74,21 +191,28 @@ def network(args):
         return state["model_config"], GaussianDiffusion(**state["diffusion_config"])
     config = resolve_model_config(image_size=args.image_size, in_channels=args.channels, out_channels=args.channels,
                                   base_channels=args.base_channels, channel_mults=args.channel_mults,
-                                  num_res_blocks=args.num_res_blocks, num_classes=args.num_classes)
+                                  num_res_blocks=args.num_res_blocks, num_classes=args.num_classes,
+                                  attention_resolutions=args.attention_resolutions)
     return config, GaussianDiffusion(args.timesteps)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.vs_peers:
+        return vs_peers(args)
+    if args.malloc == "keep":
+        keep_freed_memory()
     device = pick_device(args.device)
     torch.manual_seed(0)
     config, diffusion = network(args)
     diffusion = diffusion.to(device)
     model = build_model(config).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     c, s, b = config["in_channels"], config["image_size"], args.batch_size
     labels = (lambda n: torch.randint(0, config["num_classes"], (n,), device=device)) if config.get("num_classes") \
         else (lambda n: None)
-    x0 = torch.rand(b, c, s, s, device=device) * 2 - 1
+    x0 = (torch.rand(b, c, s, s, device=device) * 2 - 1).contiguous(memory_format=memory_format)
     print(f"{count_parameters(model) / 1e6:.2f} M parameters, {s}x{s}x{c}, batch {b}, device {device}")
 
     # FLOPs per image: one forward, and one training step's forward and backward (Algorithm 1's loss).
@@ -99,8 +223,11 @@ def main(argv=None):
     train_flops = count_flops(lambda: diffusion.training_loss(model, one, labels(1))[0].mean().backward())
     model.zero_grad(set_to_none=True)
 
-    # Training: Algorithm 1 + AdamW, timed after two warm-up steps.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # Training: Algorithm 1 + AdamW (foreach, as train.py runs it on a CPU), timed after two warm-up steps.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    train_model = torch.compile(model) if args.compile else model
+    if args.amp == "auto":  # as train.py --amp decides it
+        args.amp = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "off"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
     model.train()
     reset_peak_memory(device)
@@ -109,7 +236,7 @@ def main(argv=None):
             synchronize(device)
             started = time.perf_counter()
         with autocast:
-            loss = diffusion.training_loss(model, x0, labels(b))[0].mean()
+            loss = diffusion.training_loss(train_model, x0, labels(b))[0].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -144,7 +271,8 @@ def main(argv=None):
 
     result = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   "cpu", threads=torch.get_num_threads(), model_config=config,
-                  parameters=count_parameters(model), batch_size=b, amp=args.amp,
+                  parameters=count_parameters(model), batch_size=b, amp=args.amp, malloc=args.malloc,
+                  channels_last=args.channels_last, compile=args.compile,
                   forward_gflops_per_image=forward_flops / 1e9, train_gflops_per_image=train_flops / 1e9,
                   train_images_per_s=train_images_per_s, achieved_train_gflop_per_s=train_flops / 1e9 * train_images_per_s,
                   train_peak_memory_mb=train_peak, sampling_evals_per_s=evals_per_s * b,

@@ -1,28 +1,70 @@
 """
-Our default UNet as a contender for ../shared/bench/peers.py, which times it beside the UNets of
-lucidrains/denoising-diffusion-pytorch and diffusers in one run on the same machine:
+Our UNets as contenders for ../shared/bench/peers.py, which times them beside the UNets of
+lucidrains/denoising-diffusion-pytorch and diffusers in one run on the same machine. The usual way to
+run it is `python tools/benchmark.py --vs-peers` (README, "Speed"), which passes these functions; by hand:
 
     P=/tmp/benchvenv/bin/python                      # made by ../shared/bench/setup.sh
     cd ../shared/bench && $P peers.py --contender ../../main/tools/peer_contender.py:build=ours \
-        --contender ../../main/tools/peer_contender.py:build_attention_16_8=ours_attn16 \
         --only 'ours|lucid-d32|diffusers-32' --channels 3 --no-peak --md /tmp/peers.md --results-dir /tmp/peers
 
-The bench calls build(in_ch, res) and trains model(x, t) with the plain DDPM eps loss.
+The bench calls build(in_ch, res) and trains model(x, t) with the plain DDPM eps loss. Every builder
+first calls utils.keep_freed_memory(), as train.py does at start-up: it is part of how our code runs
+(the bench starts each model in its own process, so the peers keep their own allocator settings).
 """
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from model import build_model  # noqa: E402
+from utils import keep_freed_memory  # noqa: E402
+
+# The medium network (5-10 M parameters, beside the peers' medium ones): the default, twice as wide.
+MEDIUM = dict(base_channels=64)
+
+
+class Bf16Autocast(torch.nn.Module):
+    """model(x, t) under bf16 autocast, as train.py --amp bf16 runs it (weights and optimizer stay
+    fp32; convolutions and matrix products run in bf16); the output comes back as fp32 for the loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.model(x, t).float()
 
 
 def build(in_ch, res):
-    """The model train.py builds by default (base 32, mults 1 2 2, 2 blocks, attention at 8x8)."""
+    """The model train.py builds by default (base 32, mults 1 2 2, 2 blocks, attention at 8x8), fp32."""
+    keep_freed_memory()
     return build_model(dict(image_size=res, in_channels=in_ch))
 
 
+def build_bf16(in_ch, res):
+    """The default model with --amp bf16 (what --amp auto picks on a CPU with AMX or AVX-512 BF16)."""
+    return Bf16Autocast(build(in_ch, res))
+
+
+def build_medium(in_ch, res):
+    """The default model at base width 64 (about 7 M parameters), fp32."""
+    keep_freed_memory()
+    return build_model(dict(image_size=res, in_channels=in_ch, **MEDIUM))
+
+
+def build_medium_bf16(in_ch, res):
+    return Bf16Autocast(build_medium(in_ch, res))
+
 
 def build_attention_16_8(in_ch, res):
-    """The same network with self-attention at 16x16 too (the default until attention cost was measured)."""
+    """The default network with self-attention at 16x16 too (the default until attention cost was measured)."""
+    keep_freed_memory()
     return build_model(dict(image_size=res, in_channels=in_ch, attention_resolutions=[16, 8]))
+
+
+def build_glibc_default(in_ch, res):
+    """The default model with glibc's allocator left as it is, to measure what keep_freed_memory gives."""
+    return build_model(dict(image_size=res, in_channels=in_ch))
