@@ -110,6 +110,22 @@ def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
                for r in rows)
     assert float(rows[0]["class_accuracy"]) >= 0 and rows[2]["class_accuracy"] == "nan"  # a peer has no labels
     assert plot_path.is_file() and (root / "ttq_grids" / "ours_2.png").is_file()
+    # --labels none: the "no label" input that label dropout trained (the fair match for unconditional peers)
+    run_script("tools/time_to_quality.py", "--ckpt", ckpt, "--labels", "none", "--run_name", "no label", *args, cwd=root)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows[3:]] == ["real", "no label"] and rows[4]["class_accuracy"] == "nan"
+    # What reaches the sampler: random labels of the model's classes by default, None (the "no label" row) with none.
+    import time_to_quality
+    seen = []
+    real_draw = time_to_quality.draw_samples
+    time_to_quality.draw_samples = lambda *a, **k: (seen.append(a[5]), real_draw(*a, **k))[1]
+    try:
+        for labels in ("random", "none"):
+            time_to_quality.main(["--ckpt", str(ckpt), "--labels", labels, *map(str, args)])
+    finally:
+        time_to_quality.draw_samples = real_draw
+    assert seen[0].shape == (8,) and 0 <= seen[0].min() and seen[0].max() < 2 and seen[1] is None
     result = run_script("tools/time_to_quality.py", "--peer", "noise", *args, cwd=root, check=False, in_process=True)
     assert_one_line_error(result, "--peer noise: expected NAME=PATH")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

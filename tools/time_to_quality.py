@@ -13,7 +13,9 @@ wall-clock seconds spent training, train_seconds, in every checkpoint; --keep_la
 at every --save_every). --num_samples images are drawn from each with DDIM (Song et al. 2020, eq. 12,
 eta 0; ddim.py) in --steps steps. A class-conditional model gets labels drawn at random, uniformly
 (seeded), so that its samples are a draw from p(x) = sum_y p(y) p(x | y) like an unconditional
-model's. Each --peer is NAME=an .npz written by ../shared/bench/quality_peers.py: uint8 digits x
+model's; --labels none instead gives every sample the "no label" input, which a model trained with
+label dropout (--p_uncond, the default 0.1) learned as its unconditional model: the fair comparison
+with unconditional peers. Each --peer is NAME=an .npz written by ../shared/bench/quality_peers.py: uint8 digits x
 [N x 28 x 28] (padded to 32 here, as train.py pads MNIST) and the seconds it trained, train_s.
 
 Every set is scored by the offline classifier of tools/classifier.py: the Frechet distance of its
@@ -54,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--reference_path", required=True, help="held-out real images (class subfolders)")
     p.add_argument("--num_reference", type=int, default=10000, help="reference images for the statistics")
     p.add_argument("--num_samples", type=int, default=1000, help="samples drawn from each checkpoint")
+    p.add_argument("--labels", default="random", choices=("random", "none"),
+                   help="class-conditional checkpoints: random uniform labels, or none (the 'no label' input)")
     p.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     p.add_argument("--steps", type=int, default=50, help="sampling steps")
     p.add_argument("--batch_size", type=int, default=250)
@@ -172,7 +176,11 @@ def main(argv=None):
         model = model.to(device).eval()
         diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
         noise = torch.randn(args.num_samples, channels, size, size, generator=generator.manual_seed(args.seed))
-        labels = torch.randint(0, len(class_names), (args.num_samples,), generator=generator) if class_names else None
+        labels = None  # unconditional, or a conditional model's "no label" input (model.py)
+        if class_names and args.labels == "random":
+            labels = torch.randint(0, len(class_names), (args.num_samples,), generator=generator)
+        elif class_names and not state.get("p_uncond"):
+            raise UsageError(f"--ckpt {path}: --labels none needs a model trained with label dropout (--p_uncond > 0)")
         images, seconds = draw_samples(diffusion, model, args.sampler, args.steps, noise, labels, args.batch_size,
                                        args.seed)
         score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path)
