@@ -33,7 +33,8 @@ def test_train_then_sample_with_only_the_checkpoint_path(tmp_path, image_folder)
     assert ema["class_names"] == ["cat", "dog"] and ema["model_config"]["num_classes"] == 2
     assert ema["model_config"]["image_size"] == 16 and ema["diffusion_config"]["timesteps"] == 20
     assert set(ema) == {"kind", "ema", "task", "model_config", "diffusion_config", "class_names", "step",
-                        "conditioning", "p_uncond", "t_range"}
+                        "conditioning", "p_uncond", "t_range", "train_seconds"}
+    assert isinstance(ema["train_seconds"], float) and ema["train_seconds"] > 0  # a plain float, for time axes
     assert ema["t_range"] == [0, 19]  # trained on every t (an expert denoiser's is its interval)
     assert ema["task"] == "diffusion" and ema["conditioning"] == {} and ema["p_uncond"] == 0.1
     assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(full)
