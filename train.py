@@ -66,9 +66,9 @@ from scaling import (LOG_FIELDS, ResumableSampler, SharedRandomness, StopSignals
                      endless_batches, log_fields, setup_distributed, start_log, step_statistics, weights_are_finite,
                      write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
-                   cpu_has_fast_bf16, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
+                   from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
                    load_npz_dataset, load_weights, peak_memory_mb, plot_loss, remove_stale_temporaries,
-                   reset_peak_memory, save_grid, seed_everything, to_model_range)
+                   reset_peak_memory, resolve_amp, save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -499,28 +499,23 @@ def main(argv=None):
     # AdamW; the fused kernel on CUDA, the multi-tensor ("foreach") one elsewhere.
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
-    # --max_minutes: the fraction of the time budget used so far, which the cosine follows too (lr_lambda).
-    budget_s = args.max_minutes * 60 if args.max_minutes else None
-    budget = dict(used=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, args.warmup_steps, args.max_steps, budget["used"]))
+    # --max_minutes: the cosine also follows the fraction of the time budget used so far (lr_lambda).
+    # train_seconds: wall-clock time spent training, over every resumed part; each step updates it.
+    budget_s, train_seconds = (args.max_minutes * 60 if args.max_minutes else None), 0.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
+        step, args.warmup_steps, args.max_steps, train_seconds / budget_s if budget_s else 0.0))
     # Mixed precision: autocast runs the network's matrix products in 16 bits; the weights, the EMA, the
     # SWA average and AdamW's moments stay fp32. fp16 needs loss scaling (GradScaler), bf16 does not.
-    amp = args.amp
-    if amp == "auto" and device.type == "cuda":
-        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    elif amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
-        amp = "bf16" if cpu_has_fast_bf16() else "off"
+    amp = resolve_amp(args.amp, device)
+    if args.amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
         say(f"--amp auto: {'bf16 (this CPU has AMX or AVX-512 BF16)' if amp == 'bf16' else 'fp32 (this CPU has no bf16 matrix hardware, where bf16 is slower)'}")
-    elif amp == "auto":
-        amp = "bf16"
     if amp == "fp16" and device.type != "cuda":
         raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on {device}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
                               enabled=amp != "off")
 
-    step, train_seconds = 0, 0.0  # train_seconds: wall-clock time spent training, over every resumed part
+    step = 0
     if resumed:
         saved_config = resolve_config(**resumed["model_config"])  # with settings added since filled in
         if saved_config != model_config:  # e.g. a class folder was added since
@@ -809,9 +804,8 @@ def main(argv=None):
                 scaler.step(optimizer)
             scaler.update()  # fp16: a smaller loss scale after an overflow
             optimizer.zero_grad(set_to_none=True)
-            if budget_s:
-                budget["used"] = train_seconds / budget_s
-                out_of_time = train_seconds >= budget_s  # the same on every process (step_statistics)
+            if budget_s:  # the same on every process (step_statistics)
+                out_of_time = train_seconds >= budget_s
             scheduler.step()
             if finite:
                 update_ema(ema_model, model, args.ema_decay, step)

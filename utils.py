@@ -139,6 +139,19 @@ def cpu_has_fast_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def resolve_amp(requested, device):
+    """--amp's setting -> "off", "bf16" or "fp16" for this device. auto: on CUDA bf16 where the GPU
+    supports it, else fp16; on a CPU bf16 only with bf16 matrix hardware (cpu_has_fast_bf16), else
+    off; elsewhere (Apple MPS) bf16. train.py and tools/benchmark.py decide it the same way."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16() else "off"
+    return "bf16"
+
+
 def seed_everything(seed):
     """Seed Python, NumPy and torch (all devices) so a run can be repeated."""
     random.seed(seed)

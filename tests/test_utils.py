@@ -121,3 +121,12 @@ def test_keep_freed_memory_sets_glibcs_thresholds():
     import sys
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert utils.keep_freed_memory() is expected
+
+
+def test_resolve_amp_passes_explicit_settings_through_and_decides_auto_by_hardware():
+    """--amp auto on a CPU: bf16 only where the CPU has bf16 matrix hardware (else fp32, "off"); an explicit
+    setting is kept as given, on any device."""
+    cpu = torch.device("cpu")
+    assert utils.resolve_amp("auto", cpu) == ("bf16" if utils.cpu_has_fast_bf16() else "off")
+    assert [utils.resolve_amp(mode, cpu) for mode in ("off", "bf16", "fp16")] == ["off", "bf16", "fp16"]
+    assert utils.resolve_amp("auto", torch.device("mps")) == "bf16"

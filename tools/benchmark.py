@@ -40,7 +40,7 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model, count_parameters, resolve_model_config  # noqa: E402
 from utils import (UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint, peak_memory_mb,  # noqa: E402
-                   pick_device, reset_peak_memory, write_json)
+                   pick_device, reset_peak_memory, resolve_amp, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers of each size in ../shared/bench/peers.py, and our contenders (tools/peer_contender.py).
@@ -67,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, nargs="+", default=[10, 50], help="sampling step counts to time")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
-                   help="bf16 autocast for training; auto: bf16 on a CPU with AMX or AVX-512 BF16, or on CUDA")
+                   help="bf16 autocast for training; auto: as train.py --amp decides it (bf16 on a CPU with AMX "
+                        "or AVX-512 BF16, fp32 on other CPUs; bf16 or fp16 on CUDA)")
     p.add_argument("--malloc", default="keep", choices=("keep", "default"),
                    help="keep: glibc keeps freed memory, as train.py sets it (utils.keep_freed_memory); "
                         "default: leave the allocator alone, to measure the difference")
@@ -226,9 +227,9 @@ def main(argv=None):
     # Training: Algorithm 1 + AdamW (foreach, as train.py runs it on a CPU), timed after two warm-up steps.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     train_model = torch.compile(model) if args.compile else model
-    if args.amp == "auto":  # as train.py --amp decides it
-        args.amp = "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "off"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    args.amp = resolve_amp(args.amp, device)  # auto: as train.py --amp decides it
+    autocast = torch.autocast(device.type, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16,
+                              enabled=args.amp != "off")
     model.train()
     reset_peak_memory(device)
     for i in range(2 + args.train_steps):
