@@ -73,6 +73,30 @@ def timestep_embedding(t, dim, max_period=10000.0):
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # [B x dim]
 
 
+class Dropout(nn.Module):
+    """Dropout (Srivastava et al. 2014, "inverted": kept values are scaled by 1 / (1 - p), so the expected
+    activation is unchanged and evaluation is the identity), the same distribution as nn.Dropout. Only the
+    way the mask is drawn differs: uniform numbers compared with p, instead of torch's Bernoulli kernel,
+    which on the CPUs we measured took 2.3x as long per element and made dropout 0.1 cost the default
+    model about 11% of its bf16 training speed (README, Speed: "What each lever is worth").
+    x: [B x C x H x W] -> same shape, dtype and memory layout."""
+
+    def __init__(self, p):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise UsageError(f"--dropout {p}: must be at least 0 and below 1")
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p       # P(keep) = 1 - p, per element
+        return x * (keep * (1.0 / (1.0 - self.p))).to(x.dtype)       # backward: the same mask times the scale
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, then GroupNorm modulated by the (time, class) embedding ->
     SiLU -> dropout -> conv, plus a skip connection (1x1 conv when the channel count changes).
@@ -88,7 +112,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.embedding = nn.Linear(embedding_dim, 2 * out_channels)  # per-channel scale and shift
         self.norm2 = nn.GroupNorm(group_count(out_channels), out_channels)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity: a stable deep start
         nn.init.zeros_(self.conv2.bias)

@@ -2,10 +2,9 @@
 gradient checkpointing that changes memory, not numbers."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import randomise_zero_inits
-from model import (AttentionBlock, ResBlock, build_classifier, build_model, count_parameters, resolve_model_config,
+from model import (AttentionBlock, Dropout, ResBlock, build_classifier, build_model, count_parameters, resolve_model_config,
                    timestep_embedding)
 from utils import UsageError
 
@@ -149,3 +148,28 @@ def test_gradient_checkpointing_recomputes_each_block_in_the_backward_pass_and_n
     assert calls_per_block(False) == {1}
     assert calls_per_block(True) == {2}                # forward, then recomputed by backward
     assert calls_per_block(True, grad=False) == {1}   # sampling: nothing to recompute, nothing checkpointed
+
+
+# model.Dropout: nn.Dropout's distribution with a cheaper mask (Srivastava et al. 2014, inverted dropout).
+def test_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it_by_1_over_1_minus_p():
+    torch.manual_seed(0)
+    dropout, x = Dropout(0.1).train(), torch.rand(64, 32, 16, 16) + 0.5  # no zeros before the mask
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003                  # 524,288 draws: 0.0004 std
+    assert torch.allclose(out[kept], x[kept] / 0.9)                        # inverted dropout's scale
+    assert abs(out.mean().item() / x.mean().item() - 1) < 0.005            # the expectation is unchanged
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(1)
+    out = dropout(x)
+    out.sum().backward()
+    assert torch.equal(x.grad, (out != 0).float() / 0.9)                  # d out / d x: the same mask, scaled
+
+
+def test_dropout_is_the_identity_in_eval_mode_and_at_p_0_and_keeps_dtype_and_layout():
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert Dropout(0.5).eval()(x) is x and Dropout(0.0).train()(x) is x
+    out = Dropout(0.5).train()(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(UsageError, match="--dropout 1.0"):
+        Dropout(1.0)
