@@ -48,7 +48,7 @@ from improved_ddpm import respace
 from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, check_keys, from_model_range, is_image_file, list_images,
                    load_checkpoint, load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid,
-                   seed_everything, to_model_range)
+                   resolve_channels_last, seed_everything, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
@@ -227,7 +227,10 @@ def load_diffusion_model(path, flag, device, variance=None, weights="ema", state
     diffusion = GaussianDiffusion(**dict(state["diffusion_config"], **({"variance": variance} if variance else {})))
     model = build_model(state["model_config"])
     load_weights(model, pick_weights(state, path, weights), path, flag)
-    return state, diffusion.to(device), model.to(device).eval()
+    model = model.to(device).eval()
+    if resolve_channels_last("auto", device, "off"):  # NHWC as train.py lays out fp32 on a CPU: faster convolutions
+        model.to(memory_format=torch.channels_last)
+    return state, diffusion.to(device), model
 
 
 def load_model_or_experts(paths, device, variance=None, weights="ema", first_state=None):

@@ -68,7 +68,7 @@ from scaling import (LOG_FIELDS, ResumableSampler, SharedRandomness, StopSignals
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
                    load_npz_dataset, load_weights, peak_memory_mb, plot_loss, remove_stale_temporaries,
-                   reset_peak_memory, resolve_amp, save_grid, seed_everything, to_model_range)
+                   reset_peak_memory, resolve_amp, resolve_channels_last, save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -192,8 +192,9 @@ def parse_args(argv=None):
     scale.add_argument("--grad_checkpointing", action="store_true",
                        help="recompute each block's activations in the backward pass instead of storing them: "
                        "less memory, about a third more compute")
-    scale.add_argument("--channels_last", action="store_true",
-                       help="NHWC memory layout for the network and its inputs (faster convolutions on recent GPUs)")
+    scale.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                       help="NHWC memory layout for the network and its inputs; auto: on for fp32 on a CPU (faster "
+                       "convolutions there), off with --amp and on GPUs; --channels_last alone = on")
     scale.add_argument("--compile", action="store_true",
                        help="torch.compile the network (a slow first step, faster ones after); falls back with a "
                        "note where this platform cannot compile")
@@ -488,7 +489,19 @@ def main(argv=None):
         say(f"starting from {args.init_from} (its EMA weights at step {init_step})")
     if args.grad_checkpointing:
         model.grad_checkpointing = True  # model.py: blocks recompute their activations in backward
-    if args.channels_last:
+    # Mixed precision: autocast runs the network's matrix products in 16 bits; the weights, the EMA, the
+    # SWA average and AdamW's moments stay fp32. fp16 needs loss scaling (GradScaler), bf16 does not.
+    amp = resolve_amp(args.amp, device)
+    if args.amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
+        say(f"--amp auto: {'bf16 (this CPU has AMX or AVX-512 BF16)' if amp == 'bf16' else 'fp32 (this CPU has no bf16 matrix hardware, where bf16 is slower)'}")
+    if amp == "fp16" and device.type != "cuda":
+        raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on {device}")
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
+                              enabled=amp != "off")
+    # Memory layout (utils.resolve_channels_last): NHWC where it is faster, before the EMA copy takes it.
+    channels_last = resolve_channels_last(args.channels_last, device, amp)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # a separate copy, never the live weights
     # Stochastic weight averaging: the plain mean of the weights after every step from --swa_start on.
@@ -504,16 +517,6 @@ def main(argv=None):
     budget_s, train_seconds = (args.max_minutes * 60 if args.max_minutes else None), 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
         step, args.warmup_steps, args.max_steps, train_seconds / budget_s if budget_s else 0.0))
-    # Mixed precision: autocast runs the network's matrix products in 16 bits; the weights, the EMA, the
-    # SWA average and AdamW's moments stay fp32. fp16 needs loss scaling (GradScaler), bf16 does not.
-    amp = resolve_amp(args.amp, device)
-    if args.amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
-        say(f"--amp auto: {'bf16 (this CPU has AMX or AVX-512 BF16)' if amp == 'bf16' else 'fp32 (this CPU has no bf16 matrix hardware, where bf16 is slower)'}")
-    if amp == "fp16" and device.type != "cuda":
-        raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on {device}")
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    autocast = torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16,
-                              enabled=amp != "off")
 
     step = 0
     if resumed:
@@ -599,7 +602,7 @@ def main(argv=None):
         comes from `randomness`, drawn for the global batch (SharedRandomness)."""
         images, labels = batch  # labels: class indices; for image_to_image, the paired input images
         x0 = to_model_range(images.to(device, non_blocking=True))           # uint8 -> [-1, 1]
-        if args.channels_last:
+        if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         b = x0.shape[0]
         cond = to_model_range(labels.to(device)) if args.task == "image_to_image" else None

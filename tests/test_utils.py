@@ -123,6 +123,15 @@ def test_keep_freed_memory_sets_glibcs_thresholds():
     assert utils.keep_freed_memory() is expected
 
 
+def test_resolve_channels_last_is_on_for_fp32_on_a_cpu_only_unless_asked():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert utils.resolve_channels_last("auto", cpu, "off") is True and utils.resolve_channels_last("auto", "cpu", "off")
+    assert [utils.resolve_channels_last("auto", cpu, amp) for amp in ("bf16", "fp16")] == [False, False]
+    assert [utils.resolve_channels_last("auto", device, "off") for device in (cuda, torch.device("mps"))] == [False] * 2
+    assert [utils.resolve_channels_last(mode, d, "bf16") for mode in ("on", "off") for d in (cpu, cuda)] == [
+        True, True, False, False]
+
+
 def test_resolve_amp_passes_explicit_settings_through_and_decides_auto_by_hardware():
     """--amp auto on a CPU: bf16 only where the CPU has bf16 matrix hardware (else fp32, "off"); an explicit
     setting is kept as given, on any device."""

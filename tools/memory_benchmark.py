@@ -27,8 +27,11 @@ from utils import append_csv_rows  # noqa: E402
 
 FIELDS = ["setting", "peak_memory_mb", "images_per_s", "image_size", "base_channels", "batch_size", "device",
           "seconds"]
-SETTINGS = [("baseline", []), ("grad_checkpointing", ["--grad_checkpointing"]),
-            ("channels_last", ["--channels_last"]), ("bf16", ["--amp", "bf16"]),
+# The layout is named in the fp32 rows: train.py's default (--channels_last auto) would pick NHWC for fp32
+# on a CPU, and the baseline is the plain NCHW layout on every device. With bf16, auto keeps NCHW.
+SETTINGS = [("baseline", ["--channels_last", "off"]),
+            ("grad_checkpointing", ["--channels_last", "off", "--grad_checkpointing"]),
+            ("channels_last", ["--channels_last", "on"]), ("bf16", ["--amp", "bf16"]),
             ("grad_checkpointing+bf16", ["--grad_checkpointing", "--amp", "bf16"])]
 
 

@@ -35,23 +35,40 @@ class Bf16Autocast(torch.nn.Module):
             return self.model(x, t).float()
 
 
-def build(in_ch, res):
-    """The model train.py builds by default (base 32, mults 1 2 2, 2 blocks, attention at 8x8), fp32."""
+class ChannelsLast(torch.nn.Module):
+    """model(x, t) with weights and input in the NHWC layout, as train.py runs fp32 on a CPU by default
+    (utils.resolve_channels_last); the bench hands over contiguous NCHW images."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model.to(memory_format=torch.channels_last)
+
+    def forward(self, x, t):
+        return self.model(x.contiguous(memory_format=torch.channels_last), t)
+
+
+def plain(in_ch, res, **settings):
     keep_freed_memory()
-    return build_model(dict(image_size=res, in_channels=in_ch))
+    return build_model(dict(image_size=res, in_channels=in_ch, **settings))
+
+
+def build(in_ch, res):
+    """The model train.py builds by default (base 32, mults 1 2 2, 2 blocks, attention at 8x8), fp32, in
+    channels_last as train.py lays it out for fp32 on a CPU."""
+    return ChannelsLast(plain(in_ch, res))
 
 
 def build_bf16(in_ch, res):
-    """The default model with --amp bf16 (what --amp auto picks on a CPU with AMX or AVX-512 BF16)."""
-    return Bf16Autocast(build(in_ch, res))
+    """The default model with --amp bf16 (what --amp auto picks on a CPU with AMX or AVX-512 BF16), in
+    the NCHW layout that train.py keeps with bf16."""
+    return Bf16Autocast(plain(in_ch, res))
 
 
 def build_medium(in_ch, res):
     """The default model at twice the width, base 64 (6.95 M parameters, beside the peers' medium ones), fp32."""
-    keep_freed_memory()
-    return build_model(dict(image_size=res, in_channels=in_ch, base_channels=64))
+    return ChannelsLast(plain(in_ch, res, base_channels=64))
 
 
 def build_medium_bf16(in_ch, res):
-    return Bf16Autocast(build_medium(in_ch, res))
+    return Bf16Autocast(plain(in_ch, res, base_channels=64))
 
