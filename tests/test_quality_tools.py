@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, randomise_zero_inits, run_script
 
 sys.path.insert(0, str(ROOT / "tools"))
 from classifier import build_classifier, features_and_logits, feature_statistics, frechet_distance, sqrtm_psd  # noqa: E402
@@ -86,6 +86,31 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
     assert plot_path.is_file() and (root / "grids" / "pets_ema_ddim_20.png").is_file()
     result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False, in_process=True)
     assert_one_line_error(result, "--steps [21]")
+
+
+def test_sampler_sweep_gives_ddim_one_row_per_eta_and_spacing(trained):
+    """--eta and --spacing multiply the DDIM rows; eta 0 with uniform spacing keeps the plain "ddim" label, and
+    the other settings draw different images from the same starting noise."""
+    root, folder = trained
+    csv_path = root / "sweep_eta.csv"
+    run_script("tools/sampler_sweep.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--classifier",
+               root / "classifier.pt", "--reference_path", folder, "--samplers", "ddim", "--steps", "5",
+               "--eta", "0", "1", "--spacing", "uniform", "quadratic", "--num_samples", "8", "--csv", csv_path,
+               "--grids", root / "grids_eta", "--device", "cpu", cwd=root)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["sampler"] for r in rows] == ["real", "ddim", "ddim eta=0 quadratic", "ddim eta=1 uniform",
+                                            "ddim eta=1 quadratic"]
+    assert (root / "grids_eta" / "pets_ema_ddim_eta=1_quadratic_5.png").is_file()
+    # draw_samples hands eta and spacing to DDIM: from the same x_T, each setting gives other images.
+    from ddpm import GaussianDiffusion
+    from model import build_model
+    from sampler_sweep import draw_samples
+    model = randomise_zero_inits(build_model(dict(image_size=8, base_channels=8, channel_mults=[1], num_res_blocks=1)))
+    diffusion, noise = GaussianDiffusion(timesteps=20), torch.randn(4, 3, 8, 8) * 0.3
+    images = [draw_samples(diffusion, model, "ddim", 5, noise, eta=eta, spacing=spacing)[0]
+              for eta, spacing in ((0.0, "uniform"), (0.0, "quadratic"), (1.0, "uniform"))]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
 
 
 def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
@@ -167,15 +192,30 @@ def test_benchmark_counts_flops_and_writes_its_json(tmp_path):
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     # a 3x3 convolution: 2 FLOPs per multiply-add, Cin x k x k multiply-adds per output value
     assert count_flops(lambda: conv(torch.zeros(1, 3, 16, 16))) == 2 * 3 * 9 * 8 * 16 * 16
-    run_script("tools/benchmark.py", "--image_size", "8", "--base_channels", "8", "--channel_mults", "1", "2",
-               "--num_res_blocks", "1", "--batch_size", "2", "--train_steps", "1", "--steps", "2", "--timesteps", "20",
-               "--device", "cpu", "--json", tmp_path / "bench.json", cwd=tmp_path, in_process=True)
+    result = run_script("tools/benchmark.py", "--image_size", "8", "--base_channels", "8", "--channel_mults", "1",
+                        "2", "--num_res_blocks", "1", "--batch_size", "2", "--train_steps", "1", "--steps", "2",
+                        "--timesteps", "20", "--device", "cpu", "--json", tmp_path / "bench.json", "--profile",
+                        cwd=tmp_path, in_process=True)
+    assert "Self CPU" in result.stdout and "convolution" in result.stdout  # --profile's table, by operator
     import json
     with open(tmp_path / "bench.json") as f:
         result = json.load(f)
     assert result["train_gflops_per_image"] > 2 * result["forward_gflops_per_image"] > 0  # backward ~ 2x forward
     assert result["train_images_per_s"] > 0 and result["achieved_train_gflop_per_s"] > 0
     assert [(r["sampler"], r["steps"]) for r in result["sampling"]] == [("ddpm", 2), ("ddim", 2)]
+    assert result["amp"] == "off" and result["channels_last"] is True  # fp32 on a CPU: train.py's default layout
+
+
+def test_peer_contenders_are_the_networks_train_py_runs_in_the_layout_it_picks():
+    """tools/peer_contender.py: fp32 builders lay the default network out in channels_last (train.py's
+    choice for fp32 on a CPU) and take the bench's NCHW images; bf16 builders keep NCHW under autocast."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import peer_contender
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 500])
+    fp32, bf16 = peer_contender.build(3, 16), peer_contender.build_bf16(3, 16)
+    assert fp32.model.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not bf16.model.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fp32(x, t).shape == bf16(x, t).shape == (2, 3, 16, 16) and bf16(x, t).dtype == torch.float32
 
 
 def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_it_stopped(trained, tmp_path):

@@ -40,7 +40,7 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model, count_parameters, resolve_model_config  # noqa: E402
 from utils import (UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint, peak_memory_mb,  # noqa: E402
-                   pick_device, reset_peak_memory, resolve_amp, write_json)
+                   pick_device, reset_peak_memory, resolve_amp, resolve_channels_last, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers of each size in ../shared/bench/peers.py, and our contenders (tools/peer_contender.py).
@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--attention_resolutions", type=int, nargs="*", default=None,
                    help="resolutions with self-attention (default: model.py's; none when given without values)")
     p.add_argument("--num_classes", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=None, help="dropout in the residual blocks (default: model.py's)")
     p.add_argument("--batch_size", type=int, default=64, help="images per training step and per sampling batch")
     p.add_argument("--train_steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
     p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
@@ -72,8 +73,12 @@ def parse_args(argv=None):
     p.add_argument("--malloc", default="keep", choices=("keep", "default"),
                    help="keep: glibc keeps freed memory, as train.py sets it (utils.keep_freed_memory); "
                         "default: leave the allocator alone, to measure the difference")
-    p.add_argument("--channels_last", action="store_true", help="weights and images in channels_last memory format")
+    p.add_argument("--channels_last", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="weights and images in channels_last memory format; auto: as train.py decides it "
+                        "(on for fp32 on a CPU; utils.resolve_channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for training (slow to start)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run 5 training steps under torch.profiler and print where their time goes, by operator")
     peers = p.add_argument_group("--vs-peers: the side-by-side table against lucidrains and diffusers")
     peers.add_argument("--vs-peers", dest="vs_peers", action="store_true",
                        help="run ../shared/bench/peers.py with our networks as contenders and print the table")
@@ -192,9 +197,22 @@ def network(args):
         return state["model_config"], GaussianDiffusion(**state["diffusion_config"])
     config = resolve_model_config(image_size=args.image_size, in_channels=args.channels, out_channels=args.channels,
                                   base_channels=args.base_channels, channel_mults=args.channel_mults,
-                                  num_res_blocks=args.num_res_blocks, num_classes=args.num_classes,
+                                  num_res_blocks=args.num_res_blocks, num_classes=args.num_classes, dropout=args.dropout,
                                   attention_resolutions=args.attention_resolutions)
     return config, GaussianDiffusion(args.timesteps)
+
+
+def print_profile(step, device, steps=5, rows=12):
+    """Run step() `steps` times under torch.profiler and print the operators that took the most time
+    (self time: excluding the operators each one calls), with each one's share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total",
+                                    row_limit=rows))
 
 
 def main(argv=None):
@@ -208,6 +226,8 @@ def main(argv=None):
     config, diffusion = network(args)
     diffusion = diffusion.to(device)
     model = build_model(config).to(device)
+    args.amp = resolve_amp(args.amp, device)  # auto: as train.py --amp decides it
+    args.channels_last = resolve_channels_last(args.channels_last, device, args.amp)  # auto: as train.py does
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     c, s, b = config["in_channels"], config["image_size"], args.batch_size
@@ -227,23 +247,28 @@ def main(argv=None):
     # Training: Algorithm 1 + AdamW (foreach, as train.py runs it on a CPU), timed after two warm-up steps.
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     train_model = torch.compile(model) if args.compile else model
-    args.amp = resolve_amp(args.amp, device)  # auto: as train.py --amp decides it
     autocast = torch.autocast(device.type, dtype=torch.float16 if args.amp == "fp16" else torch.bfloat16,
                               enabled=args.amp != "off")
     model.train()
     reset_peak_memory(device)
-    for i in range(2 + args.train_steps):
-        if i == 2:
-            synchronize(device)
-            started = time.perf_counter()
+
+    def train_step():
         with autocast:
             loss = diffusion.training_loss(train_model, x0, labels(b))[0].mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for i in range(2 + args.train_steps):
+        if i == 2:
+            synchronize(device)
+            started = time.perf_counter()
+        train_step()
     synchronize(device)
     train_images_per_s = b * args.train_steps / (time.perf_counter() - started)
     train_peak = peak_memory_mb(device)
+    if args.profile:
+        print_profile(lambda: train_step(), device)
 
     # Sampling: network evaluations per second at this batch, then each sampler at each step count.
     model.eval()

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
-from ddim import ddim_sample  # noqa: E402
+from ddim import SPACINGS, ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
@@ -42,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--num_reference", type=int, default=10000, help="reference images for the statistics (0 = all)")
     p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 1000])
+    p.add_argument("--eta", type=float, nargs="+", default=[0.0],
+                   help="DDIM rows only: the noise scale of DDIM eq. 16 (0 deterministic, 1 DDPM-like); one row each")
+    p.add_argument("--spacing", nargs="+", default=["uniform"], choices=SPACINGS,
+                   help="DDIM rows only: the sub-sequence of steps (ddim.ddim_timesteps); one row each")
     p.add_argument("--num_samples", type=int, default=200, help="samples per setting")
     p.add_argument("--batch_size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -53,9 +57,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def draw_samples(diffusion, model, sampler, steps, noise, labels=None, batch_size=200, seed=0):
+def draw_samples(diffusion, model, sampler, steps, noise, labels=None, batch_size=200, seed=0, eta=0.0,
+                 spacing="uniform"):
     """Samples from the starting noise x_T [N x C x H x W] (labels [N] or None) with DDPM (Algorithm 2,
-    respaced to `steps` by Improved DDPM eq. 19 when steps < T) or DDIM (eta 0) -> (uint8 images, seconds).
+    respaced to `steps` by Improved DDPM eq. 19 when steps < T) or DDIM (eq. 12 with this eta and spacing)
+    -> (uint8 images, seconds).
     torch.manual_seed(seed) first, so every setting sees the same per-step noise."""
     device = diffusion.betas.device
     torch.manual_seed(seed)
@@ -66,7 +72,7 @@ def draw_samples(diffusion, model, sampler, steps, noise, labels=None, batch_siz
         x_T = noise[start:start + batch_size].to(device)
         y = labels[start:start + batch_size].to(device) if labels is not None else None
         if sampler == "ddim":
-            out = ddim_sample(diffusion, model, x_T.shape, steps, 0.0, "uniform", y, x_T)
+            out = ddim_sample(diffusion, model, x_T.shape, steps, eta, spacing, y, x_T)
         else:
             out = respaced.sample(model, x_T.shape, y, x_T)
         images.append(from_model_range(out))
@@ -168,15 +174,21 @@ def main(argv=None):
 
     noise = torch.randn(args.num_samples, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
     labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
-    for sampler in args.samplers:
+    # DDIM gives one row per (eta, spacing); the plain "ddim" label is eta 0 with uniform spacing.
+    settings = [("ddpm", 0.0, "uniform")] if "ddpm" in args.samplers else []
+    if "ddim" in args.samplers:
+        settings += [("ddim", eta, spacing) for eta in args.eta for spacing in args.spacing]
+    for kind, eta, spacing in settings:
+        sampler = kind if (kind == "ddpm" or (eta == 0 and spacing == "uniform")) else f"ddim eta={eta:g} {spacing}"
         for steps in args.steps:
-            images, seconds = draw_samples(diffusion, model, sampler, steps, noise, labels, args.batch_size, args.seed)
+            images, seconds = draw_samples(diffusion, model, kind, steps, noise, labels, args.batch_size, args.seed,
+                                           eta, spacing)
             fd, accuracy = score(images, labels)
             rows.append(dict(run=run, sampler=sampler, steps=steps, num_samples=args.num_samples, fd=f"{fd:.3f}",
                              class_accuracy=f"{accuracy:.4f}", seconds=f"{seconds:.1f}", device=str(device)))
             print(f"{run} {sampler} {steps} steps: FD {fd:.3f}, class accuracy {accuracy:.4f}, {seconds:.1f} s")
             if args.grids:
-                save_grid(images[:64], os.path.join(args.grids, f"{run}_{sampler}_{steps}.png"), nrow=8)
+                save_grid(images[:64], os.path.join(args.grids, f"{run}_{sampler.replace(' ', '_')}_{steps}.png"), nrow=8)
 
     append_csv_rows(args.csv, FIELDS, rows)
     print(f"{len(rows)} rows appended to {args.csv}")
