@@ -113,6 +113,23 @@ def test_sampler_sweep_gives_ddim_one_row_per_eta_and_spacing(trained):
     assert not torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
+def test_draw_samples_adds_noise_independent_of_the_starting_noise(monkeypatch, sampler, eta):
+    """The tools draw x_T from a generator seeded with --seed; the per-step z must not repeat it (with the
+    same seed in torch's global generator, the first z was x_T itself)."""
+    from ddpm import GaussianDiffusion
+    from model import build_model
+    from sampler_sweep import draw_samples
+    model = randomise_zero_inits(build_model(dict(image_size=8, base_channels=8, channel_mults=[1], num_res_blocks=1)))
+    diffusion = GaussianDiffusion(timesteps=10)
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    drawn, real_randn_like = [], torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x, **k: drawn.append(real_randn_like(x, **k)) or drawn[-1])
+    draw_samples(diffusion, model, sampler, 10, x_T, seed=0, eta=eta)
+    assert len(drawn) >= 9 and all(z.shape == x_T.shape for z in drawn)
+    assert abs(torch.corrcoef(torch.stack([drawn[0].flatten(), x_T.flatten()]))[0, 1]) < 0.2  # 192 values
+
+
 def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     """tools/time_to_quality.py: a checkpoint's minutes come from the train_seconds it records, a peer's from
     its .npz; every set is scored against the same reference, and one-line errors name the bad input."""

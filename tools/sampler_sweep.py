@@ -62,9 +62,11 @@ def draw_samples(diffusion, model, sampler, steps, noise, labels=None, batch_siz
     """Samples from the starting noise x_T [N x C x H x W] (labels [N] or None) with DDPM (Algorithm 2,
     respaced to `steps` by Improved DDPM eq. 19 when steps < T) or DDIM (eq. 12 with this eta and spacing)
     -> (uint8 images, seconds).
-    torch.manual_seed(seed) first, so every setting sees the same per-step noise."""
+    Seeds torch's global generator first, so every setting sees the same per-step noise z. Not with `seed`
+    itself: the tools draw x_T from a generator seeded with `seed`, and the same seed would make the first
+    batch's first z equal to its x_T (noise added along the starting point instead of independently)."""
     device = diffusion.betas.device
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + 1)
     respaced = respace(diffusion, steps) if sampler == "ddpm" and steps < diffusion.timesteps else diffusion
     started = time.perf_counter()
     images = []
