@@ -506,7 +506,10 @@ def main(argv=None):
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)  # a separate copy, never the live weights
     # Stochastic weight averaging: the plain mean of the weights after every step from --swa_start on.
     swa_model = AveragedModel(model) if args.swa_start is not None else None
-    torch.manual_seed(args.seed + rank)  # from here torch's global generator only drives dropout: one stream each
+    # From here torch's global generator drives dropout (one stream per process) and the sample grids' per-step
+    # noise. Seeded apart from the grids' fixed x_T (a generator seeded with --seed, below): with the same seed
+    # and no dropout to advance it, the first grid's first noise draw would be its x_T itself.
+    torch.manual_seed(args.seed + rank + 1)
     randomness = SharedRandomness(args.seed, rank, world_size, device)  # t, noise, flips: shared, see scaling.py
 
     # AdamW; the fused kernel on CUDA, the multi-tensor ("foreach") one elsewhere.

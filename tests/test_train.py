@@ -123,3 +123,19 @@ def test_a_tiny_model_overfits_one_batch():
     after = eval_loss()
     assert before == pytest.approx(1.0, abs=0.2)  # the zero-initialised output predicts 0: loss = E[eps^2]
     assert after < before / 5, (before, after)
+
+
+def test_the_sample_grid_adds_noise_independent_of_its_fixed_starting_noise(tmp_path, monkeypatch):
+    """The grids start from x_T drawn by a generator seeded with --seed; their per-step noise comes from torch's
+    global generator, which must not replay that stream (it did when both had the seed and --dropout 0 drew
+    nothing from the global one)."""
+    from conftest import TINY_TRAIN_FLAGS, make_image_folder, run_script
+    make_image_folder(tmp_path / "pets")
+    drawn, real_randn_like = [], torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x, **k: drawn.append(real_randn_like(x, **k)) or drawn[-1])
+    run_script("train.py", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--dropout", "0", "--max_steps", "1",
+               "--sample_every", "1", "--seed", "3", cwd=tmp_path, in_process=True)
+    x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))   # the grid's fixed noise
+    grid_noise = [z for z in drawn if z.shape == x_T.shape]
+    assert len(grid_noise) >= 19                                                   # T = 20: a z per step but the last
+    assert abs(torch.corrcoef(torch.stack([grid_noise[0].flatten(), x_T.flatten()]))[0, 1]) < 0.2  # 3072 values
