@@ -268,7 +268,7 @@ def main(argv=None):
     train_images_per_s = b * args.train_steps / (time.perf_counter() - started)
     train_peak = peak_memory_mb(device)
     if args.profile:
-        print_profile(lambda: train_step(), device)
+        print_profile(train_step, device)
 
     # Sampling: network evaluations per second at this batch, then each sampler at each step count.
     model.eval()
