@@ -75,7 +75,7 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
             "--reference_path", folder, "--steps", "2", "20", "--num_samples", "8", "--batch_size", "5",
             "--csv", csv_path, "--plot", plot_path, "--grids", root / "grids", "--device", "cpu"]
     result = run_script("tools/sampler_sweep.py", *args, cwd=root)
-    assert "real images: FD" in result.stdout
+    assert "real images (in the samples' class proportions): FD" in result.stdout
     run_script("tools/sampler_sweep.py", *args, "--samplers", "ddim", "--run_name", "again", cwd=root)
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
@@ -111,6 +111,21 @@ def test_sampler_sweep_gives_ddim_one_row_per_eta_and_spacing(trained):
     images = [draw_samples(diffusion, model, "ddim", 5, noise, eta=eta, spacing=spacing)[0]
               for eta, spacing in ((0.0, "uniform"), (0.0, "quadratic"), (1.0, "uniform"))]
     assert not torch.equal(images[0], images[1]) and not torch.equal(images[0], images[2])
+
+
+def test_the_floor_has_the_samples_class_proportions_and_is_disjoint_from_the_reference():
+    from sampler_sweep import split_floor_and_reference
+    from utils import UsageError
+    real_labels = torch.tensor([0, 0, 1, 2, 0, 1, 1, 2, 0, 2, 2, 1])
+    sample_labels = torch.arange(6) % 3                            # two samples of each class
+    floor, reference = split_floor_and_reference(real_labels, 6, sample_labels)
+    assert torch.bincount(real_labels[floor]).tolist() == [2, 2, 2]
+    assert floor.tolist() == [0, 1, 2, 3, 5, 7]                    # the first two of each class in the shuffled order
+    assert sorted(floor.tolist() + reference.tolist()) == list(range(12))  # disjoint, and nothing left out
+    floor, reference = split_floor_and_reference(real_labels, 5)  # unconditional: the first five
+    assert floor.tolist() == [0, 1, 2, 3, 4] and reference.tolist() == list(range(5, 12))
+    with pytest.raises(UsageError, match="--reference_path: 4 images of class 0; the floor needs 5"):
+        split_floor_and_reference(real_labels, 15, torch.arange(15) % 3)
 
 
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])

@@ -11,7 +11,9 @@ better) and, for class-conditional models, the fraction of samples classified as
 Rows are appended to --csv (so several checkpoints can share one table and plot); --plot redraws the
 figure from every row of the CSV. Every setting draws the same starting noise (--seed). The first
 row of each run is "real": --num_samples held-out reference images scored like samples, which is the
-floor the FD of that many images can reach (FD is biased upwards for small sets).
+floor the FD of that many images can reach (FD is biased upwards for small sets). For a class-conditional
+model the floor has the samples' class proportions (as many images of each class as samples asked for it),
+so a sampler is not credited or blamed for the luck of a random draw's proportions.
 """
 import argparse
 import csv
@@ -83,6 +85,28 @@ def draw_samples(diffusion, model, sampler, steps, noise, labels=None, batch_siz
     return torch.cat(images), time.perf_counter() - started
 
 
+def split_floor_and_reference(real_labels, num_samples, sample_labels=None, flag="--reference_path"):
+    """(floor indices, reference indices) into the shuffled real images, disjoint: the floor is scored like
+    the samples, the reference gives the statistics everything is compared with.
+    Unconditional (sample_labels None): the first num_samples images. Class-conditional (sample_labels
+    int64 [num_samples]): for each class, the first real images of that class, as many as there are
+    samples of it, so floor and samples have the same class proportions. The rest is the reference."""
+    if sample_labels is None:
+        everything = torch.arange(len(real_labels))
+        return everything[:num_samples], everything[num_samples:]
+    floor = []
+    for c, wanted in enumerate(torch.bincount(sample_labels).tolist()):
+        of_class = (real_labels == c).nonzero().flatten()
+        if len(of_class) < wanted:
+            raise UsageError(f"{flag}: {len(of_class)} images of class {c}; the floor needs {wanted} (as many as "
+                             f"samples of it): lower --num_samples or add held-out images")
+        floor.append(of_class[:wanted])
+    floor = torch.cat(floor).sort().values
+    keep = torch.ones(len(real_labels), dtype=torch.bool)
+    keep[floor] = False
+    return floor, keep.nonzero().flatten()
+
+
 def score_images(classifier, images_uint8, labels, reference_mu, reference_sigma, device="cpu"):
     """(FD of the classifier's features against the reference statistics, the fraction of images
     classified as their label: NaN when labels is None)."""
@@ -150,15 +174,21 @@ def main(argv=None):
     check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
     run = args.run_name or os.path.splitext(os.path.basename(args.ckpt))[0]
 
-    # One random draw of real images: the first num_samples are scored like samples (the floor), the rest
-    # give the reference statistics.
+    # Samples: every setting starts from the same x_T; a conditional model's labels cycle through the classes.
+    noise = torch.randn(args.num_samples, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
+    labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
+
+    # One random draw of real images: num_samples of them are scored like samples (the floor, with the
+    # samples' class proportions), the rest give the reference statistics.
     limit = args.num_reference + args.num_samples if args.num_reference else 0
     real, real_labels, _ = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
                                        flag="--reference_path")
     if len(real) < 2 * args.num_samples:
         raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least twice "
                          f"--num_samples ({2 * args.num_samples})")
-    reference = real[args.num_samples:]
+    floor, rest = split_floor_and_reference(real_labels, args.num_samples, labels,
+                                            f"--reference_path {args.reference_path}")
+    reference = real[rest]
     ref_features, _ = features_and_logits(classifier, reference, device=device)
     ref_mu, ref_sigma = feature_statistics(ref_features)
     print(f"reference: {len(reference)} images from {args.reference_path}; classifier test accuracy "
@@ -169,13 +199,11 @@ def main(argv=None):
 
     rows = []
     # The floor: num_samples real images, disjoint from the reference, scored the same way.
-    fd, accuracy = score(real[:args.num_samples], real_labels[:args.num_samples] if class_names else None)
+    fd, accuracy = score(real[floor], real_labels[floor] if class_names else None)
     rows.append(dict(run=run, sampler="real", steps=0, num_samples=args.num_samples, fd=f"{fd:.3f}",
                      class_accuracy=f"{accuracy:.4f}", seconds=0, device=str(device)))
-    print(f"real images: FD {fd:.3f}, class accuracy {accuracy:.4f}")
-
-    noise = torch.randn(args.num_samples, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
-    labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
+    proportions = " (in the samples' class proportions)" if class_names else ""
+    print(f"real images{proportions}: FD {fd:.3f}, class accuracy {accuracy:.4f}")
     # DDIM gives one row per (eta, spacing); the plain "ddim" label is eta 0 with uniform spacing.
     settings = [("ddpm", 0.0, "uniform")] if "ddpm" in args.samplers else []
     if "ddim" in args.samplers:
