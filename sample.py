@@ -48,7 +48,7 @@ from improved_ddpm import respace
 from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, check_keys, from_model_range, is_image_file, list_images,
                    load_checkpoint, load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid,
-                   resolve_channels_last, seed_everything, to_model_range)
+                   prepare_network, resolve_amp, seed_everything, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
@@ -129,6 +129,10 @@ def parse_args(argv=None):
     image.add_argument("--realesrgan_weights", default=os.path.join("weights", "RealESRGAN_x4plus.pth"),
                        help="RealESRGAN_x4plus.pth for --upscale_mode realesrgan (never downloaded for you)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument("--amp", nargs="?", const="auto", default="off", choices=("off", "auto", "bf16", "fp16"),
+                   help="run the network in bf16 (or fp16 on a GPU) autocast, the rest of the sampler in fp32: "
+                   "faster where the hardware multiplies 16-bit numbers (README, Speed); --amp alone = auto, "
+                   "decided as train.py --amp decides it (on a CPU bf16 only with AMX or AVX-512 BF16, else fp32)")
     return p.parse_args(argv)
 
 
@@ -216,9 +220,9 @@ def describe_weights(state, weights):
     return {"ema": "EMA weights", "raw": "raw weights"}[weights]
 
 
-def load_diffusion_model(path, flag, device, variance=None, weights="ema", state=None):
-    """A diffusion checkpoint -> (state, GaussianDiffusion, UNet in eval mode on device), with the
-    weight set named by weights (pick_weights). state: the file's contents, if already loaded."""
+def load_diffusion_model(path, flag, device, variance=None, weights="ema", state=None, amp="off"):
+    """A diffusion checkpoint -> (state, GaussianDiffusion, UNet ready on device: prepare_network), with
+    the weight set named by weights (pick_weights). state: the file's contents, if already loaded."""
     required = ("model_config", "diffusion_config", "ema")
     state = load_checkpoint(path, required, flag) if state is None else check_keys(state, path, required, flag)
     if state.get("task") == "classifier":
@@ -227,18 +231,15 @@ def load_diffusion_model(path, flag, device, variance=None, weights="ema", state
     diffusion = GaussianDiffusion(**dict(state["diffusion_config"], **({"variance": variance} if variance else {})))
     model = build_model(state["model_config"])
     load_weights(model, pick_weights(state, path, weights), path, flag)
-    model = model.to(device).eval()
-    if resolve_channels_last("auto", device, "off"):  # NHWC as train.py lays out fp32 on a CPU: faster convolutions
-        model.to(memory_format=torch.channels_last)
-    return state, diffusion.to(device), model
+    return state, diffusion.to(device), prepare_network(model, device, amp)
 
 
-def load_model_or_experts(paths, device, variance=None, weights="ema", first_state=None):
+def load_model_or_experts(paths, device, variance=None, weights="ema", first_state=None, amp="off"):
     """One --ckpt: load_diffusion_model. Several: expert denoisers (experts.py), each loaded the same way,
     checked to share the diffusion, image size and classes and to cover every t exactly once, and joined
     into one ExpertEnsemble(x_t, t, y) that every sampler can call. Returns (the first file's state, the
     diffusion, the model)."""
-    loaded = [load_diffusion_model(path, "--ckpt", device, variance, weights, first_state if i == 0 else None)
+    loaded = [load_diffusion_model(path, "--ckpt", device, variance, weights, first_state if i == 0 else None, amp)
               for i, path in enumerate(paths)]
     state, diffusion, model = loaded[0]
     ranges = [expert_range(s) for s, _, _ in loaded]
@@ -271,7 +272,7 @@ def sample_cold(args, path, state, device):
     process = ColdDiffusion(**state["cold_config"]).to(device)
     model = build_model(state["model_config"])
     load_weights(model, pick_weights(state, path, args.weights), path)
-    model = model.to(device).eval()
+    model = prepare_network(model, device, args.amp)
     size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
     class_names = state.get("class_names") or []
     print(f"{path}: step {state.get('step')}, {describe_weights(state, args.weights)}, {size}x{size}x{channels}, "
@@ -423,6 +424,12 @@ def save_individual(images, folder, names=None):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    requested, args.amp = args.amp, resolve_amp(args.amp, device)
+    if args.amp == "fp16" and device.type == "cpu":
+        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
+    if requested != "off":
+        print(f"--amp {requested}: " + (f"the network in {args.amp} autocast, the sampler's arithmetic in fp32"
+                                         if args.amp != "off" else "fp32 (no bf16 matrix hardware on this CPU)"))
     paths = args.ckpt
     first = load_checkpoint(paths[0], required=())
     if isinstance(first, dict) and first.get("process") == "cold":
@@ -433,7 +440,7 @@ def main(argv=None):
         raise UsageError("--cold_sampler/--cold_restore/--cold_level: for Cold Diffusion checkpoints "
                          "(train.py --process cold)")
     args.ckpt = " + ".join(paths)  # for the messages below
-    state, diffusion, model = load_model_or_experts(paths, device, args.variance, args.weights, first)
+    state, diffusion, model = load_model_or_experts(paths, device, args.variance, args.weights, first, args.amp)
     check_args(args, diffusion.timesteps)
     seed_everything(args.seed)
     task = state.get("task", "diffusion")
@@ -618,7 +625,7 @@ def main(argv=None):
 
 def load_sr_model(args, channels, device):
     """The --sr_ckpt of a cascade, checked before any sampling: (state, diffusion, model)."""
-    state, sr_diffusion, sr_model = load_diffusion_model(args.sr_ckpt, "--sr_ckpt", device)
+    state, sr_diffusion, sr_model = load_diffusion_model(args.sr_ckpt, "--sr_ckpt", device, amp=args.amp)
     if state.get("task") != "super_resolution":
         raise UsageError(f"--sr_ckpt {args.sr_ckpt}: not a super-resolution model (train.py --task super_resolution)")
     low_res, out_size = state["conditioning"]["low_res"], state["model_config"]["image_size"]

@@ -152,6 +152,21 @@ def resolve_amp(requested, device):
     return "bf16"
 
 
+class AutocastNetwork(torch.nn.Module):
+    """A network called under autocast, for sampling (sample.py --amp, tools/sampler_sweep.py --amp): its
+    convolutions and matrix products run in bf16 or fp16, and its output [B x C' x H x W] comes back in
+    float32, so the diffusion arithmetic around it (DDPM eq. 11 and 15, DDIM eq. 12) stays in full
+    precision. It holds the network as .network and has no weights of its own."""
+
+    def __init__(self, network, dtype):
+        super().__init__()
+        self.network, self.dtype = network, dtype
+
+    def forward(self, x, *args, **kwargs):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.network(x, *args, **kwargs).float()
+
+
 def resolve_channels_last(requested, device, amp):
     """--channels_last's setting ("auto", "on" or "off") -> whether the network and its inputs use the
     NHWC memory layout (device: a torch.device or its name). auto: on for fp32 on a CPU, where oneDNN's
@@ -162,6 +177,19 @@ def resolve_channels_last(requested, device, amp):
     if requested != "auto":
         return requested == "on"
     return torch.device(device).type == "cpu" and amp == "off"
+
+
+def prepare_network(model, device, amp="off"):
+    """A loaded network, ready to sample on device (sample.py, the tools): eval mode; NHWC where train.py
+    would lay it out so (resolve_channels_last: fp32 on a CPU, faster convolutions there); under bf16/fp16
+    autocast when amp ("off", "bf16" or "fp16", as resolve_amp gives it) asks (AutocastNetwork: the
+    sampler's arithmetic stays fp32)."""
+    model = model.to(device).eval()
+    if resolve_channels_last("auto", device, amp):
+        model.to(memory_format=torch.channels_last)
+    if amp != "off":
+        model = AutocastNetwork(model, torch.float16 if amp == "fp16" else torch.bfloat16)
+    return model
 
 
 def seed_everything(seed):

@@ -1,5 +1,6 @@
 """Issue 3 end to end through the command line: learned variances, the hybrid loss, v-prediction,
 importance sampling of t, and every sampler of sample.py (DDIM, respaced DDPM, interpolation, inversion)."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -43,6 +44,24 @@ def test_resume_keeps_the_importance_sampling_history(improved_run, tmp_path):
     assert "resuming at step 4" in result.stdout and "loss hybrid" in result.stdout
     full = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
     assert full["timestep_sampler"]["loss_counts"].sum().item() == 6 * 4
+
+
+def test_amp_samples_in_bf16_close_to_fp32_and_refuses_fp16_on_a_cpu(improved_run, tmp_path):
+    """sample.py --amp bf16: the network under autocast, the same grid layout, pixels close to fp32's from the
+    same noise (deterministic DDIM); --amp fp16 on a CPU is one line naming the flag."""
+    root, _ = improved_run
+    grids = {}
+    for amp in ("off", "bf16"):
+        result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--num_samples", "2",
+                            "--sampler", "ddim", "--steps", "5", "--amp", amp, "--out", tmp_path / f"{amp}.png",
+                            "--device", "cpu", cwd=tmp_path)
+        grids[amp] = torch.from_numpy(np.array(Image.open(tmp_path / f"{amp}.png"))).float()
+    assert "--amp bf16: the network in bf16 autocast" in result.stdout
+    assert grids["off"].shape == grids["bf16"].shape
+    assert (grids["off"] - grids["bf16"]).abs().mean() < 8  # of 255: small rounding, not other images
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--amp", "fp16", "--device",
+                        "cpu", cwd=tmp_path, check=False, in_process=True)
+    assert_one_line_error(result, "--amp fp16")
 
 
 @pytest.mark.parametrize("flags,calls", [

@@ -102,6 +102,11 @@ def test_sampler_sweep_gives_ddim_one_row_per_eta_and_spacing(trained):
     assert [r["sampler"] for r in rows] == ["real", "ddim", "ddim eta=0 quadratic", "ddim eta=1 uniform",
                                             "ddim eta=1 quadratic"]
     assert (root / "grids_eta" / "pets_ema_ddim_eta=1_quadratic_5.png").is_file()
+    run_script("tools/sampler_sweep.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--classifier",
+               root / "classifier.pt", "--reference_path", folder, "--samplers", "ddim", "--steps", "5",
+               "--num_samples", "8", "--csv", csv_path, "--amp", "bf16", "--device", "cpu", cwd=root)
+    with open(csv_path) as f:
+        assert [r["sampler"] for r in csv.DictReader(f)][-1] == "ddim (bf16)"
     # draw_samples hands eta and spacing to DDIM: from the same x_T, each setting gives other images.
     from ddpm import GaussianDiffusion
     from model import build_model

@@ -132,6 +132,32 @@ def test_resolve_channels_last_is_on_for_fp32_on_a_cpu_only_unless_asked():
         True, True, False, False]
 
 
+def test_prepare_network_lays_out_and_autocasts_as_asked_and_returns_float32():
+    """Sampling's network: NHWC for fp32 on a CPU; with bf16 its convolutions run in bf16 (AutocastNetwork)
+    while its output comes back in float32, close to the fp32 network's, and the weights are untouched."""
+    from conftest import randomise_zero_inits
+    from model import build_model
+    config = dict(image_size=8, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[4])
+    torch.manual_seed(0)
+    model = randomise_zero_inits(build_model(config))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 9])
+    fp32 = utils.prepare_network(model, "cpu", "off")
+    assert fp32 is model and not model.training
+    assert model.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    expected = fp32(x, t)
+    model.to(memory_format=torch.contiguous_format)
+    bf16 = utils.prepare_network(model, "cpu", "bf16")
+    assert isinstance(bf16, utils.AutocastNetwork) and bf16.network is model
+    assert model.input_conv.weight.is_contiguous()  # bf16 stays NCHW (resolve_channels_last)
+    conv_dtypes = []
+    model.input_conv.register_forward_hook(lambda module, inputs, output: conv_dtypes.append(output.dtype))
+    out = bf16(x, t)
+    assert conv_dtypes == [torch.bfloat16] and out.dtype == torch.float32 and out.shape == expected.shape
+    assert (out - expected).abs().max() < 0.05 * expected.abs().max()  # bf16 keeps about 3 significant digits
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
 def test_resolve_amp_passes_explicit_settings_through_and_decides_auto_by_hardware():
     """--amp auto on a CPU: bf16 only where the CPU has bf16 matrix hardware (else fp32, "off"); an explicit
     setting is kept as given, on any device."""

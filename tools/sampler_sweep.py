@@ -30,7 +30,7 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
 from utils import (UsageError, append_csv_rows, from_model_range, load_checkpoint, load_weights,  # noqa: E402
-                   pick_device, save_grid)
+                   pick_device, prepare_network, resolve_amp, save_grid)
 
 FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
 
@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG redrawn from the whole CSV")
     p.add_argument("--grids", default=None, help="folder for one sample grid per setting (first 64 samples)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"),
+                   help="the network in bf16/fp16 autocast as sample.py --amp runs it; the rows' sampler names "
+                   "say so, e.g. 'ddim (bf16)'")
     return p.parse_args(argv)
 
 
@@ -163,9 +166,12 @@ def main(argv=None):
     if bad:
         raise UsageError(f"--steps {bad}: must be between 1 and the model's T = {diffusion.timesteps}")
     device = pick_device(args.device)
+    amp = resolve_amp(args.amp, device)
+    if amp == "fp16" and device.type == "cpu":
+        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
     model = build_model(state["model_config"])
     load_weights(model, state["ema"], args.ckpt)
-    model = model.to(device).eval()
+    model = prepare_network(model, device, amp)  # as sample.py runs it: layout, autocast
     diffusion = diffusion.to(device)
     classifier, classifier_state = load_classifier(args.classifier)
     classifier = classifier.to(device)
@@ -210,6 +216,7 @@ def main(argv=None):
         settings += [("ddim", eta, spacing) for eta in args.eta for spacing in args.spacing]
     for kind, eta, spacing in settings:
         sampler = kind if (kind == "ddpm" or (eta == 0 and spacing == "uniform")) else f"ddim eta={eta:g} {spacing}"
+        sampler += f" ({amp})" if amp != "off" else ""
         for steps in args.steps:
             images, seconds = draw_samples(diffusion, model, kind, steps, noise, labels, args.batch_size, args.seed,
                                            eta, spacing)
