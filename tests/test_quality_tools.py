@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, randomise_zero_inits, run_script
 
@@ -84,6 +85,17 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
         ("pets_ema", "ddim", "20"), ("again", "real", "0"), ("again", "ddim", "2"), ("again", "ddim", "20")]
     assert all(float(r["fd"]) >= -1e-6 and r["num_samples"] == "8" for r in rows)
     assert plot_path.is_file() and (root / "grids" / "pets_ema_ddim_20.png").is_file()
+    # --save_samples: every sample as a PNG in class subfolders, for tools/evaluate.py
+    run_script("tools/sampler_sweep.py", *args, "--samplers", "ddim", "--steps", "2", "--run_name", "saved",
+               "--save_samples", root / "saved", cwd=root)
+    saved = root / "saved" / "saved_ddim_2"
+    assert sorted(p.name for p in saved.iterdir()) == ["cat", "dog"]
+    files = sorted(saved.glob("*/*.png"))
+    assert len(files) == 8 and len(list((saved / "cat").glob("*.png"))) == 4
+    assert Image.open(files[0]).size == (16, 16)
+    result = run_script("tools/evaluate.py", "--samples", saved, "--reference", folder, "--classifier",
+                        root / "classifier.pt", "--device", "cpu", cwd=root)
+    assert "KID" in result.stdout
     result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False, in_process=True)
     assert_one_line_error(result, "--steps [21]")
 

@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--csv", required=True, help="results are appended here")
     p.add_argument("--plot", default=None, help="PNG redrawn from the whole CSV")
     p.add_argument("--grids", default=None, help="folder for one sample grid per setting (first 64 samples)")
+    p.add_argument("--save_samples", default=None, metavar="DIR",
+                   help="also write every sample as a PNG, into DIR/<run>_<sampler>_<steps>/<class>/, the layout "
+                   "tools/evaluate.py --samples reads (to score a costly draw again, e.g. with KID)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"),
                    help="the network in bf16/fp16 autocast as sample.py --amp runs it; the rows' sampler names "
@@ -117,6 +120,17 @@ def score_images(classifier, images_uint8, labels, reference_mu, reference_sigma
     fd = frechet_distance(*feature_statistics(features), reference_mu, reference_sigma)
     accuracy = (logits.argmax(1).cpu() == labels.cpu()).float().mean().item() if labels is not None else float("nan")
     return fd, accuracy
+
+
+def save_sample_folder(images_uint8, labels, class_names, folder):
+    """Every image of uint8 [N x C x H x W] as folder/<its class name>/<index>.png (folder/<index>.png
+    without classes): the layout tools/evaluate.py --samples reads."""
+    from PIL import Image
+    for i, image in enumerate(images_uint8):
+        subfolder = os.path.join(folder, class_names[int(labels[i])]) if labels is not None else folder
+        os.makedirs(subfolder, exist_ok=True)
+        pixels = image.permute(1, 2, 0).cpu().numpy()  # [H x W x C]
+        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(os.path.join(subfolder, f"{i:05d}.png"))
 
 
 def check_classifier_fits(classifier_state, model_config, class_names, flag="--classifier"):
@@ -224,8 +238,11 @@ def main(argv=None):
             rows.append(dict(run=run, sampler=sampler, steps=steps, num_samples=args.num_samples, fd=f"{fd:.3f}",
                              class_accuracy=f"{accuracy:.4f}", seconds=f"{seconds:.1f}", device=str(device)))
             print(f"{run} {sampler} {steps} steps: FD {fd:.3f}, class accuracy {accuracy:.4f}, {seconds:.1f} s")
+            name = f"{run}_{sampler.replace(' ', '_')}_{steps}"
             if args.grids:
-                save_grid(images[:64], os.path.join(args.grids, f"{run}_{sampler.replace(' ', '_')}_{steps}.png"), nrow=8)
+                save_grid(images[:64], os.path.join(args.grids, f"{name}.png"), nrow=8)
+            if args.save_samples:
+                save_sample_folder(images, labels, class_names, os.path.join(args.save_samples, name))
 
     append_csv_rows(args.csv, FIELDS, rows)
     print(f"{len(rows)} rows appended to {args.csv}")
