@@ -47,7 +47,7 @@ from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, check_keys, from_model_range, is_image_file, list_images,
-                   load_checkpoint, load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid,
+                   load_checkpoint, load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid, save_image,
                    prepare_network, resolve_amp, seed_everything, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
@@ -415,18 +415,14 @@ def resize_uint8(images, size, mode):
 def save_individual(images, folder, names=None):
     os.makedirs(folder, exist_ok=True)
     for i, image in enumerate(images):
-        array = image.permute(1, 2, 0).numpy()
-        name = f"sample_{i:05d}" + (f"_{names[i]}" if names else "") + ".png"
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(os.path.join(folder, name))
+        save_image(image, os.path.join(folder, f"sample_{i:05d}" + (f"_{names[i]}" if names else "") + ".png"))
     print(f"{len(images)} images: {folder}/")
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    requested, args.amp = args.amp, resolve_amp(args.amp, device)
-    if args.amp == "fp16" and device.type == "cpu":
-        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
+    requested, args.amp = args.amp, resolve_amp(args.amp, device)  # fp16 on a CPU: refused by prepare_network
     if requested != "off":
         print(f"--amp {requested}: " + (f"the network in {args.amp} autocast, the sampler's arithmetic in fp32"
                                          if args.amp != "off" else "fp32 (no bf16 matrix hardware on this CPU)"))

@@ -184,6 +184,8 @@ def prepare_network(model, device, amp="off"):
     would lay it out so (resolve_channels_last: fp32 on a CPU, faster convolutions there); under bf16/fp16
     autocast when amp ("off", "bf16" or "fp16", as resolve_amp gives it) asks (AutocastNetwork: the
     sampler's arithmetic stays fp32)."""
+    if amp == "fp16" and torch.device(device).type == "cpu":
+        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
     model = model.to(device).eval()
     if resolve_channels_last("auto", device, amp):
         model.to(memory_format=torch.channels_last)
@@ -588,6 +590,11 @@ def make_grid_image(images_uint8, nrow=None, padding=2):
     grid = make_grid(images_uint8, nrow=nrow, padding=padding, pad_value=255)  # [3 x H' x W'], uint8
     array = grid.permute(1, 2, 0).numpy()
     return Image.fromarray(array[:, :, 0] if images_uint8.shape[1] == 1 else array)
+
+
+def save_image(image_uint8, path):
+    """One uint8 [C x H x W] image -> a PNG at path (greyscale for one channel)."""
+    make_grid_image(image_uint8[None], nrow=1, padding=0).save(path)
 
 
 def save_grid(images_uint8, path, nrow=None):

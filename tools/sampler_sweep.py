@@ -30,7 +30,7 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
 from utils import (UsageError, append_csv_rows, from_model_range, load_checkpoint, load_weights,  # noqa: E402
-                   pick_device, prepare_network, resolve_amp, save_grid)
+                   pick_device, prepare_network, resolve_amp, save_grid, save_image)
 
 FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
 
@@ -125,12 +125,10 @@ def score_images(classifier, images_uint8, labels, reference_mu, reference_sigma
 def save_sample_folder(images_uint8, labels, class_names, folder):
     """Every image of uint8 [N x C x H x W] as folder/<its class name>/<index>.png (folder/<index>.png
     without classes): the layout tools/evaluate.py --samples reads."""
-    from PIL import Image
     for i, image in enumerate(images_uint8):
         subfolder = os.path.join(folder, class_names[int(labels[i])]) if labels is not None else folder
         os.makedirs(subfolder, exist_ok=True)
-        pixels = image.permute(1, 2, 0).cpu().numpy()  # [H x W x C]
-        Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(os.path.join(subfolder, f"{i:05d}.png"))
+        save_image(image, os.path.join(subfolder, f"{i:05d}.png"))
 
 
 def check_classifier_fits(classifier_state, model_config, class_names, flag="--classifier"):
@@ -181,8 +179,6 @@ def main(argv=None):
         raise UsageError(f"--steps {bad}: must be between 1 and the model's T = {diffusion.timesteps}")
     device = pick_device(args.device)
     amp = resolve_amp(args.amp, device)
-    if amp == "fp16" and device.type == "cpu":
-        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
     model = build_model(state["model_config"])
     load_weights(model, state["ema"], args.ckpt)
     model = prepare_network(model, device, amp)  # as sample.py runs it: layout, autocast
