@@ -442,6 +442,16 @@ def read_npz_arrays(path, split="train", flag=""):
     return images, labels
 
 
+def fit_images(images, image_size, channels=None, desc="fitting images"):
+    """uint8 images [N x H x W] or [N x H x W x C] (NumPy) -> uint8 [N x C x S x S], each through
+    fit_image exactly as an image file would be read: 28x28 digits are resized to 32, not padded.
+    Arrays that are compared with image folders (an .npz, a peer's samples) must come this way.
+    channels None: 3 for colour arrays, else 1."""
+    channels = channels or (3 if images.ndim == 4 and images.shape[-1] == 3 else 1)
+    return torch.stack([fit_image(Image.fromarray(image.squeeze()), image_size, channels)
+                        for image in tqdm(images, desc=desc, leave=False, disable=len(images) < 5000)])
+
+
 def load_npz_dataset(path, image_size, channels=None, split="train"):
     """An MNIST-style .npz file (uint8 x_train [N x H x W] or [N x H x W x C], integer y_train [N]) as a
     TensorImageDataset at image_size. The labels' distinct values, sorted, become the class names.
@@ -450,10 +460,7 @@ def load_npz_dataset(path, image_size, channels=None, split="train"):
     exported from it matches the training data (tools/evaluate.py)."""
     images, labels = read_npz_arrays(path, split, "--dataset_path ")
     values, indices = np.unique(labels, return_inverse=True)  # any label values -> 0 .. K-1
-    channels = channels or (3 if images.ndim == 4 and images.shape[-1] == 3 else 1)
-    images = torch.stack([fit_image(Image.fromarray(image.squeeze()), image_size, channels)
-                          for image in tqdm(images, desc=f"reading {os.path.basename(path)}", leave=False,
-                                            disable=len(images) < 5000)])
+    images = fit_images(images, image_size, channels, desc=f"reading {os.path.basename(path)}")
     return TensorImageDataset(images, torch.as_tensor(indices.reshape(-1), dtype=torch.long),
                               [str(v) for v in values.tolist()])
 

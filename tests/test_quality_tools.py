@@ -145,6 +145,38 @@ def test_the_floor_has_the_samples_class_proportions_and_is_disjoint_from_the_re
         split_floor_and_reference(real_labels, 15, torch.arange(15) % 3)
 
 
+def test_reference_class_shift_measures_how_far_the_floor_moved_the_references_proportions():
+    from sampler_sweep import reference_class_shift, split_floor_and_reference
+    real_labels = torch.tensor([0] * 60 + [1] * 40)                   # shares 0.6 and 0.4
+    floor, reference = split_floor_and_reference(real_labels, 20, torch.arange(20) % 2)  # 10 of each class
+    assert reference_class_shift(real_labels, reference) == pytest.approx((0.4 - 30 / 80) / 0.4)  # class 1: 0.375
+    floor, reference = split_floor_and_reference(real_labels, 10, torch.tensor([0] * 6 + [1] * 4))
+    assert reference_class_shift(real_labels, reference) == pytest.approx(0.0)  # the floor in the data's proportions
+
+
+def test_arrays_are_fitted_like_image_files_so_they_compare_with_a_folder(tmp_path):
+    """An .npz's digits and a peer's saved samples must be read the way the reference folder's PNGs are
+    (28 -> 32 resized, not padded): the same pixels, whichever way they come in."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from classifier import load_folder
+    from time_to_quality import read_peer
+    from utils import fit_images
+    digits = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    for i, digit in enumerate(digits):
+        (tmp_path / "ref" / "0").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digit).save(tmp_path / "ref" / "0" / f"{i}.png")
+    from_files, _, _ = load_folder(tmp_path / "ref", 32, 1, seed=0)
+    shuffled = torch.randperm(3, generator=torch.Generator().manual_seed(0))  # the order load_folder draws them in
+    from_files = from_files[torch.argsort(shuffled)]                          # back to 0.png, 1.png, 2.png
+    fitted = fit_images(digits, 32)
+    assert fitted.shape == (3, 1, 32, 32) and fitted.dtype == torch.uint8
+    assert torch.equal(fitted, from_files)
+    assert fitted[:, :, :2].float().mean() > 20  # resized to the border, not padded with 2 black rows
+    np.savez(tmp_path / "peer.npz", x=digits, train_s=60.0, steps=5)
+    name, images, seconds, steps = read_peer(f"p={tmp_path / 'peer.npz'}", 32, 1)
+    assert (name, seconds, steps) == ("p", 60.0, 5) and torch.equal(images, from_files)
+
+
 @pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 1.0)])
 def test_draw_samples_adds_noise_independent_of_the_starting_noise(monkeypatch, sampler, eta):
     """The tools draw x_T from a generator seeded with --seed; the per-step z must not repeat it (with the
@@ -200,6 +232,9 @@ def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     finally:
         time_to_quality.draw_samples = real_draw
     assert seen[0].shape == (8,) and 0 <= seen[0].min() and seen[0].max() < 2 and seen[1] is None
+    # --amp bf16: our network under autocast, and the row says so; the floor and a peer's saved samples do not
+    rows = time_to_quality.main(["--ckpt", str(ckpt), "--peer", f"noise={peer}", "--amp", "bf16", *map(str, args)])
+    assert [r["sampler"] for r in rows] == ["ddim", "ddim (bf16)", "ddim"] and float(rows[1]["fd"]) >= -1e-6
     result = run_script("tools/time_to_quality.py", "--peer", "noise", *args, cwd=root, check=False, in_process=True)
     assert_one_line_error(result, "--peer noise: expected NAME=PATH")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

@@ -16,7 +16,10 @@ eta 0; ddim.py) in --steps steps. A class-conditional model gets labels drawn at
 model's; --labels none instead gives every sample the "no label" input, which a model trained with
 label dropout (--p_uncond, the default 0.1) learned as its unconditional model: the fair comparison
 with unconditional peers. Each --peer is NAME=an .npz written by ../shared/bench/quality_peers.py: uint8 digits x
-[N x 28 x 28] (padded to 32 here, as train.py pads MNIST) and the seconds it trained, train_s.
+[N x 28 x 28] and the seconds it trained, train_s. The digits are brought to the classifier's size the
+way the reference folder's 28x28 images are read (utils.fit_images: resized, 28 -> 32), so that they
+are compared like with like; padding them instead would draw every digit smaller than the reference's,
+which by itself puts real test digits far from the reference (README: Time to quality).
 
 Every set is scored by the offline classifier of tools/classifier.py: the Frechet distance of its
 features to --num_reference held-out images ("FD": the FID recipe with that classifier in place of
@@ -38,8 +41,8 @@ from classifier import features_and_logits, feature_statistics, frechet_distance
 from ddpm import GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
 from sampler_sweep import check_classifier_fits, draw_samples  # noqa: E402
-from utils import (UsageError, append_csv_rows, keep_freed_memory, load_checkpoint, load_weights,  # noqa: E402
-                   pick_device, save_grid, to_image_size)
+from utils import (UsageError, append_csv_rows, fit_images, keep_freed_memory, load_checkpoint,  # noqa: E402
+                   load_weights, pick_device, prepare_network, resolve_amp, save_grid)
 
 FIELDS = ["run", "minutes", "step", "num_samples", "sampler", "steps", "fd", "class_accuracy", "rarest_class",
           "sample_seconds", "source"]
@@ -66,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=None, help="PNG of FD against training minutes, from the whole CSV")
     p.add_argument("--grids", default=None, help="folder for a 10x10 grid of each set's first 100 samples")
     p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"),
+                   help="the network in bf16/fp16 autocast as sample.py --amp runs it; the rows' sampler says so")
     return p.parse_args(argv)
 
 
@@ -81,7 +86,7 @@ def read_peer(spec, size, channels):
             raise UsageError(f"--peer {spec}: expected a uint8 array x, as quality_peers.py writes")
         images, seconds = data["x"], float(data["train_s"]) if "train_s" in data else float("nan")
         steps = int(data["steps"]) if "steps" in data else 0
-    images = to_image_size(images, size)  # 28x28 digits padded to 32, as train.py pads MNIST
+    images = fit_images(images, size, desc=f"reading {path}")  # as the reference folder's images are read
     if images.shape[1] != channels:
         raise UsageError(f"--peer {spec}: {images.shape[1]}-channel images; the classifier takes {channels}")
     return name, images, seconds, steps
@@ -114,7 +119,7 @@ def plot(csv_path, png_path):
     ax.set_xlabel("training minutes (wall clock)")
     ax.set_ylabel("FD of classifier features (log scale; lower is better)")
     steps = rows[-1]
-    ax.set_title(f"Time to quality: {steps['num_samples']} samples each, {steps['sampler'].upper()} {steps['steps']} steps")
+    ax.set_title(f"Time to quality: {steps['num_samples']} samples each, {steps['sampler'].split()[0].upper()} {steps['steps']} steps")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -130,6 +135,8 @@ def main(argv=None):
         raise UsageError(f"--num_samples {args.num_samples}: must be at least 2")
     keep_freed_memory()
     device = pick_device(args.device)
+    amp = resolve_amp(args.amp, device)
+    sampler_name = args.sampler + (f" ({amp})" if amp != "off" else "")
     classifier, classifier_state = load_classifier(args.classifier)
     classifier = classifier.to(device)
     size, channels = classifier_state["config"]["image_size"], classifier_state["config"]["channels"]
@@ -147,12 +154,12 @@ def main(argv=None):
 
     rows = []
 
-    def score(run, images, minutes, step, labels=None, seconds=0.0, source=""):
+    def score(run, images, minutes, step, labels=None, seconds=0.0, source="", sampler=args.sampler):
         features, logits = features_and_logits(classifier, images, device=device)
         fd = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
         accuracy = (logits.argmax(1).cpu() == labels).float().mean().item() if labels is not None else float("nan")
         rarest = rarest_class_share(logits, num_classes)
-        rows.append(dict(run=run, minutes=f"{minutes:.2f}", step=step, num_samples=len(images), sampler=args.sampler,
+        rows.append(dict(run=run, minutes=f"{minutes:.2f}", step=step, num_samples=len(images), sampler=sampler,
                          steps=args.steps, fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}",
                          rarest_class=f"{rarest:.3f}", sample_seconds=f"{seconds:.1f}", source=source))
         print(f"{run} at {minutes:.1f} min (step {step}): FD {fd:.3f}, class accuracy {accuracy:.4f}, "
@@ -173,7 +180,7 @@ def main(argv=None):
             raise UsageError(f"--steps {args.steps}: must be between 1 and the model's T")
         model = build_model(config)
         load_weights(model, state["ema"], path)
-        model = model.to(device).eval()
+        model = prepare_network(model, device, amp)  # as sample.py runs it: layout, autocast
         diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
         noise = torch.randn(args.num_samples, channels, size, size, generator=generator.manual_seed(args.seed))
         labels = None  # unconditional, or a conditional model's "no label" input (model.py)
@@ -183,7 +190,7 @@ def main(argv=None):
             raise UsageError(f"--ckpt {path}: --labels none needs a model trained with label dropout (--p_uncond > 0)")
         images, seconds = draw_samples(diffusion, model, args.sampler, args.steps, noise, labels, args.batch_size,
                                        args.seed)
-        score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path)
+        score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path, sampler_name)
     for spec in args.peer:
         name, images, train_seconds, steps = read_peer(spec, size, channels)
         score(name, images[:args.num_samples], train_seconds / 60, steps, source=spec.partition("=")[2])

@@ -27,7 +27,8 @@ DDPM eq. 19; the same number of network calls whatever T is).
 Interrupt it and run the same command again: finished runs are not trained again, a run cut short
 resumes from its checkpoint (train.py --resume), and every finished run is scored again (quick, and
 deterministic). Written to --out_dir: results.csv (one row per run, plus "real": --num_samples
-held-out images scored the same way, the floor FD can reach with that many images), results.png
+held-out images, in the samples' class proportions, scored the same way: the floor FD can reach with
+that many images), results.png
 (FD and class accuracy per run, and 16 samples of each), checkpoints/, samples/ and logs/.
 """
 import argparse
@@ -46,8 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, load_classifier, load_folder  # noqa: E402
 from ddpm import SCHEDULES, SIMPLE_LOSSES, GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from sampler_sweep import check_classifier_fits, draw_samples, score_images  # noqa: E402
-from utils import UsageError, load_checkpoint, load_weights, make_grid_image, pick_device  # noqa: E402
+from sampler_sweep import check_classifier_fits, draw_samples, score_images, split_floor_and_reference  # noqa: E402
+from utils import UsageError, load_checkpoint, load_weights, make_grid_image, pick_device, prepare_network  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["run", "timesteps", "schedule", "loss", "max_steps", "final_loss", "train_seconds", "num_samples",
@@ -262,6 +263,7 @@ def main(argv=None):
         config, class_names = state["model_config"], state.get("class_names") or []
         check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
         size, channels = config["image_size"], config["in_channels"]
+        labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
         if reference is None:  # once, at the first model's image size: the floor row and the statistics
             limit = args.num_reference + args.num_samples if args.num_reference else 0
             real, real_labels, _ = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
@@ -269,9 +271,12 @@ def main(argv=None):
             if len(real) < 2 * args.num_samples:
                 raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least "
                                  f"twice --num_samples ({2 * args.num_samples})")
-            reference = feature_statistics(features_and_logits(classifier, real[args.num_samples:], device=device)[0])
-            fd, accuracy = score_images(classifier, real[:args.num_samples],
-                                        real_labels[:args.num_samples] if class_names else None, *reference, device)
+            # The floor has the samples' class proportions (sampler_sweep.split_floor_and_reference).
+            floor, rest = split_floor_and_reference(real_labels, args.num_samples, labels,
+                                                    f"--reference_path {args.reference_path}")
+            reference = feature_statistics(features_and_logits(classifier, real[rest], device=device)[0])
+            fd, accuracy = score_images(classifier, real[floor], real_labels[floor] if class_names else None,
+                                        *reference, device)
             rows.append(dict(run="real", num_samples=args.num_samples, fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}",
                              device=str(device)))
             print(f"real: {args.num_samples} held-out images score FD {fd:.2f}, class accuracy {accuracy:.3f}")
@@ -279,9 +284,8 @@ def main(argv=None):
                                 generator=torch.Generator().manual_seed(args.seed))
         model = build_model(config)
         load_weights(model, state["ema"], ckpt)
-        model = model.to(device).eval()
+        model = prepare_network(model, device)  # as sample.py runs it (fp32: the layout)
         diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
-        labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
         images, sample_seconds = draw_samples(diffusion, model, args.sampler, args.sample_steps, noise, labels,
                                               args.batch_size, args.seed)
         fd, accuracy = score_images(classifier, images, labels, *reference, device)
