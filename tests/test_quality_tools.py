@@ -93,6 +93,9 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
     files = sorted(saved.glob("*/*.png"))
     assert len(files) == 8 and len(list((saved / "cat").glob("*.png"))) == 4
     assert Image.open(files[0]).size == (16, 16)
+    floor = root / "saved" / "saved_real"  # the floor's real images, as the sweep read them, beside the samples
+    assert len(list(floor.glob("cat/*.png"))) == 4 and len(list(floor.glob("dog/*.png"))) == 4
+    assert Image.open(next(floor.glob("cat/*.png"))).size == (16, 16)
     result = run_script("tools/evaluate.py", "--samples", saved, "--reference", folder, "--classifier",
                         root / "classifier.pt", "--device", "cpu", cwd=root)
     assert "KID" in result.stdout
@@ -116,9 +119,11 @@ def test_sampler_sweep_gives_ddim_one_row_per_eta_and_spacing(trained):
     assert (root / "grids_eta" / "pets_ema_ddim_eta=1_quadratic_5.png").is_file()
     run_script("tools/sampler_sweep.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--classifier",
                root / "classifier.pt", "--reference_path", folder, "--samplers", "ddim", "--steps", "5",
-               "--num_samples", "8", "--csv", csv_path, "--amp", "bf16", "--device", "cpu", cwd=root)
+               "--num_samples", "8", "--csv", csv_path, "--amp", "bf16", "--device", "cpu", "--run_name", "my run",
+               "--grids", root / "grids_amp", cwd=root)
     with open(csv_path) as f:
         assert [r["sampler"] for r in csv.DictReader(f)][-1] == "ddim (bf16)"
+    assert [p.name for p in (root / "grids_amp").iterdir()] == ["my_run_ddim_bf16_5.png"]  # no spaces or brackets
     # draw_samples hands eta and spacing to DDIM: from the same x_T, each setting gives other images.
     from ddpm import GaussianDiffusion
     from model import build_model

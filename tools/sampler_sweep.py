@@ -18,6 +18,7 @@ so a sampler is not credited or blamed for the luck of a random draw's proportio
 import argparse
 import csv
 import os
+import re
 import sys
 import time
 
@@ -57,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--grids", default=None, help="folder for one sample grid per setting (first 64 samples)")
     p.add_argument("--save_samples", default=None, metavar="DIR",
                    help="also write every sample as a PNG, into DIR/<run>_<sampler>_<steps>/<class>/, the layout "
-                   "tools/evaluate.py --samples reads (to score a costly draw again, e.g. with KID)")
+                   "tools/evaluate.py --samples reads (to score a costly draw again, e.g. with KID), and the "
+                   "floor's real images into DIR/<run>_real/")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"),
                    help="the network in bf16/fp16 autocast as sample.py --amp runs it; the rows' sampler names "
@@ -209,8 +211,8 @@ def main(argv=None):
     # One random draw of real images: num_samples of them are scored like samples (the floor, with the
     # samples' class proportions), the rest give the reference statistics.
     limit = args.num_reference + args.num_samples if args.num_reference else 0
-    real, real_labels, _ = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
-                                       flag="--reference_path")
+    real, real_labels, real_classes = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
+                                                  flag="--reference_path")
     if len(real) < 2 * args.num_samples:
         raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least twice "
                          f"--num_samples ({2 * args.num_samples})")
@@ -237,6 +239,9 @@ def main(argv=None):
                      class_accuracy=f"{accuracy:.4f}", seconds=0, device=str(device)))
     proportions = " (in the samples' class proportions)" if class_names else ""
     print(f"real images{proportions}: FD {fd:.3f}, class accuracy {accuracy:.4f}")
+    if args.save_samples:  # the floor too, as read here (e.g. 28x28 digits resized to 32), for evaluate.py
+        save_sample_folder(real[floor], real_labels[floor] if class_names else None, real_classes,
+                           os.path.join(args.save_samples, re.sub(r"[^\w.=-]+", "_", f"{run} real")))
     # DDIM gives one row per (eta, spacing); the plain "ddim" label is eta 0 with uniform spacing.
     settings = [("ddpm", 0.0, "uniform")] if "ddpm" in args.samplers else []
     if "ddim" in args.samplers:
@@ -251,7 +256,8 @@ def main(argv=None):
             rows.append(dict(run=run, sampler=sampler, steps=steps, num_samples=args.num_samples, fd=f"{fd:.3f}",
                              class_accuracy=f"{accuracy:.4f}", seconds=f"{seconds:.1f}", device=str(device)))
             print(f"{run} {sampler} {steps} steps: FD {fd:.3f}, class accuracy {accuracy:.4f}, {seconds:.1f} s")
-            name = f"{run}_{sampler.replace(' ', '_')}_{steps}"
+            # e.g. "pets_ema_ddim_eta=1_quadratic_bf16_50": no spaces or brackets for the shell to trip on
+            name = re.sub(r"[^\w.=-]+", "_", f"{run} {sampler} {steps}")
             if args.grids:
                 save_grid(images[:64], os.path.join(args.grids, f"{name}.png"), nrow=8)
             if args.save_samples:
