@@ -145,6 +145,12 @@ def save_sample_folder(images_uint8, labels, class_names, folder):
         save_image(image, os.path.join(subfolder, f"{i:05d}.png"))
 
 
+def setting_name(*parts):
+    """A file or folder name for one setting, e.g. ("pets_ema", "ddim eta=1 quadratic (bf16)", 50) ->
+    "pets_ema_ddim_eta=1_quadratic_bf16_50": no spaces or brackets for the shell to trip on."""
+    return re.sub(r"[^\w.=-]+", "_", " ".join(map(str, parts)))
+
+
 def check_classifier_fits(classifier_state, model_config, class_names, flag="--classifier"):
     """One-line errors when the offline classifier was made for other images or other classes."""
     made_for = (classifier_state["config"]["image_size"], classifier_state["config"]["channels"])
@@ -241,7 +247,7 @@ def main(argv=None):
     print(f"real images{proportions}: FD {fd:.3f}, class accuracy {accuracy:.4f}")
     if args.save_samples:  # the floor too, as read here (e.g. 28x28 digits resized to 32), for evaluate.py
         save_sample_folder(real[floor], real_labels[floor] if class_names else None, real_classes,
-                           os.path.join(args.save_samples, re.sub(r"[^\w.=-]+", "_", f"{run} real")))
+                           os.path.join(args.save_samples, setting_name(run, "real")))
     # DDIM gives one row per (eta, spacing); the plain "ddim" label is eta 0 with uniform spacing.
     settings = [("ddpm", 0.0, "uniform")] if "ddpm" in args.samplers else []
     if "ddim" in args.samplers:
@@ -256,8 +262,7 @@ def main(argv=None):
             rows.append(dict(run=run, sampler=sampler, steps=steps, num_samples=args.num_samples, fd=f"{fd:.3f}",
                              class_accuracy=f"{accuracy:.4f}", seconds=f"{seconds:.1f}", device=str(device)))
             print(f"{run} {sampler} {steps} steps: FD {fd:.3f}, class accuracy {accuracy:.4f}, {seconds:.1f} s")
-            # e.g. "pets_ema_ddim_eta=1_quadratic_bf16_50": no spaces or brackets for the shell to trip on
-            name = re.sub(r"[^\w.=-]+", "_", f"{run} {sampler} {steps}")
+            name = setting_name(run, sampler, steps)
             if args.grids:
                 save_grid(images[:64], os.path.join(args.grids, f"{name}.png"), nrow=8)
             if args.save_samples:

@@ -119,7 +119,8 @@ def plot(csv_path, png_path):
     ax.set_xlabel("training minutes (wall clock)")
     ax.set_ylabel("FD of classifier features (log scale; lower is better)")
     steps = rows[-1]
-    ax.set_title(f"Time to quality: {steps['num_samples']} samples each, {steps['sampler'].split()[0].upper()} {steps['steps']} steps")
+    sampler = steps["sampler"].split()[0].upper()  # "ddim (bf16)" -> "DDIM"
+    ax.set_title(f"Time to quality: {steps['num_samples']} samples each, {sampler} {steps['steps']} steps")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
