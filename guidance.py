@@ -28,6 +28,7 @@ THE GUIDANCE SCALE CONVENTION (stated once, here; the README repeats it):
 Timesteps follow ddpm.py (code t = 0 .. T-1). Shapes: x_t [B x C x H x W], t and y int64 [B].
 """
 import torch
+import torch.nn.functional as F
 
 
 def drop_labels(y, p_uncond, null_label, coins=None):
@@ -66,6 +67,28 @@ def classifier_free_guidance(model, guidance_scale, null_label):
         guided_prediction = unconditional[:, :c] + guidance_scale * (conditional[:, :c] - unconditional[:, :c])
         return torch.cat([guided_prediction, conditional[:, c:]], dim=1)         # eq. 6 (+ variances)
     return guided
+
+
+def classifier_training_loss(classifier, diffusion, x0, y, t, noise):
+    """Training the classifier of ADM Sec. 4: noise each image to its level t with q(x_t | x_0) (DDPM
+    eq. 4) and score -log p_phi(y | x_t), so the classifier learns to name the class at every noise level
+    the sampler will ask about. x0, noise [B x C x H x W]; y, t int64 [B]. Returns per-image losses [B]."""
+    xt = diffusion.q_sample(x0, t, noise)                                   # DDPM eq. 4
+    logits = classifier(xt, t)                                              # [B x K]
+    return F.cross_entropy(logits.float(), y, reduction="none")             # -log p_phi(y | x_t)
+
+
+@torch.no_grad()
+def noisy_accuracy(classifier, diffusion, x0, y, levels):
+    """How often the classifier names the class of x0 [B x C x H x W] (labels y [B]) after noising to each
+    t in levels (DDPM eq. 4, fresh noise): {t: fraction correct}. train.py's progress line for a
+    --task classifier run, in place of a sample grid."""
+    accuracy = {}
+    for level in levels:
+        t = torch.full((len(x0),), level, device=x0.device, dtype=torch.long)
+        predicted = classifier(diffusion.q_sample(x0, t, torch.randn_like(x0)), t).argmax(1)
+        accuracy[level] = (predicted == y.to(x0.device)).float().mean().item()
+    return accuracy
 
 
 def classifier_gradient(classifier, x, t, y):

@@ -6,16 +6,18 @@ processes, with which random numbers, and what survives when the run is stopped.
     several processes   setup_distributed (torchrun's RANK / LOCAL_RANK / WORLD_SIZE), ResumableSampler
                         (DistributedSampler that restarts mid-epoch), SharedRandomness (the loss's random
                         numbers drawn for the global batch, so W processes train what one would),
+                        rng_states / restore_rng_states (every random stream, saved and put back),
                         step_statistics (the loss and the stop flag, averaged over processes)
     not losing work     StopSignals (SIGTERM and Ctrl-C stop on a step boundary), write_checkpoints
-                        (atomic, --keep_last rotation), weights_are_finite, start_log (loss.csv cut
-                        back on resume)
+                        (atomic, --keep_last rotation), weights_are_finite
+    the log             TrainingLog (loss.csv, loss.png, TensorBoard; start_log cuts loss.csv back on resume)
     speed               compile_or_fallback (torch.compile, or a note where it cannot run)
 
 See the README, "Scaling up". Imports only utils.py and torch.
 """
 import csv
 import itertools
+import math
 import os
 import re
 import signal
@@ -24,7 +26,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from utils import UsageError, link_checkpoint, pick_device, save_checkpoint
+from utils import UsageError, link_checkpoint, pick_device, plot_loss, save_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +112,32 @@ class SharedRandomness:
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(parts, mine.contiguous())
         return torch.stack(parts, dim=1).reshape(-1)  # [B x W]: element (j, r) is global row j*W + r
+
+
+def rng_states(randomness, device, world_size):
+    """Every random stream a resumed run needs, as a plain dict: torch's global generator (dropout)
+    on each process, CUDA's on each GPU, and the shared one (SharedRandomness)."""
+    mine = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    everyone = [mine]
+    if world_size > 1:
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, mine)
+    return dict(torch=[s["torch"] for s in everyone],
+                cuda=[s["cuda"] for s in everyone] if device.type == "cuda" else [],
+                shared=randomness.generator.get_state())
+
+
+def restore_rng_states(rng, randomness, device, rank, world_size):
+    """Put back what rng_states saved, so the resumed run draws what an uninterrupted one would.
+    Returns False, restoring nothing, when the states were saved by an older train.py or by another
+    number of processes: the caller then reseeds and says that the random numbers differ."""
+    if not (isinstance(rng["torch"], list) and len(rng["torch"]) == world_size and "shared" in rng):
+        return False
+    torch.set_rng_state(rng["torch"][rank])
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][rank], device)
+    randomness.generator.set_state(rng["shared"])
+    return True
 
 
 def step_statistics(losses, t, timesteps, stop_requested, world_size, seconds=0.0):
@@ -227,3 +255,58 @@ def start_log(log_path, fields, resumed_step):
         os.replace(log_path, log_path[:-len(".csv")] + "_before_resume.csv")
     with open(log_path, "w", newline="") as f:
         csv.writer(f).writerow(fields)
+
+
+class TrainingLog:
+    """The run's log: loss.csv, one row per step (the step, the loss, its mean over each quarter of the t
+    range, the learning rate, images/s and peak memory), with loss.png redrawn from the whole file at every
+    flush, and the same scalars and the sample grids in TensorBoard when writer_class is given (train.py
+    --tensorboard). Rows are kept in memory and appended at each checkpoint (flush), so a resumed run
+    finds the log cut at the step it resumes from (start_log). Only process 0 writes: on the others
+    (active False) every method does nothing."""
+
+    def __init__(self, folder, timesteps, resumed_step=None, writer_class=None, active=True):
+        self.path, self.fields, self.rows, self.active = os.path.join(folder, "loss.csv"), log_fields(timesteps), [], active
+        self.plot_path, self.writer = os.path.join(folder, "loss.png"), None
+        if active:
+            os.makedirs(folder, exist_ok=True)
+            start_log(self.path, self.fields, resumed_step)
+            if writer_class is not None:
+                self.writer = writer_class(os.path.join(folder, "tensorboard"), purge_step=resumed_step)
+
+    def add(self, values):
+        """One step's values, in the order of self.fields."""
+        if not self.active:
+            return
+        self.rows.append([f"{v:.6g}" if isinstance(v, float) else v for v in values])
+        if self.writer is not None:
+            for name, value in zip(self.fields[1:], values[1:]):
+                if math.isfinite(value):
+                    self.writer.add_scalar(name if name.startswith("loss") else "train/" + name, value, values[0])
+
+    def add_image(self, path, step):
+        """A sample grid (a PNG file) to TensorBoard."""
+        if self.writer is not None:
+            import numpy as np
+            from PIL import Image
+            self.writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def flush(self):
+        """Append the rows kept so far to loss.csv and redraw loss.png from the whole file."""
+        if not self.active:
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerows(self.rows)
+        self.rows.clear()
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if len(rows) >= 2:
+            by_level = {name.replace("loss_", "").replace("_", ".."): [float(r[name] or "nan") for r in rows]
+                        for name in self.fields[len(LOG_FIELDS):]}
+            plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], self.plot_path, by_level)
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

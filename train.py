@@ -39,7 +39,6 @@ paired input image from --cond_path).
 import argparse
 import contextlib
 import copy
-import csv
 import math
 import os
 import sys
@@ -47,7 +46,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
@@ -58,16 +56,16 @@ import cold
 from cascade import TASKS
 from cold import COLD_LOSSES, DEGRADATIONS, ColdDiffusion
 from ddpm import LOSSES, PREDICTIONS, SCHEDULES, VLB_LOSSES, GaussianDiffusion
-from guidance import drop_labels
+from guidance import classifier_training_loss, drop_labels, noisy_accuracy
 from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
                    resolve_model_config)
-from scaling import (LOG_FIELDS, ResumableSampler, SharedRandomness, StopSignals, compile_or_fallback,
-                     endless_batches, log_fields, setup_distributed, start_log, step_statistics, weights_are_finite,
-                     write_checkpoints)
+from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLog, compile_or_fallback,
+                     endless_batches, restore_rng_states, rng_states, setup_distributed, step_statistics,
+                     weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
-                   load_npz_dataset, load_weights, peak_memory_mb, plot_loss, remove_stale_temporaries,
+                   load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries,
                    reset_peak_memory, resolve_amp, resolve_channels_last, save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
@@ -305,6 +303,22 @@ def init_weights_from(model, path, model_config, diffusion_config):
     return state.get("step")
 
 
+def network_settings(args, dataset, class_names):
+    """The network's settings (model.py) for this task and data, before model.py fills in its defaults:
+    a diffusion model outputs C channels (2C with learned variances) and takes conditioning images as
+    extra input channels; a noisy classifier (--task classifier) outputs one logit per class."""
+    settings = dict(image_size=args.image_size, in_channels=dataset.channels, base_channels=args.base_channels,
+                    channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
+                    attention_resolutions=args.attention_resolutions, dropout=args.dropout,
+                    num_classes=len(class_names))
+    if args.task != "classifier":
+        settings.update(out_channels=dataset.channels * (2 if args.learn_sigma else 1),  # learned variances: 2C
+                        cond_channels={"super_resolution": dataset.channels, "diffusion": 0}.get(
+                            args.task, getattr(dataset, "input_channels", 0)),
+                        cond_augment=args.task == "super_resolution" and args.aug_max_t > 0)
+    return settings
+
+
 def load_dataset(args):
     if args.task == "image_to_image":
         return PairedImageDataset(args.dataset_path, args.cond_path, args.image_size, args.channels)
@@ -396,9 +410,121 @@ def checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, s
     return full_state, ema_state
 
 
+def restore_training_state(resumed, path, saved_config, model_config, model, ema_model, swa_model, optimizer,
+                           scheduler, scaler, timestep_sampler):
+    """--resume: load every piece of a stopped run's state from its full checkpoint (strict key matching,
+    utils.load_weights): the weights, the EMA, the SWA average once it has begun, AdamW's moments, the
+    learning-rate schedule, the fp16 loss scale and the loss-aware t sampler's history. First, the
+    network the saved run trained (saved_config) must be the one this run's data builds (model_config)."""
+    if saved_config != model_config:  # e.g. a class folder was added since
+        changed = [k for k in model_config if saved_config.get(k) != model_config[k]]
+        was = ", ".join(f"{k}={saved_config.get(k)}" for k in changed)
+        now = ", ".join(f"{k}={model_config[k]}" for k in changed)
+        raise UsageError(f"--resume: {path} was trained with {was}, but the data now gives {now}; "
+                         "restore the dataset or start a new --run_name")
+    load_weights(model, resumed["model"], path, "--resume:")
+    load_weights(ema_model, resumed["ema"], path, "--resume:")
+    if swa_model is not None and "swa" in resumed:
+        load_weights(swa_model.module, resumed["swa"], path, "--resume:")
+        swa_model.n_averaged.fill_(resumed["swa_count"])
+    optimizer.load_state_dict(resumed["optimizer"])
+    scheduler.load_state_dict(resumed["scheduler"])
+    scaler.load_state_dict(resumed["scaler"])
+    if "timestep_sampler" in resumed:
+        timestep_sampler.load_state_dict(resumed["timestep_sampler"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample grids: watching a run learn
+# ---------------------------------------------------------------------------------------------
+
+def fixed_grid_inputs(args, dataset, diffusion, class_names, device):
+    """What every grid of the run starts from, drawn once so that grids over training are comparable:
+    x_T noise [N x C x S x S] and labels [N] (one class after another); for image-conditioned models and
+    classifiers, N real (image, label-or-input) pairs; for Cold Diffusion, fixed starts (channel means from
+    the mixture, or for a degradation that cannot generate, real images degraded to level T/2)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    fixed = dict(noise=torch.randn(args.num_samples, dataset.channels, args.image_size, args.image_size,
+                                   generator=generator).to(device),
+                 labels=(torch.arange(args.num_samples, device=device) % len(class_names)) if class_names else None)
+    if args.task != "diffusion":  # a fixed set of real images: conditioning inputs and targets
+        picks = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
+        fixed["pairs"] = [torch.stack(items) if isinstance(items[0], torch.Tensor) else torch.tensor(items)
+                          for items in zip(*(dataset[i] for i in picks))]
+    if args.process == "cold" and args.degradation not in cold.GENERATES:  # a mask model cannot generate
+        real = to_model_range(torch.stack([dataset[i][0] for i in range(min(args.num_samples, len(dataset)))]))
+        half = torch.full((len(real),), args.timesteps // 2, dtype=torch.long)
+        fixed.update(real=real.to(device), start=diffusion.degrade(real.to(device), half.to(device)))
+    elif args.process == "cold":
+        fixed["start"] = diffusion.start_images(args.num_samples, dataset.channels,
+                                                torch.Generator().manual_seed(args.seed), device)
+    return fixed
+
+
+def sample_grid(args, ema_model, diffusion, grid_diffusion, fixed, path):
+    """One grid from the EMA model, saved to path: samples; for image-conditioned models, rows of input,
+    sample, target; for Cold Diffusion that restores, rows of degraded, restored, original; for a
+    classifier, no picture but its accuracy on the fixed images noised to a few levels t.
+    Returns (message, path or None)."""
+    device = fixed["noise"].device
+    if args.task == "classifier":
+        images, labels = fixed["pairs"]
+        levels = (0, args.timesteps // 4, args.timesteps // 2, 3 * args.timesteps // 4)
+        accuracy = noisy_accuracy(ema_model, diffusion, to_model_range(images.to(device)), labels, levels)
+        return "accuracy on noisy images, " + ", ".join(f"t={t}: {a:.0%}" for t, a in accuracy.items()), None
+    if args.process == "cold":  # Algorithm 2 from the fixed starts (all T levels, or T/2 when restoring)
+        start, restoring = fixed["start"], "real" in fixed
+        labels = fixed["labels"][:len(start)] if fixed["labels"] is not None else None
+        images = diffusion.sample(ema_model, start, labels, steps=args.timesteps // 2 if restoring else None,
+                                  progress=False)
+        if restoring:
+            save_grid(from_model_range(torch.cat([start, images, fixed["real"]])), path, nrow=len(start))
+            return f"degraded / restored / original rows in {path}", path
+        save_grid(from_model_range(images), path)
+        return f"samples in {path}", path
+    noise = fixed["noise"]
+    if args.task == "diffusion":
+        images = grid_diffusion.sample(ema_model, noise.shape, fixed["labels"], noise=noise, progress=False)
+        save_grid(from_model_range(images), path)
+        return f"samples in {path}", path
+    targets, inputs = fixed["pairs"]
+    x0 = to_model_range(targets.to(device))
+    if args.task == "super_resolution":
+        low = cascade.downsample(x0, args.low_res)
+        cond, cond_t = cascade.sr_condition(diffusion, low, args.image_size,
+                                            cascade.sampling_level(conditioning_settings(args)))
+        shown = cascade.upsample(low, args.image_size)  # the input, without its augmentation noise
+    else:
+        cond, cond_t = to_model_range(inputs.to(device)), None
+        shown = cond if cond.shape[1] == x0.shape[1] else cond.mean(1, keepdim=True).expand_as(x0)
+    images = grid_diffusion.sample(cascade.conditioned(ema_model, cond, cond_t), noise.shape, noise=noise,
+                                   progress=False)
+    save_grid(from_model_range(torch.cat([shown, images, x0])), path, nrow=len(x0))
+    return f"input / sample / target rows in {path}", path
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
+def load_resumed_run(args, parser, full_path):
+    """--resume: the stopped run's checkpoint, and its settings as this run's args. Run-control flags
+    given on this command line (RUN_CONTROL_FLAGS) win; every other setting is the saved run's, so the
+    run continues unchanged. Returns (args, the checkpoint dict)."""
+    if not os.path.isfile(full_path):
+        raise UsageError(f"--resume: no checkpoint {full_path} to resume from; train without --resume first, "
+                         "or pass the --run_name / --checkpoint_dir it was saved under")
+    resumed = load_checkpoint(full_path, required=("config", "model", "ema", "optimizer", "step"), flag="--resume:")
+    saved = resumed["config"]
+    for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
+        if getattr(args, name) != parser.get_default(name) and name in saved:
+            saved[name] = getattr(args, name)
+    args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
+    if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
+        args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
+    args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
+    return args, resumed
+
 
 def main(argv=None):
     args, parser = parse_args(argv)
@@ -410,18 +536,7 @@ def main(argv=None):
 
     resumed = None
     if args.resume:
-        if not os.path.isfile(full_path):
-            raise UsageError(f"--resume: no checkpoint {full_path} to resume from; train without --resume first, "
-                             "or pass the --run_name / --checkpoint_dir it was saved under")
-        resumed = load_checkpoint(full_path, required=("config", "model", "ema", "optimizer", "step"), flag="--resume:")
-        saved = resumed["config"]
-        for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
-            if getattr(args, name) != parser.get_default(name) and name in saved:
-                saved[name] = getattr(args, name)
-        args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
-        if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
-            args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
-        args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
+        args, resumed = load_resumed_run(args, parser, full_path)
     resolve_process_defaults(args)
     check_args(args)
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
@@ -470,19 +585,9 @@ def main(argv=None):
             f"--batch_size lowered from {args.batch_size}")
         args.batch_size = per_process
 
-    network = dict(image_size=args.image_size, in_channels=dataset.channels, base_channels=args.base_channels,
-                   channel_mults=args.channel_mults, num_res_blocks=args.num_res_blocks,
-                   attention_resolutions=args.attention_resolutions, dropout=args.dropout,
-                   num_classes=len(class_names))
-    if args.task == "classifier":
-        resolve_config, build = resolve_classifier_config, build_classifier
-    else:
-        resolve_config, build = resolve_model_config, build_model
-        network.update(out_channels=dataset.channels * (2 if args.learn_sigma else 1),  # learned variances: 2C
-                       cond_channels={"super_resolution": dataset.channels, "diffusion": 0}.get(
-                           args.task, getattr(dataset, "input_channels", 0)),
-                       cond_augment=args.task == "super_resolution" and args.aug_max_t > 0)
-    model_config = resolve_config(**network)
+    resolve_config, build = (resolve_classifier_config, build_classifier) if args.task == "classifier" else (
+        resolve_model_config, build_model)
+    model_config = resolve_config(**network_settings(args, dataset, class_names))
     model = build(model_config).to(device)
     if args.init_from and not resumed:  # fine-tuning: the EMA copy below starts from the same weights
         init_step = init_weights_from(model, args.init_from, model_config, diffusion.config())
@@ -524,31 +629,10 @@ def main(argv=None):
     step = 0
     if resumed:
         saved_config = resolve_config(**resumed["model_config"])  # with settings added since filled in
-        if saved_config != model_config:  # e.g. a class folder was added since
-            changed = [k for k in model_config if saved_config.get(k) != model_config[k]]
-            was = ", ".join(f"{k}={saved_config.get(k)}" for k in changed)
-            now = ", ".join(f"{k}={model_config[k]}" for k in changed)
-            raise UsageError(f"--resume: {full_path} was trained with {was}, but the data now gives {now}; "
-                             "restore the dataset or start a new --run_name")
-        load_weights(model, resumed["model"], full_path, "--resume:")
-        load_weights(ema_model, resumed["ema"], full_path, "--resume:")
-        if swa_model is not None and "swa" in resumed:
-            load_weights(swa_model.module, resumed["swa"], full_path, "--resume:")
-            swa_model.n_averaged.fill_(resumed["swa_count"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        scaler.load_state_dict(resumed["scaler"])
-        step = resumed["step"]
-        train_seconds = resumed.get("train_seconds", 0.0)
-        if "timestep_sampler" in resumed:
-            timestep_sampler.load_state_dict(resumed["timestep_sampler"])
-        rng = resumed["rng"]
-        if isinstance(rng["torch"], list) and len(rng["torch"]) == world_size and "shared" in rng:
-            torch.set_rng_state(rng["torch"][rank])
-            if device.type == "cuda" and rng["cuda"]:
-                torch.cuda.set_rng_state(rng["cuda"][rank], device)
-            randomness.generator.set_state(rng["shared"])
-        else:  # saved by an older version, or by another number of processes
+        restore_training_state(resumed, full_path, saved_config, model_config, model, ema_model, swa_model,
+                               optimizer, scheduler, scaler, timestep_sampler)
+        step, train_seconds = resumed["step"], resumed.get("train_seconds", 0.0)
+        if not restore_rng_states(resumed["rng"], randomness, device, rank, world_size):
             randomness.generator.manual_seed(args.seed + step)
             say(f"note: {full_path} was saved by an older train.py or by another number of processes; training "
                 "continues correctly, but the random numbers and data order differ from an uninterrupted run")
@@ -616,10 +700,9 @@ def main(argv=None):
 
         if args.task == "classifier":  # a classifier of x_t ~ q(x_t | x_0) at uniform t (ADM Sec. 4)
             t = randomness.randint(args.timesteps, b)
-            xt = diffusion.q_sample(x0, t, randomness.randn(x0.shape))      # DDPM eq. 4
+            noise = randomness.randn(x0.shape)
             with autocast:
-                logits = train_model(xt, t)
-            return F.cross_entropy(logits.float(), labels.to(device), reduction="none"), t   # -log p_phi(y | x_t)
+                return classifier_training_loss(train_model, diffusion, x0, labels.to(device), t, noise), t
 
         y, network = None, train_model
         if class_names:  # CFG Algorithm 1: each label dropped to "no label" (index K) with prob p_uncond
@@ -652,59 +735,13 @@ def main(argv=None):
             timestep_sampler.update(all_t, randomness.gather_rows(losses.detach().float()))
         return losses.float() * weights, t
 
-    # Fixed noise (and labels, or conditioning images) for every sample grid, so grids over training
-    # are comparable.
-    generator = torch.Generator().manual_seed(args.seed)
-    fixed_noise = torch.randn(args.num_samples, dataset.channels, args.image_size, args.image_size,
-                              generator=generator).to(device)
-    fixed_labels = (torch.arange(args.num_samples, device=device) % len(class_names)) if class_names else None
-    fixed_pairs = None
-    if args.task != "diffusion":  # a fixed set of real images: conditioning inputs and targets
-        picks = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
-        fixed_pairs = [torch.stack(items) if isinstance(items[0], torch.Tensor) else torch.tensor(items)
-                       for items in zip(*(dataset[i] for i in picks))]
-    log_path = os.path.join(run_sample_dir, "loss.csv")
-    fields = log_fields(args.timesteps)
-    writer = None
-    if rank == 0:
-        start_log(log_path, fields, step if resumed else None)
-        if writer_class is not None:
-            writer = writer_class(os.path.join(run_sample_dir, "tensorboard"), purge_step=step if resumed else None)
-    log_rows = []
-
-    def log(values):
-        log_rows.append([f"{v:.6g}" if isinstance(v, float) else v for v in values])
-        if writer is not None:
-            for name, value in zip(fields[1:], values[1:]):
-                if math.isfinite(value):
-                    writer.add_scalar(name if name.startswith("loss") else "train/" + name, value, values[0])
-
-    def flush_log():
-        if rank != 0:
-            return
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerows(log_rows)
-        log_rows.clear()
-        with open(log_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if len(rows) >= 2:
-            by_level = {name.replace("loss_", "").replace("_", "..") : [float(r[name] or "nan") for r in rows]
-                        for name in fields[len(LOG_FIELDS):]}
-            plot_loss([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows],
-                      os.path.join(run_sample_dir, "loss.png"), by_level)
-        if writer is not None:
-            writer.flush()
-
-    def rng_states():
-        """Every random stream: torch's global generator (dropout) on each process, and the shared one."""
-        mine = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
-        everyone = [mine]
-        if world_size > 1:
-            everyone = [None] * world_size
-            dist.all_gather_object(everyone, mine)
-        return dict(torch=[s["torch"] for s in everyone],
-                    cuda=[s["cuda"] for s in everyone] if device.type == "cuda" else [],
-                    shared=randomness.generator.get_state())
+    # Fixed noise, labels, conditioning images or starts for every sample grid, so grids over training
+    # are comparable; and what draws them: Algorithm 2 over all T steps, or respaced (IDDPM eq. 19).
+    fixed = fixed_grid_inputs(args, dataset, diffusion, class_names, device)
+    grid_diffusion = diffusion
+    if args.process != "cold" and args.sample_steps and args.sample_steps < args.timesteps:
+        grid_diffusion = improved_ddpm.respace(diffusion, args.sample_steps)
+    log = TrainingLog(run_sample_dir, args.timesteps, step if resumed else None, writer_class, active=rank == 0)
 
     def save():
         """Both checkpoints, written by process 0; never weights that are not finite."""
@@ -712,65 +749,11 @@ def main(argv=None):
             raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, the last checkpoint "
                              f"{full_path} is kept. Try a lower --lr, or --amp bf16 instead of fp16")
         states = checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config,
-                                   model_config, diffusion.config(), class_names, timestep_sampler, rng_states(),
+                                   model_config, diffusion.config(), class_names, timestep_sampler,
+                                   rng_states(randomness, device, world_size),
                                    train_seconds)
         if rank == 0:
             write_checkpoints(*states, full_path, ema_path, step, args.keep_last)
-
-    grid_diffusion = diffusion  # what draws the grids: Algorithm 2 over all T steps, or respaced (eq. 19)
-    restoring = args.process == "cold" and args.degradation not in cold.GENERATES  # a mask model cannot generate
-    if restoring:  # fixed real images, degraded to level T/2, to restore
-        fixed_real = to_model_range(torch.stack([dataset[i][0] for i in range(min(args.num_samples, len(dataset)))]))
-        half = torch.full((len(fixed_real),), args.timesteps // 2, dtype=torch.long)
-        fixed_start = diffusion.degrade(fixed_real.to(device), half.to(device))
-    elif args.process == "cold":  # fixed starts: channel means drawn from the mixture
-        fixed_start = diffusion.start_images(args.num_samples, dataset.channels,
-                                             torch.Generator().manual_seed(args.seed), device)
-    elif args.sample_steps and args.sample_steps < args.timesteps:
-        grid_diffusion = improved_ddpm.respace(diffusion, args.sample_steps)
-
-    def sample_grid():
-        """A grid from the EMA model; for image-conditioned models, rows of input, sample, target; for a
-        classifier, its accuracy on the fixed images noised to a few levels t. Returns (message, path)."""
-        path = os.path.join(run_sample_dir, f"step_{step:07d}.png")
-        if args.task == "classifier":
-            images, labels = fixed_pairs
-            x0 = to_model_range(images.to(device))
-            accuracy = []
-            for t_value in (0, args.timesteps // 4, args.timesteps // 2, 3 * args.timesteps // 4):
-                t = torch.full((len(x0),), t_value, device=device, dtype=torch.long)
-                with torch.no_grad():
-                    predicted = ema_model(diffusion.q_sample(x0, t, torch.randn_like(x0)), t).argmax(1).cpu()
-                accuracy.append(f"t={t_value}: {(predicted == labels).float().mean().item():.0%}")
-            return "accuracy on noisy images, " + ", ".join(accuracy), None
-        if args.process == "cold":  # Algorithm 2 from the fixed starts (all T levels, or T/2 when restoring)
-            labels = fixed_labels[:len(fixed_start)] if class_names else None
-            images = diffusion.sample(ema_model, fixed_start, labels, steps=args.timesteps // 2 if restoring else None,
-                                      progress=False)
-            if restoring:
-                save_grid(from_model_range(torch.cat([fixed_start, images, fixed_real.to(device)])), path,
-                          nrow=len(fixed_start))
-                return f"degraded / restored / original rows in {path}", path
-            save_grid(from_model_range(images), path)
-            return f"samples in {path}", path
-        if args.task == "diffusion":
-            images = grid_diffusion.sample(ema_model, fixed_noise.shape, fixed_labels, noise=fixed_noise, progress=False)
-            save_grid(from_model_range(images), path)
-            return f"samples in {path}", path
-        targets, inputs = fixed_pairs
-        x0 = to_model_range(targets.to(device))
-        if args.task == "super_resolution":
-            low = cascade.downsample(x0, args.low_res)
-            cond, cond_t = cascade.sr_condition(diffusion, low, args.image_size,
-                                                cascade.sampling_level(config["conditioning"]))
-            shown = cascade.upsample(low, args.image_size)  # the input, without its augmentation noise
-        else:
-            cond, cond_t = to_model_range(inputs.to(device)), None
-            shown = cond if cond.shape[1] == x0.shape[1] else cond.mean(1, keepdim=True).expand_as(x0)
-        images = grid_diffusion.sample(cascade.conditioned(ema_model, cond, cond_t), fixed_noise.shape,
-                                       noise=fixed_noise, progress=False)
-        save_grid(from_model_range(torch.cat([shown, images, x0])), path, nrow=len(x0))
-        return f"input / sample / target rows in {path}", path
 
     def draw_grid():
         """sample_grid on process 0, on its own copy of the random streams: drawing a grid, or not,
@@ -778,15 +761,14 @@ def main(argv=None):
         signals.drawing_grid = True
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                message, path = sample_grid()
+                path = os.path.join(run_sample_dir, f"step_{step:07d}.png")
+                message, path = sample_grid(args, ema_model, diffusion, grid_diffusion, fixed, path)
         except KeyboardInterrupt:
             return "grid interrupted"
         finally:
             signals.drawing_grid = False
-        if writer is not None and path is not None:
-            import numpy as np
-            from PIL import Image
-            writer.add_image("samples", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+        if path is not None:
+            log.add_image(path, step)
         return message
 
     signals = StopSignals()
@@ -821,7 +803,7 @@ def main(argv=None):
 
             images_per_s = args.batch_size * args.accumulation_iters * world_size / (time.perf_counter() - started)
             lr = scheduler.get_last_lr()[0]
-            log([step, loss, lr, images_per_s, peak_memory_mb(device), *by_quarter])
+            log.add([step, loss, lr, images_per_s, peak_memory_mb(device), *by_quarter])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
             if not finite:  # skip the step: no update, and the weights, EMA and SWA stay as they were
@@ -830,7 +812,7 @@ def main(argv=None):
                 problem = (f"step {step}: the loss or gradient is not finite (loss {loss}, t of the non-finite "
                            f"images here: {bad_t})")
                 if skipped_in_a_row >= MAX_SKIPPED_STEPS:
-                    flush_log()
+                    log.flush()
                     raise UsageError(f"{problem}, {MAX_SKIPPED_STEPS} steps in a row. Stopped; nothing saved since "
                                      f"{full_path}. Try a lower --lr, or --amp bf16 instead of fp16")
                 if rank == 0:
@@ -840,7 +822,7 @@ def main(argv=None):
                 skipped_in_a_row = 0
             finished = step == args.max_steps or out_of_time
             if step % args.save_every == 0 or finished or stop:
-                flush_log()
+                log.flush()
                 save()
             if not stop and rank == 0 and args.sample_every and (step % args.sample_every == 0 or finished):
                 bar.write(f"step {step}: {draw_grid()}")
@@ -851,8 +833,7 @@ def main(argv=None):
     finally:
         bar.close()  # before any error message, so that the message is the last line
         signals.restore()
-    if writer is not None:
-        writer.close()
+    log.close()
     if stop and step < args.max_steps:
         say(f"\ninterrupted at step {step}: saved {full_path} and {ema_path}; continue with --resume")
         sys.exit(130)

@@ -4,7 +4,8 @@ import torch
 from conftest import randomise_zero_inits
 from ddim import ddim_step
 from ddpm import GaussianDiffusion
-from guidance import classifier_free_guidance, classifier_gradient, classifier_guidance, drop_labels
+from guidance import (classifier_free_guidance, classifier_gradient, classifier_guidance, classifier_training_loss,
+                      drop_labels, noisy_accuracy)
 from model import build_classifier, build_model
 
 TINY = dict(image_size=16, base_channels=16, channel_mults=[1, 2], num_res_blocks=1)
@@ -113,3 +114,36 @@ def test_classifier_guided_ddim_step_corrects_eps_as_in_adm_eq_14():
     ab_t, ab_prev = diffusion.alphas_cumprod[t], diffusion.alphas_cumprod[t_prev]
     factor = ab_prev.sqrt() * (1 - ab_t) / ab_t.sqrt() - (1 - ab_prev).sqrt() * (1 - ab_t).sqrt()
     assert torch.allclose(guided - plain, factor * g, atol=1e-5)
+
+
+def sign_of_mean_classifier(x, t):
+    """A classifier that names class 0 for a bright image and class 1 for a dark one, blind to t:
+    logits [B x 2] = [mean, -mean] of each image."""
+    m = x.mean(dim=(1, 2, 3))
+    return torch.stack([m, -m], dim=1)
+
+
+def test_classifier_training_loss_is_minus_log_p_y_of_the_image_noised_to_t():
+    """ADM Sec. 4: the classifier is trained on x_t ~ q(x_t | x_0) (DDPM eq. 4), so its loss must be
+    -log p_phi(y | x_t) for the x_t built from this t and this noise, not for the clean x_0."""
+    diffusion = GaussianDiffusion(timesteps=100)
+    x0, noise = torch.full((4, 1, 8, 8), 0.5), torch.randn(4, 1, 8, 8)
+    y, t = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 99, 0, 99])
+    losses = classifier_training_loss(sign_of_mean_classifier, diffusion, x0, y, t, noise)
+    xt = diffusion.alphas_cumprod[t].sqrt()[:, None, None, None] * x0 + \
+        (1 - diffusion.alphas_cumprod[t]).sqrt()[:, None, None, None] * noise        # DDPM eq. 4
+    expected = -torch.log_softmax(sign_of_mean_classifier(xt, t), dim=1)[torch.arange(4), y]
+    assert losses.shape == (4,) and torch.allclose(losses, expected, atol=1e-6)
+    # At t = 0 the image is nearly clean: the right class (0, bright) costs less than the wrong one.
+    assert losses[0] < losses[2]
+
+
+def test_noisy_accuracy_falls_from_perfect_to_chance_as_noise_drowns_the_image():
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion(timesteps=1000)
+    y = torch.randint(0, 2, (2000,))
+    x0 = torch.where(y[:, None, None, None] == 0, 0.5, -0.5).expand(-1, 1, 8, 8)   # bright = 0, dark = 1
+    accuracy = noisy_accuracy(sign_of_mean_classifier, diffusion, x0, y, (0, 999))
+    assert list(accuracy) == [0, 999]
+    assert accuracy[0] == 1.0                               # sqrt(alpha_bar_0) x_0 dominates its noise
+    assert abs(accuracy[999] - 0.5) < 0.05                  # sqrt(alpha_bar_999) ~ 0.006: a coin toss

@@ -300,3 +300,44 @@ def test_checkpoints_from_before_exact_resume_still_resume(tmp_path, monkeypatch
     assert "saved by an older train.py" in capsys.readouterr().out
     resumed = load("checkpoints/pets.pt")
     assert resumed["step"] == 3 and resumed["config"]["amp"] == "off"
+
+
+def test_rng_states_put_back_draw_the_same_numbers_again():
+    """What makes a resumed run exact: every stream saved (scaling.rng_states) and put back
+    (restore_rng_states) draws what it would have drawn; states from another number of processes are
+    refused, so the caller can reseed and say so."""
+    from scaling import SharedRandomness, restore_rng_states, rng_states
+    cpu = torch.device("cpu")
+    randomness = SharedRandomness(seed=3, rank=0, world_size=1, device=cpu)
+    torch.manual_seed(7)
+    saved = rng_states(randomness, cpu, world_size=1)
+    first = (torch.rand(5), randomness.randn((2, 3)))
+    torch.rand(11), randomness.randn((4, 3))  # the run goes on, then is stopped
+    assert restore_rng_states(saved, randomness, cpu, rank=0, world_size=1)
+    again = (torch.rand(5), randomness.randn((2, 3)))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not restore_rng_states(saved, randomness, cpu, rank=0, world_size=2)   # saved by 1 process, not 2
+    assert not restore_rng_states(dict(torch=torch.get_rng_state(), cuda=[]), randomness, cpu, 0, 1)  # older file
+
+
+def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_process_zero(tmp_path):
+    from scaling import TrainingLog, log_fields
+    log = TrainingLog(str(tmp_path / "run"), timesteps=8, resumed_step=None)
+    assert (tmp_path / "run/loss.csv").read_text().strip() == ",".join(log_fields(8))
+    for step in (1, 2, 3):
+        log.add([step, 1.0 / step, 2e-4, 100.0, 50.0, 0.5, 0.4, float("nan"), 0.2])
+    assert len((tmp_path / "run/loss.csv").read_text().splitlines()) == 1     # kept in memory until a flush
+    log.flush()
+    with open(tmp_path / "run/loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3"] and rows[1]["loss"] == "0.5" and rows[0]["loss_t4_5"] == "nan"
+    assert (tmp_path / "run/loss.png").is_file()
+    # Resumed at step 2: the log is cut back to the steps the checkpoint holds.
+    TrainingLog(str(tmp_path / "run"), timesteps=8, resumed_step=2)
+    with open(tmp_path / "run/loss.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
+    # Process 1 of a torchrun run writes nothing.
+    other = TrainingLog(str(tmp_path / "other"), timesteps=8, active=False)
+    other.add([1, 1.0, 2e-4, 100.0, 50.0, 0.5, 0.4, 0.3, 0.2])
+    other.flush()
+    assert not (tmp_path / "other").exists() and other.rows == []
