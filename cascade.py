@@ -78,3 +78,18 @@ def sr_condition(diffusion, low_images, image_size, level):
         return cond, None
     s = torch.full((len(cond),), int(level), device=cond.device, dtype=torch.long)
     return augment_condition(diffusion, cond, s), s
+
+
+def cascade_upscale(sr_diffusion, sr_model, conditioning, low_images, out_size, generate, batch_size):
+    """A cascade (CDM): the base model's samples low_images [N x C x s x s] in [-1, 1] -> the SR model's
+    outputs [N x C x out_size x out_size] in [-1, 1], on the CPU. Each batch is upsampled and augmented
+    at the SR checkpoint's fixed level (sr_condition), then decoded from fresh x_T by generate(network,
+    x_T) -- Algorithm 2, respaced or DDIM, whichever sampler the base model used -- with every network
+    call carrying the conditioning image (conditioned)."""
+    device, level = sr_diffusion.betas.device, sampling_level(conditioning)
+    out = []
+    for start in range(0, len(low_images), batch_size):
+        cond, cond_t = sr_condition(sr_diffusion, low_images[start:start + batch_size].to(device), out_size, level)
+        noise = torch.randn(len(cond), low_images.shape[1], out_size, out_size, device=device)   # x_T
+        out.append(generate(conditioned(sr_model, cond, cond_t), noise).cpu())
+    return torch.cat(out)

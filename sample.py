@@ -35,7 +35,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import cascade
@@ -47,8 +46,9 @@ from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, check_keys, from_model_range, is_image_file, list_images,
-                   load_checkpoint, load_image, load_weights, make_grid_image, pick_device, save_gif, save_grid, save_image,
-                   prepare_network, resolve_amp, seed_everything, to_model_range)
+                   load_checkpoint, load_image, load_weights, make_grid_image, pick_device, prepare_network,
+                   resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything, stacked_rows,
+                   to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
@@ -390,28 +390,6 @@ def shorter_side(path):
         return min(img.size)
 
 
-def stacked_rows(groups, nrow):
-    """Interleave equally long uint8 batches [N x C x S x S] as rows of up to nrow images: group 1's
-    first nrow, group 2's first nrow, ..., then the next nrow of each. A short last row is padded with
-    white so that the images of one column stay aligned."""
-    rows = []
-    for i in range(0, len(groups[0]), nrow):
-        for group in groups:
-            part = group[i:i + nrow]
-            rows.append(torch.cat([part, torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)]))
-    return torch.cat(rows)
-
-
-def resize_uint8(images, size, mode):
-    """uint8 [N x C x s x s] -> uint8 [N x C x size x size], nearest or bicubic (antialiased when shrinking)."""
-    if mode == "nearest":
-        out = F.interpolate(images.float(), size=(size, size), mode="nearest")
-    else:
-        out = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False,
-                            antialias=size < images.shape[-1])
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 def save_individual(images, folder, names=None):
     os.makedirs(folder, exist_ok=True)
     for i, image in enumerate(images):
@@ -642,23 +620,15 @@ def upscale_samples(args, images, grid_path, nrow, sr, make_generate):
     started = time.perf_counter()
     if mode == "sr":
         state, sr_diffusion, sr_model = sr
-        device = sr_diffusion.betas.device
         settings = state["conditioning"]
         low_res, out_size = settings["low_res"], state["model_config"]["image_size"]
         if size != low_res:
             print(f"note: resizing the {size}x{size} samples to the SR model's input, {low_res}x{low_res}")
         low = to_model_range(resize_uint8(images, low_res, "bicubic") if size != low_res else images)
-        level = cascade.sampling_level(settings)
-        sr_generate = make_generate(sr_diffusion)
-        out = []
-        for start in range(0, len(low), args.batch_size):
-            cond, cond_t = cascade.sr_condition(sr_diffusion, low[start:start + args.batch_size].to(device),
-                                                out_size, level)
-            noise = torch.randn(len(cond), images.shape[1], out_size, out_size, device=device)
-            out.append(from_model_range(sr_generate(cascade.conditioned(sr_model, cond, cond_t), noise)).cpu())
-        upscaled = torch.cat(out)
+        upscaled = from_model_range(cascade.cascade_upscale(sr_diffusion, sr_model, settings, low, out_size,
+                                                            make_generate(sr_diffusion), args.batch_size))
         factor = out_size // size
-        how = f"the SR model {args.sr_ckpt} (conditioning augmentation level {level})"
+        how = f"the SR model {args.sr_ckpt} (conditioning augmentation level {cascade.sampling_level(settings)})"
     elif mode == "realesrgan":
         from realesrgan import SCALE, load_realesrgan, realesrgan_upscale
         factor = args.upscale or SCALE

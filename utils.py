@@ -599,6 +599,28 @@ def make_grid_image(images_uint8, nrow=None, padding=2):
     return Image.fromarray(array[:, :, 0] if images_uint8.shape[1] == 1 else array)
 
 
+def stacked_rows(groups, nrow):
+    """Interleave equally long uint8 batches [N x C x S x S] as rows of up to nrow images: group 1's
+    first nrow, group 2's first nrow, ..., then the next nrow of each. A short last row is padded with
+    white so that the images of one column stay aligned."""
+    rows = []
+    for i in range(0, len(groups[0]), nrow):
+        for group in groups:
+            part = group[i:i + nrow]
+            rows.append(torch.cat([part, torch.full((nrow - len(part), *part.shape[1:]), 255, dtype=torch.uint8)]))
+    return torch.cat(rows)
+
+
+def resize_uint8(images, size, mode):
+    """uint8 [N x C x s x s] -> uint8 [N x C x size x size], nearest or bicubic (antialiased when shrinking)."""
+    if mode == "nearest":
+        out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="nearest")
+    else:
+        out = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bicubic",
+                                              align_corners=False, antialias=size < images.shape[-1])
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def save_image(image_uint8, path):
     """One uint8 [C x H x W] image -> a PNG at path (greyscale for one channel)."""
     make_grid_image(image_uint8[None], nrow=1, padding=0).save(path)

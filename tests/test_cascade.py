@@ -105,3 +105,26 @@ def test_rrdbnet_has_the_published_realesrgan_x4plus_layout(tmp_path):
     torch.save({"params_ema": {"conv_first.weight": torch.zeros(1)}}, tmp_path / "wrong.pth")
     with pytest.raises(UsageError, match="not the RealESRGAN_x4plus layout"):
         load_realesrgan(str(tmp_path / "wrong.pth"))
+
+
+def test_cascade_upscale_conditions_every_batch_on_its_own_low_res_images_in_order():
+    """CDM's cascade: each output is decoded with its own base sample, upsampled to the SR model's size,
+    as the conditioning image. A fake SR 'network' that returns its conditioning image and a generate()
+    that calls it once make the output exactly the upsampled inputs, in order, batch after batch."""
+    diffusion = GaussianDiffusion(timesteps=50)
+    low = torch.rand(5, 3, 8, 8) * 2 - 1
+
+    def sr_model(x, t, y=None, cond=None, cond_t=None):
+        assert cond.shape == x.shape == (len(x), 3, 16, 16) and cond_t is None
+        return cond
+
+    def generate(network, noise):
+        return network(noise, torch.zeros(len(noise), dtype=torch.long))
+
+    out = cascade.cascade_upscale(diffusion, sr_model, dict(low_res=8, aug_max_t=0), low, 16, generate, batch_size=2)
+    assert out.shape == (5, 3, 16, 16) and torch.allclose(out, cascade.upsample(low, 16))
+    # With conditioning augmentation, the saved level s reaches the network with every call.
+    seen = []
+    cascade.cascade_upscale(diffusion, lambda x, t, y=None, cond=None, cond_t=None: seen.append(cond_t) or cond,
+                            dict(low_res=8, aug_max_t=10, sample_aug_t=3), low, 16, generate, batch_size=2)
+    assert [s.tolist() for s in seen] == [[3, 3], [3, 3], [3]]

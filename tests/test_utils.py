@@ -165,3 +165,22 @@ def test_resolve_amp_passes_explicit_settings_through_and_decides_auto_by_hardwa
     assert utils.resolve_amp("auto", cpu) == ("bf16" if utils.cpu_has_fast_bf16() else "off")
     assert [utils.resolve_amp(mode, cpu) for mode in ("off", "bf16", "fp16")] == ["off", "bf16", "fp16"]
     assert utils.resolve_amp("auto", torch.device("mps")) == "bf16"
+
+
+def test_stacked_rows_interleave_groups_and_pad_the_short_last_row_with_white():
+    a = torch.full((3, 1, 2, 2), 10, dtype=torch.uint8)
+    b = torch.full((3, 1, 2, 2), 20, dtype=torch.uint8)
+    rows = utils.stacked_rows([a, b], nrow=2)
+    # rows: a[0:2], b[0:2], a[2] + white, b[2] + white
+    assert rows.shape == (8, 1, 2, 2)
+    assert [int(image.max()) for image in rows] == [10, 10, 20, 20, 10, 255, 20, 255]
+
+
+def test_resize_uint8_keeps_uint8_and_nearest_repeats_pixels():
+    image = torch.tensor([[[[0, 255], [128, 64]]]], dtype=torch.uint8)       # [1 x 1 x 2 x 2]
+    big = utils.resize_uint8(image, 4, "nearest")
+    assert big.dtype == torch.uint8 and big.shape == (1, 1, 4, 4)
+    assert torch.equal(big[0, 0, :2, :2], torch.zeros(2, 2, dtype=torch.uint8))   # each pixel -> a 2x2 block
+    assert torch.equal(big[0, 0, 2:, 2:], torch.full((2, 2), 64, dtype=torch.uint8))
+    flat = torch.full((1, 3, 8, 8), 77, dtype=torch.uint8)
+    assert torch.equal(utils.resize_uint8(flat, 4, "bicubic"), torch.full((1, 3, 4, 4), 77, dtype=torch.uint8))
