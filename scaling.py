@@ -266,8 +266,10 @@ class TrainingLog:
     (active False) every method does nothing."""
 
     def __init__(self, folder, timesteps, resumed_step=None, writer_class=None, active=True):
-        self.path, self.fields, self.rows, self.active = os.path.join(folder, "loss.csv"), log_fields(timesteps), [], active
-        self.plot_path, self.writer = os.path.join(folder, "loss.png"), None
+        self.path, self.plot_path = os.path.join(folder, "loss.csv"), os.path.join(folder, "loss.png")
+        self.fields = log_fields(timesteps)
+        self.rows = []  # this run's rows since the last flush
+        self.active, self.writer = active, None
         if active:
             os.makedirs(folder, exist_ok=True)
             start_log(self.path, self.fields, resumed_step)
