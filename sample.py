@@ -397,6 +397,49 @@ def save_individual(images, folder, names=None):
     print(f"{len(images)} images: {folder}/")
 
 
+def make_generate(args, diffusion, use_ddim, steps, eta):
+    """generate(network, x_T, y, cond_fn, trajectory_every) for one diffusion (the base or the SR model):
+    DDIM (eq. 12, eta as in eq. 16) or DDPM's Algorithm 2, respaced (Improved DDPM eq. 19) when steps < T.
+    It reads args.no_clip when called, so the inversion can turn clipping off for its decode."""
+    respaced = diffusion
+    if not use_ddim and min(steps, diffusion.timesteps) < diffusion.timesteps:
+        respaced = respace(diffusion, steps, args.spacing)  # Improved DDPM Sec. 4, eq. 19
+
+    def generate(network, noise, y=None, cond_fn=None, trajectory_every=0):
+        if use_ddim:
+            return ddim_sample(diffusion, network, noise.shape, min(steps, diffusion.timesteps), eta,
+                               args.spacing, y, noise, clip_denoised=not args.no_clip,
+                               trajectory_every=trajectory_every, cond_fn=cond_fn)
+        return respaced.sample(network, noise.shape, y, noise, clip_denoised=not args.no_clip,
+                               trajectory_every=trajectory_every, cond_fn=cond_fn)
+    return generate
+
+
+def guided_network(args, state, diffusion, model, class_names, device):
+    """Guidance (guidance.py): classifier-free wraps the network; classifier guidance adds a cond_fn.
+    Returns (network, cond_fn, class_names); an unconditional model steered by a classifier takes its names."""
+    task = state.get("task", "diffusion")
+    network, cond_fn = model, None
+    if args.guidance_scale != 1.0:
+        if not class_names or task != "diffusion":
+            raise UsageError(f"--guidance_scale {args.guidance_scale:g}: {args.ckpt} is not class-conditional "
+                             "(train on a folder with one subfolder per class); leave it at 1")
+        if not state.get("p_uncond"):
+            print("warning: this model was trained without label dropout (--p_uncond 0, or before it existed), "
+                  "so its 'no label' prediction is untrained and guided samples will be poor")
+        network = classifier_free_guidance(model, args.guidance_scale, len(class_names))
+        print(f"classifier-free guidance: scale {args.guidance_scale:g} (1 = none; CFG paper's w = "
+              f"{args.guidance_scale - 1:g}), one batched pass for both predictions")
+    if args.classifier_ckpt:
+        if task != "diffusion":
+            raise UsageError("--classifier_ckpt: guidance needs a --ckpt that draws samples (task diffusion)")
+        classifier, classifier_names = load_noisy_classifier(args.classifier_ckpt, diffusion, class_names, device)
+        class_names = class_names or classifier_names
+        cond_fn = classifier_guidance(classifier, args.classifier_scale)
+        print(f"classifier guidance: scale {args.classifier_scale:g} with {args.classifier_ckpt}")
+    return network, cond_fn, class_names
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -429,44 +472,10 @@ def main(argv=None):
     eta = args.eta or 0.0
     print(f"sampler: {'DDIM eta=' + format(eta, 'g') if use_ddim else 'DDPM (Algorithm 2)'}, "
           f"{steps} of {diffusion.timesteps} steps ({args.spacing} spacing)")
+    generate = make_generate(args, diffusion, use_ddim, steps, eta)
+    network, cond_fn, class_names = guided_network(args, state, diffusion, model, class_names, device)
 
-    def make_generate(diffusion):
-        """generate(network, x_T, y, cond_fn, trajectory_every) for one diffusion (the base or the SR model)."""
-        respaced = diffusion
-        if not use_ddim and min(steps, diffusion.timesteps) < diffusion.timesteps:
-            respaced = respace(diffusion, steps, args.spacing)  # Improved DDPM Sec. 4, eq. 19
-
-        def generate(network, noise, y=None, cond_fn=None, trajectory_every=0):
-            if use_ddim:
-                return ddim_sample(diffusion, network, noise.shape, min(steps, diffusion.timesteps), eta,
-                                   args.spacing, y, noise, clip_denoised=not args.no_clip,
-                                   trajectory_every=trajectory_every, cond_fn=cond_fn)
-            return respaced.sample(network, noise.shape, y, noise, clip_denoised=not args.no_clip,
-                                   trajectory_every=trajectory_every, cond_fn=cond_fn)
-        return generate
-    generate = make_generate(diffusion)
-
-    # Guidance (guidance.py): classifier-free wraps the network; classifier guidance adds a cond_fn.
-    network, cond_fn = model, None
-    if args.guidance_scale != 1.0:
-        if not class_names or task != "diffusion":
-            raise UsageError(f"--guidance_scale {args.guidance_scale:g}: {args.ckpt} is not class-conditional "
-                             "(train on a folder with one subfolder per class); leave it at 1")
-        if not state.get("p_uncond"):
-            print("warning: this model was trained without label dropout (--p_uncond 0, or before it existed), "
-                  "so its 'no label' prediction is untrained and guided samples will be poor")
-        network = classifier_free_guidance(model, args.guidance_scale, len(class_names))
-        print(f"classifier-free guidance: scale {args.guidance_scale:g} (1 = none; CFG paper's w = "
-              f"{args.guidance_scale - 1:g}), one batched pass for both predictions")
-    if args.classifier_ckpt:
-        if task != "diffusion":
-            raise UsageError("--classifier_ckpt: guidance needs a --ckpt that draws samples (task diffusion)")
-        classifier, classifier_names = load_noisy_classifier(args.classifier_ckpt, diffusion, class_names, device)
-        class_names = class_names or classifier_names  # an unconditional model steered towards a class
-        cond_fn = classifier_guidance(classifier, args.classifier_scale)
-        print(f"classifier guidance: scale {args.classifier_scale:g} with {args.classifier_ckpt}")
-
-    def in_batches(noise, labels, cond=None, cond_t=None):
+    def decode(noise, labels, cond=None, cond_t=None):
         """Decode x_T [N x C x S x S] batch by batch (with labels [N] and conditioning images [N x ...]);
         returns uint8 images."""
         out = []
@@ -481,84 +490,112 @@ def main(argv=None):
 
     name = os.path.splitext(os.path.basename(paths[0]))[0] + ("_experts" if len(paths) > 1 else "")
     name += "" if args.weights == "ema" else f"_{args.weights}"  # samples/cars_ema_swa.png beside cars_ema.png
-    started = time.perf_counter()
+    # What to make: one of four modes, each a function below.
     if task in ("super_resolution", "image_to_image"):
-        # An image-conditioned model: its outputs for your input images.
-        if not args.cond_images:
-            raise UsageError(f"--ckpt {args.ckpt}: a {task} model needs input images; give --cond_images PATH "
-                             + ("(or use it as --sr_ckpt after a base model)" if task == "super_resolution" else ""))
-        settings = state.get("conditioning") or {}
-        paths = cond_image_paths(args.cond_images, args.num_samples or 16)
-        if task == "super_resolution":
-            low_res = settings["low_res"]
-            low = torch.stack([load_image(p, low_res, channels) for p in paths])
-            cond, cond_t = cascade.sr_condition(diffusion, to_model_range(low).to(device), size,
-                                                cascade.sampling_level(settings))
-        else:
-            low = torch.stack([load_image(p, size, state["model_config"]["cond_channels"]) for p in paths])
-            cond, cond_t = to_model_range(low).to(device), None
-        images = in_batches(torch.randn(len(low), channels, size, size), None, cond, cond_t)
-        shown = resize_uint8(low, size, "nearest")
-        if shown.shape[1] != channels:  # a grayscale input beside colour outputs, or the reverse
-            shown = shown.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, channels, -1, -1)
-        groups, what = [shown, images], "inputs above outputs"
-        if task == "super_resolution":
-            # Compare with plain bicubic upsampling, and with the originals when they are big enough to
-            # hold the detail (then the input is a shrunk copy, and the last row is the truth).
-            groups.insert(1, from_model_range(cascade.upsample(to_model_range(low), size)))
-            what = "rows: input (nearest), bicubic, SR model"
-            if all(shorter_side(p) >= size for p in paths):
-                groups.append(torch.stack([load_image(p, size, channels) for p in paths]))
-                what += f", original at {size}x{size}"
-                # PSNR = 10 log10(255^2 / mean squared error) against the originals. A diffusion SR model
-                # invents plausible detail rather than the average guess, so it may look sharper and
-                # still score below bicubic: PSNR rewards blur (SR3 discusses this).
-                psnr = [10 * torch.log10(255.0 ** 2 / (g.float() - groups[-1].float()).pow(2).mean()).item()
-                        for g in groups[1:3]]
-                print(f"PSNR against the originals: bicubic {psnr[0]:.2f} dB, SR model {psnr[1]:.2f} dB")
-        out_path = args.out or os.path.join("samples", f"{name}_outputs.png")
-        save_grid(stacked_rows(groups, min(len(low), 8)), out_path, nrow=min(len(low), 8))
-        print(f"{len(low)} inputs -> outputs in {time.perf_counter() - started:.1f} s; {what}: {out_path}")
-        if args.individual_dir:
-            save_individual(images, args.individual_dir)
-        return
-
+        return outputs_for_images(args, state, diffusion, decode, name, device)
     if args.interpolate:
-        # Each row: two random x_T and the slerp between them, every point decoded deterministically.
-        rows = args.num_samples or 4
-        ends = torch.randn(rows, 2, channels, size, size)
-        noise = torch.cat([interpolation_noise(ends[r, 0], ends[r, 1], args.interpolate) for r in range(rows)])
-        labels = (torch.arange(rows).repeat_interleave(args.interpolate) % len(class_names)) if class_names else None
-        images = in_batches(noise, labels)
-        out_path = args.out or os.path.join("samples", f"{name}_interpolation.png")
-        save_grid(images, out_path, nrow=args.interpolate)
-        print(f"{rows} interpolation rows of {args.interpolate} in {time.perf_counter() - started:.1f} s: {out_path}")
-        return
-
+        return interpolation_grid(args, decode, class_names, size, channels, name)
     if args.invert:
-        originals, labels = load_labelled_images(args.invert, args.num_samples or 16, size, channels,
-                                                  state.get("class_names") or [])
-        x0 = to_model_range(originals)
-        latents = []
-        for start in range(0, len(x0), args.batch_size):
-            y = labels[start:start + args.batch_size].to(device) if labels is not None else None
-            latents.append(ddim_invert(diffusion, network, x0[start:start + args.batch_size].to(device), steps,
-                                       args.spacing, y).cpu())
-        latents = torch.cat(latents)
-        # Decode without clipping: inversion did not clip, and the round trip should retrace the same path.
-        args.no_clip = True
-        reconstructions = in_batches(latents, labels)
-        error = (to_model_range(reconstructions) - x0).abs().mean().item()
-        out_path = args.out or os.path.join("samples", f"{name}_inversion.png")
-        # Rows of up to 8 originals, each above its reconstructions.
-        nrow = min(len(originals), 8)
-        save_grid(stacked_rows([originals, reconstructions], nrow), out_path, nrow=nrow)
-        print(f"{len(x0)} images -> x_T -> images in {time.perf_counter() - started:.1f} s, mean absolute error "
-              f"{error:.4f} on [-1, 1]; originals above reconstructions: {out_path}")
-        return
+        return inversion_grid(args, state, diffusion, network, decode, steps, name, device)
+    sr = load_sr_model(args, channels, device) if args.sr_ckpt else None  # checked before the long sampling
+    images, out_path, nrow = sample_images(args, generate, network, cond_fn, class_names, size, channels,
+                                           steps, name, device)
+    if args.sr_ckpt or args.upscale or args.upscale_mode:
+        sr_generate = make_generate(args, sr[1], use_ddim, steps, eta) if sr else None
+        upscale_samples(args, images, out_path, nrow, sr, sr_generate)
 
-    sr = load_sr_model(args, channels, device) if args.sr_ckpt else None
-    # Samples. A class-conditional (or classifier-guided) model draws one row per chosen class.
+
+def outputs_for_images(args, state, diffusion, decode, name, device):
+    """An image-conditioned model (super-resolution or image-to-image): its outputs for --cond_images,
+    saved as a grid with the inputs above them."""
+    task = state.get("task")
+    size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
+    if not args.cond_images:
+        raise UsageError(f"--ckpt {args.ckpt}: a {task} model needs input images; give --cond_images PATH "
+                         + ("(or use it as --sr_ckpt after a base model)" if task == "super_resolution" else ""))
+    started = time.perf_counter()
+    settings = state.get("conditioning") or {}
+    paths = cond_image_paths(args.cond_images, args.num_samples or 16)
+    if task == "super_resolution":
+        low_res = settings["low_res"]
+        low = torch.stack([load_image(p, low_res, channels) for p in paths])
+        cond, cond_t = cascade.sr_condition(diffusion, to_model_range(low).to(device), size,
+                                            cascade.sampling_level(settings))
+    else:
+        low = torch.stack([load_image(p, size, state["model_config"]["cond_channels"]) for p in paths])
+        cond, cond_t = to_model_range(low).to(device), None
+    images = decode(torch.randn(len(low), channels, size, size), None, cond, cond_t)
+    shown = resize_uint8(low, size, "nearest")
+    if shown.shape[1] != channels:  # a grayscale input beside colour outputs, or the reverse
+        shown = shown.float().mean(1, keepdim=True).round().to(torch.uint8).expand(-1, channels, -1, -1)
+    groups, what = [shown, images], "inputs above outputs"
+    if task == "super_resolution":
+        # Compare with plain bicubic upsampling, and with the originals when they are big enough to
+        # hold the detail (then the input is a shrunk copy, and the last row is the truth).
+        groups.insert(1, from_model_range(cascade.upsample(to_model_range(low), size)))
+        what = "rows: input (nearest), bicubic, SR model"
+        if all(shorter_side(p) >= size for p in paths):
+            groups.append(torch.stack([load_image(p, size, channels) for p in paths]))
+            what += f", original at {size}x{size}"
+            # PSNR = 10 log10(255^2 / mean squared error) against the originals. A diffusion SR model
+            # invents plausible detail rather than the average guess, so it may look sharper and
+            # still score below bicubic: PSNR rewards blur (SR3 discusses this).
+            psnr = [10 * torch.log10(255.0 ** 2 / (g.float() - groups[-1].float()).pow(2).mean()).item()
+                    for g in groups[1:3]]
+            print(f"PSNR against the originals: bicubic {psnr[0]:.2f} dB, SR model {psnr[1]:.2f} dB")
+    out_path = args.out or os.path.join("samples", f"{name}_outputs.png")
+    save_grid(stacked_rows(groups, min(len(low), 8)), out_path, nrow=min(len(low), 8))
+    print(f"{len(low)} inputs -> outputs in {time.perf_counter() - started:.1f} s; {what}: {out_path}")
+    if args.individual_dir:
+        save_individual(images, args.individual_dir)
+
+
+def interpolation_grid(args, decode, class_names, size, channels, name):
+    """--interpolate N: each row is two random x_T and the slerp between them (ddim.interpolation_noise;
+    DDIM's interpolation experiment, section number unverified), every point decoded by DDIM with eta 0."""
+    started = time.perf_counter()
+    rows = args.num_samples or 4
+    ends = torch.randn(rows, 2, channels, size, size)
+    noise = torch.cat([interpolation_noise(ends[r, 0], ends[r, 1], args.interpolate) for r in range(rows)])
+    labels = (torch.arange(rows).repeat_interleave(args.interpolate) % len(class_names)) if class_names else None
+    images = decode(noise, labels)
+    out_path = args.out or os.path.join("samples", f"{name}_interpolation.png")
+    save_grid(images, out_path, nrow=args.interpolate)
+    print(f"{rows} interpolation rows of {args.interpolate} in {time.perf_counter() - started:.1f} s: {out_path}")
+
+
+def inversion_grid(args, state, diffusion, network, decode, steps, name, device):
+    """--invert PATH: encode real images to x_T by DDIM eq. 12 with sigma = 0 run forwards in t
+    (ddim.ddim_invert), decode them back, and save originals above reconstructions with the mean
+    absolute error of the round trip."""
+    started = time.perf_counter()
+    size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
+    originals, labels = load_labelled_images(args.invert, args.num_samples or 16, size, channels,
+                                              state.get("class_names") or [])
+    x0 = to_model_range(originals)
+    latents = []
+    for start in range(0, len(x0), args.batch_size):
+        y = labels[start:start + args.batch_size].to(device) if labels is not None else None
+        latents.append(ddim_invert(diffusion, network, x0[start:start + args.batch_size].to(device), steps,
+                                   args.spacing, y).cpu())
+    latents = torch.cat(latents)
+    # Decode without clipping: inversion did not clip, and the round trip should retrace the same path.
+    args.no_clip = True
+    reconstructions = decode(latents, labels)
+    error = (to_model_range(reconstructions) - x0).abs().mean().item()
+    out_path = args.out or os.path.join("samples", f"{name}_inversion.png")
+    # Rows of up to 8 originals, each above its reconstructions.
+    nrow = min(len(originals), 8)
+    save_grid(stacked_rows([originals, reconstructions], nrow), out_path, nrow=nrow)
+    print(f"{len(x0)} images -> x_T -> images in {time.perf_counter() - started:.1f} s, mean absolute error "
+          f"{error:.4f} on [-1, 1]; originals above reconstructions: {out_path}")
+
+
+def sample_images(args, generate, network, cond_fn, class_names, size, channels, steps, name, device):
+    """New samples from x_T ~ N(0, I), saved as a grid (and as files, and the reverse process as a GIF,
+    when asked). A class-conditional (or classifier-guided) model draws one row per chosen class.
+    Returns (uint8 images [N x C x S x S], the grid's path, images per row)."""
+    started = time.perf_counter()
     if class_names:
         classes = choose_classes(args, class_names)
         per_class = args.num_samples or 4
@@ -592,9 +629,7 @@ def main(argv=None):
         save_individual(images, args.individual_dir, names)
     if args.gif:
         save_trajectory_gif(trajectory, args.gif)
-
-    if args.sr_ckpt or args.upscale or args.upscale_mode:
-        upscale_samples(args, images, out_path, nrow, sr, make_generate)
+    return images, out_path, nrow
 
 
 def load_sr_model(args, channels, device):
@@ -612,7 +647,7 @@ def load_sr_model(args, channels, device):
     return state, sr_diffusion, sr_model
 
 
-def upscale_samples(args, images, grid_path, nrow, sr, make_generate):
+def upscale_samples(args, images, grid_path, nrow, sr, sr_generate):
     """--sr_ckpt / --upscale: enlarge the samples and save them beside their grid as <grid>_x<F>.png.
     'sr' is the cascade of Ho et al. 2021: the SR model's outputs conditioned on the base samples."""
     mode = args.upscale_mode or ("sr" if args.sr_ckpt else "bicubic")
@@ -626,7 +661,7 @@ def upscale_samples(args, images, grid_path, nrow, sr, make_generate):
             print(f"note: resizing the {size}x{size} samples to the SR model's input, {low_res}x{low_res}")
         low = to_model_range(resize_uint8(images, low_res, "bicubic") if size != low_res else images)
         upscaled = from_model_range(cascade.cascade_upscale(sr_diffusion, sr_model, settings, low, out_size,
-                                                            make_generate(sr_diffusion), args.batch_size))
+                                                            sr_generate, args.batch_size))
         factor = out_size // size
         how = f"the SR model {args.sr_ckpt} (conditioning augmentation level {cascade.sampling_level(settings)})"
     elif mode == "realesrgan":
