@@ -400,17 +400,18 @@ def save_individual(images, folder, names=None):
 def make_generate(args, diffusion, use_ddim, steps, eta):
     """generate(network, x_T, y, cond_fn, trajectory_every) for one diffusion (the base or the SR model):
     DDIM (eq. 12, eta as in eq. 16) or DDPM's Algorithm 2, respaced (Improved DDPM eq. 19) when steps < T.
-    It reads args.no_clip when called, so the inversion can turn clipping off for its decode."""
+    Predicted x_0 is clipped to [-1, 1] unless --no_clip, or clip=False (the inversion's decode)."""
     respaced = diffusion
     if not use_ddim and min(steps, diffusion.timesteps) < diffusion.timesteps:
         respaced = respace(diffusion, steps, args.spacing)  # Improved DDPM Sec. 4, eq. 19
 
-    def generate(network, noise, y=None, cond_fn=None, trajectory_every=0):
+    def generate(network, noise, y=None, cond_fn=None, trajectory_every=0, clip=True):
+        clip = clip and not args.no_clip
         if use_ddim:
             return ddim_sample(diffusion, network, noise.shape, min(steps, diffusion.timesteps), eta,
-                               args.spacing, y, noise, clip_denoised=not args.no_clip,
+                               args.spacing, y, noise, clip_denoised=clip,
                                trajectory_every=trajectory_every, cond_fn=cond_fn)
-        return respaced.sample(network, noise.shape, y, noise, clip_denoised=not args.no_clip,
+        return respaced.sample(network, noise.shape, y, noise, clip_denoised=clip,
                                trajectory_every=trajectory_every, cond_fn=cond_fn)
     return generate
 
@@ -475,7 +476,7 @@ def main(argv=None):
     generate = make_generate(args, diffusion, use_ddim, steps, eta)
     network, cond_fn, class_names = guided_network(args, state, diffusion, model, class_names, device)
 
-    def decode(noise, labels, cond=None, cond_t=None):
+    def decode(noise, labels, cond=None, cond_t=None, clip=True):
         """Decode x_T [N x C x S x S] batch by batch (with labels [N] and conditioning images [N x ...]);
         returns uint8 images."""
         out = []
@@ -485,7 +486,7 @@ def main(argv=None):
             net = network
             if cond is not None:
                 net = cascade.conditioned(model, cond[part].to(device), cond_t[part].to(device) if cond_t is not None else None)
-            out.append(from_model_range(generate(net, noise[part].to(device), y, cond_fn=cond_fn)).cpu())
+            out.append(from_model_range(generate(net, noise[part].to(device), y, cond_fn=cond_fn, clip=clip)).cpu())
         return torch.cat(out)
 
     name = os.path.splitext(os.path.basename(paths[0]))[0] + ("_experts" if len(paths) > 1 else "")
@@ -580,8 +581,7 @@ def inversion_grid(args, state, diffusion, network, decode, steps, name, device)
                                    args.spacing, y).cpu())
     latents = torch.cat(latents)
     # Decode without clipping: inversion did not clip, and the round trip should retrace the same path.
-    args.no_clip = True
-    reconstructions = decode(latents, labels)
+    reconstructions = decode(latents, labels, clip=False)
     error = (to_model_range(reconstructions) - x0).abs().mean().item()
     out_path = args.out or os.path.join("samples", f"{name}_inversion.png")
     # Rows of up to 8 originals, each above its reconstructions.
