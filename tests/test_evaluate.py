@@ -14,8 +14,9 @@ from conftest import ROOT, assert_one_line_error, make_image_folder, run_script
 
 sys.path.insert(0, str(ROOT / "tools"))
 from classifier import build_classifier  # noqa: E402
-from evaluate import (classifier_extractor, evaluate, inception_score, kernel_inception_distance,  # noqa: E402
-                      mmd2_unbiased, polynomial_kernel, precision_recall)
+from evaluate import (classifier_extractor, compute_metrics, evaluate, inception_score,  # noqa: E402
+                      kernel_inception_distance, mmd2_unbiased, polynomial_kernel, precision_recall,
+                      standardise_features)
 
 
 def test_kid_is_unbiased_for_equal_distributions_and_positive_for_shifted_ones():
@@ -40,6 +41,37 @@ def test_kid_is_unbiased_for_equal_distributions_and_positive_for_shifted_ones()
     x, y = torch.randn(40, 8, generator=g), torch.randn(60, 8, generator=g)
     mean, std, size = kernel_inception_distance(x, y, num_subsets=5, subset_size=1000, seed=1)
     assert size == 40 and std >= 0 and (mean, std) == kernel_inception_distance(x, y, 5, 1000, seed=1)[:2]
+
+
+def test_standardised_kid_does_not_depend_on_the_features_units_and_raw_kid_does():
+    # Features like our classifier's: large, with a mean far from 0 and scales that differ per dimension.
+    # Standardising with the reference's mean and std undoes any per-feature affine change a*f + b (a > 0)
+    # applied to both sets, so KID on standardised features is the same for every a and b; the raw cubic
+    # kernel's KID is not (here it grows by orders of magnitude).
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(300, 6, generator=g).double()
+    samples = (1.3 * torch.randn(200, 6, generator=g) + 0.4).double()
+    scale, shift = torch.tensor([1., 3., 10., 0.5, 20., 7.]).double(), 12.0
+    z = standardise_features(reference, reference)
+    assert torch.allclose(z.mean(0), torch.zeros(6).double(), atol=1e-12)
+    assert torch.allclose(z.std(0), torch.ones(6).double())
+
+    def kid(x, y, standardised):
+        if standardised:
+            x, y = standardise_features(x, y), standardise_features(y, y)
+        return kernel_inception_distance(x, y, num_subsets=4, subset_size=150, seed=0)[0]
+
+    plain, moved = kid(samples, reference, True), kid(samples * scale + shift, reference * scale + shift, True)
+    assert plain > 0 and moved == pytest.approx(plain, rel=1e-9)
+    assert kid(samples * scale + shift, reference * scale + shift, False) > 100 * kid(samples, reference, False)
+    # compute_metrics standardises unless asked for raw features, and says which it used.
+    logits = torch.zeros(200, 2)
+    metrics = compute_metrics(samples * scale + shift, logits, reference * scale + shift, kid_subsets=4,
+                              kid_subset_size=150, is_splits=1)
+    assert metrics["kid_features"] == "standardised" and metrics["kid_mean"] == pytest.approx(plain, rel=1e-9)
+    raw = compute_metrics(samples, logits, reference, kid_subsets=4, kid_subset_size=150, kid_features="raw",
+                          is_splits=1)
+    assert raw["kid_features"] == "raw" and raw["kid_mean"] == pytest.approx(kid(samples, reference, False))
 
 
 def test_inception_score_is_k_for_confident_uniform_predictions_and_1_for_identical_ones():
@@ -123,6 +155,7 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     # Two classes: the classifier score lies between 1 and 2.
     assert result["fd"] > -1e-6 and 1 - 1e-6 <= result["is_mean"] <= 2 + 1e-6 and 0 <= result["precision"] <= 1
     assert result["kid_subset_size"] == 12 and result["is_splits"] == 1
+    assert result["kid_features"] == "standardised" and "standardised features" in first.stdout
 
     second = run_script("tools/evaluate.py", *args, "--num_samples", "8", "--csv", root / "results.csv",
                         cwd=root, in_process=True)
@@ -132,8 +165,18 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
         rows = list(csv.DictReader(f))
     assert [(r["num_samples"], r["num_reference"]) for r in rows] == [("12", "15"), ("8", "15")]
     assert float(rows[0]["fd"]) == pytest.approx(result["fd"], rel=1e-4)
-    third = run_script("tools/evaluate.py", *args, "--no_cache", cwd=root, in_process=True)
-    assert "cache" not in third.stdout
+    third = run_script("tools/evaluate.py", *args, "--no_cache", "--kid_features", "raw", "--json",
+                       root / "raw.json", cwd=root, in_process=True)
+    assert "cache" not in third.stdout and "raw features" in third.stdout
+    with open(root / "raw.json") as f:
+        raw = json.load(f)
+    assert raw["kid_features"] == "raw" and raw["kid_mean"] != pytest.approx(result["kid_mean"])
+    assert raw["fd"] == pytest.approx(result["fd"], rel=1e-9)  # only KID changes
+    # A CSV written by another layout (an older version's) is refused rather than appended to misaligned.
+    with open(root / "old.csv", "w") as f:
+        f.write("samples,reference,fd\nx,y,1.0\n")
+    assert_one_line_error(run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False,
+                                     in_process=True), str(root / "old.csv"), "new file name")
 
 
 def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeypatch):
