@@ -112,11 +112,11 @@ def standardise_features(features, reference_features):
     """(features - mean) / std, per feature, with the reference's mean and std [D]: one fixed affine map
     for every sample set scored against the same reference. [N x D] -> [N x D].
 
-    Why KID needs it on our classifier: the kernel (x . y / d + 1)^3 has no scale parameter because
-    Binkowski et al. wrote it for Inception's pool features, whose x . y / d is of order 1. The
-    classifier's 64 SiLU features are far larger (x . y / d about 114 between MNIST training digits),
-    so the cubic term swamps the other three and KID compares sixth-order moments, set by the few
-    samples with the largest features: five draws of one sampler on MNIST gave raw KIDs from 100 to
+    Why KID needs it on our classifier: the kernel (x . y / d + 1)^3 has no scale parameter, and its
+    constant, linear, quadratic and cubic terms (expand the cube) weigh in together only when x . y / d
+    is of order 1. The classifier's 64 SiLU features are far larger (x . y / d about 114 between MNIST
+    training digits), so the cubic term swamps the other three and KID is decided by the few samples
+    with the largest features: five draws of one sampler on MNIST gave raw KIDs from 100 to
     3,100. Standardised, x . y / d is of order 1 again, the kernel weighs means, covariances and third
     moments as intended, and the same five draws give 5.9e-3 to 9.3e-3 (README, target 5). Inception
     features are left raw, so that their KID stays comparable with published ones."""
