@@ -307,6 +307,21 @@ def test_peer_contenders_are_the_networks_train_py_runs_in_the_layout_it_picks()
     assert fp32(x, t).shape == bf16(x, t).shape == (2, 3, 16, 16) and bf16(x, t).dtype == torch.float32
 
 
+def test_training_sweep_configurations_one_at_a_time_and_in_full_leave_out_what_train_py_refuses(capsys):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from training_sweep import configurations, parse_args, run_name
+    argv = ["--dataset_path", "d", "--classifier", "c", "--reference_path", "r", "--losses", "l2", "vlb_l2",
+            "--predictions", "eps", "v", "--min_snr_gammas", "0", "5"]
+    names = [run_name(*config) for config in configurations(parse_args(argv))]
+    # The baseline, then each other value alone; earlier sweeps' names stay as they were.
+    assert names == ["T1000_linear_l2", "T1000_linear_vlb_l2", "T1000_linear_l2_v", "T1000_linear_l2_minsnr5"]
+    names = [run_name(*config) for config in configurations(parse_args(argv + ["--grid", "full"]))]
+    # 2 x 2 x 2 combinations; vlb_l2 (a weighting of a predicted eps) goes with eps and no Min-SNR only.
+    assert names == ["T1000_linear_l2", "T1000_linear_l2_minsnr5", "T1000_linear_l2_v", "T1000_linear_l2_v_minsnr5",
+                     "T1000_linear_vlb_l2"]
+    assert capsys.readouterr().out.count("left out") == 3
+
+
 def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_it_stopped(trained, tmp_path):
     """tools/training_sweep.py: one choice at a time from the baseline (the first values), each run a real
     train.py whose checkpoint describes the configuration; a second call trains nothing and scores the
@@ -318,25 +333,29 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
         del train_flags[i:i + 2]
     out = tmp_path / "sweep"
     args = ["--dataset_path", folder, "--classifier", root / "classifier.pt", "--reference_path", folder,
-            "--timesteps", "20", "--losses", "l2", "vlb_l2", "--schedules", "linear", "cosine", "--max_steps", "2",
+            "--timesteps", "20", "--losses", "l2", "vlb_l2", "--schedules", "linear", "cosine", "--predictions", "eps",
+            "v", "--max_steps", "2",
             "--num_samples", "4", "--sample_steps", "2", "--batch_size", "4", "--out_dir", out, "--device", "cpu"]
     first = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path,
                        in_process=True)
-    assert "3 runs of 2 steps: T20_linear_l2, T20_cosine_l2, T20_linear_vlb_l2" in first.stdout
+    assert "4 runs of 2 steps: T20_linear_l2, T20_cosine_l2, T20_linear_vlb_l2, T20_linear_l2_v" in first.stdout
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["real", "T20_linear_l2", "T20_cosine_l2", "T20_linear_vlb_l2"]
-    assert [(r["schedule"], r["loss"]) for r in rows[1:]] == [("linear", "l2"), ("cosine", "l2"), ("linear", "vlb_l2")]
+    assert [r["run"] for r in rows] == ["real", "T20_linear_l2", "T20_cosine_l2", "T20_linear_vlb_l2", "T20_linear_l2_v"]
+    assert [(r["schedule"], r["loss"], r["prediction"]) for r in rows[1:]] == [
+        ("linear", "l2", "eps"), ("cosine", "l2", "eps"), ("linear", "vlb_l2", "eps"), ("linear", "l2", "v")]
     for r in rows[1:]:
         state = torch.load(out / "checkpoints" / f"{r['run']}.pt", map_location="cpu", weights_only=True)
         assert state["step"] == 2 and state["diffusion_config"]["timesteps"] == 20
-        assert (state["diffusion_config"]["schedule"], state["diffusion_config"]["loss"]) == (r["schedule"], r["loss"])
+        config = state["diffusion_config"]
+        assert (config["schedule"], config["loss"], config["prediction"]) == (r["schedule"], r["loss"], r["prediction"])
+        assert config["min_snr_gamma"] == 0 and r["min_snr_gamma"] == "0"
         assert float(r["fd"]) >= -1e-6 and r["num_samples"] == "4" and float(r["train_seconds"]) > 0
     assert (out / "results.png").is_file() and "| T20_linear_vlb_l2 | 20 | linear | vlb_l2 |" in first.stdout
 
     again = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path,
                        in_process=True)
-    assert again.stdout.count("already trained (2 steps)") == 3 and "training for" not in again.stdout
+    assert again.stdout.count("already trained (2 steps)") == 4 and "training for" not in again.stdout
     with open(out / "results.csv") as f:
         assert [r["fd"] for r in csv.DictReader(f)] == [r["fd"] for r in rows]  # same weights, same noise
 

@@ -9,6 +9,8 @@ The choices swept are the ones a reader of ddpm.py meets first:
     --schedules  linear (DDPM Sec. 4) or cosine (Improved DDPM eq. 17)
     --losses     l2 = L_simple (DDPM eq. 14); l1; huber; vlb_l2 = the squared error weighted per t as
                  in the variational bound (DDPM eq. 12), with the weights clipped (ddpm.py)
+    --predictions   what the network predicts: eps (DDPM eq. 14), x0, or v (Salimans & Ho 2022)
+    --min_snr_gammas  Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, the paper uses 5
 
     python tools/training_sweep.py --dataset_path mnist.npz --classifier checkpoints/mnist_classifier.pt \\
         --reference_path data/mnist_test --timesteps 1000 250 --schedules linear cosine \\
@@ -17,7 +19,8 @@ The choices swept are the ones a reader of ddpm.py meets first:
 
 By default one choice changes at a time: the first value of each list is the baseline, and every
 other value is tried with the rest at baseline (the command above trains 1 + 1 + 1 + 3 = 6 models);
---grid full trains every combination. Everything after "--" goes to every train.py run unchanged.
+--grid full trains every combination, leaving out those train.py refuses (vlb_l2 weighs a predicted
+eps, so it goes with eps and no Min-SNR only). Everything after "--" goes to every train.py run unchanged.
 Each run is train.py itself (a separate process, its log in <out_dir>/logs/), so a sweep trains
 exactly what the same command line would. Every run uses the same seed, so the same initial
 weights (where the shapes agree), data order and noise draws. Sampling: --num_samples images from
@@ -45,17 +48,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, load_classifier, load_folder  # noqa: E402
-from ddpm import SCHEDULES, SIMPLE_LOSSES, GaussianDiffusion  # noqa: E402
+from ddpm import PREDICTIONS, SCHEDULES, SIMPLE_LOSSES, GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
 from sampler_sweep import check_classifier_fits, draw_samples, score_images, split_floor_and_reference  # noqa: E402
 from utils import UsageError, load_checkpoint, load_weights, make_grid_image, pick_device, prepare_network  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIELDS = ["run", "timesteps", "schedule", "loss", "max_steps", "final_loss", "train_seconds", "num_samples",
-          "sampler", "sample_steps", "fd", "class_accuracy", "sample_seconds", "device"]
+FIELDS = ["run", "timesteps", "schedule", "loss", "prediction", "min_snr_gamma", "max_steps", "final_loss",
+          "train_seconds", "num_samples", "sampler", "sample_steps", "fd", "class_accuracy", "sample_seconds", "device"]
 # Flags the sweep sets on every train.py run itself; passing them after "--" would break the comparison.
-OWN_FLAGS = ("--dataset_path", "--timesteps", "--schedule", "--loss", "--max_steps", "--run_name",
-             "--checkpoint_dir", "--sample_dir", "--resume", "--seed", "--device")
+OWN_FLAGS = ("--dataset_path", "--timesteps", "--schedule", "--loss", "--prediction", "--min_snr_gamma",
+             "--max_steps", "--run_name", "--checkpoint_dir", "--sample_dir", "--resume", "--seed", "--device")
 
 
 def parse_args(argv=None):
@@ -73,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--timesteps", type=int, nargs="+", default=[1000], help="values of T; the first is the baseline")
     p.add_argument("--schedules", nargs="+", default=["linear"], choices=SCHEDULES)
     p.add_argument("--losses", nargs="+", default=["l2"], choices=SIMPLE_LOSSES)
+    p.add_argument("--predictions", nargs="+", default=["eps"], choices=PREDICTIONS)
+    p.add_argument("--min_snr_gammas", type=float, nargs="+", default=[0.0], help="0 = off")
     p.add_argument("--grid", default="one_at_a_time", choices=("one_at_a_time", "full"),
                    help="one_at_a_time: vary one choice from the baseline (the first values); full: all combinations")
     p.add_argument("--max_steps", type=int, default=2000, help="the budget: optimizer steps for every run")
@@ -88,22 +93,35 @@ def parse_args(argv=None):
     return args
 
 
+def trainable(config):
+    """False for the combinations train.py refuses: vlb_l2 weighs a predicted eps (DDPM eq. 12) and is
+    itself a weighting, so it takes neither another prediction nor Min-SNR."""
+    T, schedule, loss, prediction, gamma = config
+    return loss != "vlb_l2" or (prediction == "eps" and not gamma)
+
+
 def configurations(args):
-    """The (T, schedule, loss) triples to train, baseline first, without repeats."""
+    """The (T, schedule, loss, prediction, min_snr_gamma) tuples to train, baseline first, without repeats
+    or combinations train.py refuses."""
+    lists = (args.timesteps, args.schedules, args.losses, args.predictions, args.min_snr_gammas)
     if args.grid == "full":
-        triples = list(itertools.product(args.timesteps, args.schedules, args.losses))
+        configs = list(itertools.product(*lists))
     else:
-        base = (args.timesteps[0], args.schedules[0], args.losses[0])
-        triples = [base]
-        triples += [(T, base[1], base[2]) for T in args.timesteps[1:]]
-        triples += [(base[0], s, base[2]) for s in args.schedules[1:]]
-        triples += [(base[0], base[1], loss) for loss in args.losses[1:]]
-    return list(dict.fromkeys(triples))
+        base = tuple(values[0] for values in lists)
+        configs = [base] + [base[:i] + (value,) + base[i + 1:] for i, values in enumerate(lists)
+                            for value in values[1:]]
+    configs = list(dict.fromkeys(configs))
+    for config in configs:
+        if not trainable(config):
+            print(f"{run_name(*config)}: left out (vlb_l2 goes with --predictions eps and no Min-SNR only)")
+    return [config for config in configs if trainable(config)]
 
 
 def check_args(args):
     if args.max_steps < 1 or args.num_samples < 2 or args.batch_size < 1 or args.sample_steps < 1:
         raise UsageError("--max_steps, --batch_size and --sample_steps must be at least 1, --num_samples at least 2")
+    if min(args.min_snr_gammas) < 0:
+        raise UsageError(f"--min_snr_gammas {args.min_snr_gammas}: each must be >= 0 (0 = off)")
     if min(args.timesteps) < 2:
         raise UsageError(f"--timesteps {args.timesteps}: every T must be at least 2")
     if args.sample_steps > min(args.timesteps):
@@ -111,11 +129,14 @@ def check_args(args):
     clashing = [flag for flag in args.train_args if flag.split("=")[0] in OWN_FLAGS]
     if clashing:
         raise UsageError(f"after '--': {', '.join(clashing)} is set by the sweep itself; use the sweep's own "
-                         "--timesteps/--schedules/--losses/--max_steps/--seed/--device")
+                         "--timesteps/--schedules/--losses/--predictions/--min_snr_gammas/--max_steps/--seed/--device")
 
 
-def run_name(T, schedule, loss):
-    return f"T{T}_{schedule}_{loss}"
+def run_name(T, schedule, loss, prediction="eps", min_snr_gamma=0.0):
+    """T1000_linear_l2, with _v / _x0 and _minsnr5 added only when they differ from DDPM's eps and no
+    weighting (so that runs of earlier sweeps keep their names)."""
+    return (f"T{T}_{schedule}_{loss}" + ("" if prediction == "eps" else f"_{prediction}")
+            + (f"_minsnr{min_snr_gamma:g}" if min_snr_gamma else ""))
 
 
 def trained_step(path):
@@ -128,7 +149,7 @@ def trained_step(path):
         return None
 
 
-def train(args, name, T, schedule, loss):
+def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
     """Run train.py for one configuration (or resume it, or skip it when it is finished).
     Returns the seconds spent training, summed over every attempt (kept in logs/<run>.json)."""
     folders = {flag: os.path.join(args.out_dir, sub) for flag, sub in
@@ -145,7 +166,8 @@ def train(args, name, T, schedule, loss):
         print(f"{name}: already trained ({step} steps), not training again")
         return record["train_seconds"]
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset_path", args.dataset_path,
-               "--timesteps", str(T), "--schedule", schedule, "--loss", loss, "--max_steps", str(args.max_steps),
+               "--timesteps", str(T), "--schedule", schedule, "--loss", loss, "--prediction", prediction,
+               "--min_snr_gamma", f"{min_snr_gamma:g}", "--max_steps", str(args.max_steps),
                "--seed", str(args.seed), "--device", args.device, "--run_name", name,
                "--checkpoint_dir", folders["checkpoints"], "--sample_dir", folders["samples"]]
     command += ["--resume"] if step is not None else []
@@ -230,15 +252,17 @@ def plot(rows, grids, png_path):
 
 
 def markdown_table(rows):
-    lines = ["| run | T | schedule | loss | final loss | train time | FD | class accuracy |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | T | schedule | loss | prediction | Min-SNR | final loss | train time | FD | class accuracy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["run"] == "real":
-            lines.append(f"| {r['num_samples']} real held-out images (the floor) | | | | | | {float(r['fd']):.1f} | "
-                         f"{float(r['class_accuracy']):.1%} |")
+            lines.append(f"| {r['num_samples']} real held-out images (the floor) |" + " |" * 7
+                         + f" {float(r['fd']):.1f} | {float(r['class_accuracy']):.1%} |")
             continue
         accuracy = float(r["class_accuracy"])
-        lines.append(f"| {r['run']} | {r['timesteps']} | {r['schedule']} | {r['loss']} | {float(r['final_loss']):.4f} | "
+        gamma = float(r["min_snr_gamma"])
+        lines.append(f"| {r['run']} | {r['timesteps']} | {r['schedule']} | {r['loss']} | {r['prediction']} | "
+                     f"{f'{gamma:g}' if gamma else 'off'} | {float(r['final_loss']):.4f} | "
                      f"{float(r['train_seconds']) / 60:.1f} min | {float(r['fd']):.1f} | "
                      + ("" if accuracy != accuracy else f"{accuracy:.1%}") + " |")
     return "\n".join(lines)
@@ -249,15 +273,15 @@ def main(argv=None):
     check_args(args)
     device = pick_device(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
-    triples = configurations(args)
-    print(f"{len(triples)} runs of {args.max_steps} steps: {', '.join(run_name(*c) for c in triples)}")
+    configs = configurations(args)
+    print(f"{len(configs)} runs of {args.max_steps} steps: {', '.join(run_name(*c) for c in configs)}")
     classifier, classifier_state = load_classifier(args.classifier)
     classifier = classifier.to(device)
 
     rows, grids, reference, noise = [], {}, None, None
-    for T, schedule, loss in triples:
-        name = run_name(T, schedule, loss)
-        seconds = train(args, name, T, schedule, loss)
+    for T, schedule, loss, prediction, gamma in configs:
+        name = run_name(T, schedule, loss, prediction, gamma)
+        seconds = train(args, name, T, schedule, loss, prediction, gamma)
         ckpt = os.path.join(args.out_dir, "checkpoints", f"{name}_ema.pt")
         state = load_checkpoint(ckpt, required=("model_config", "diffusion_config", "ema"))
         config, class_names = state["model_config"], state.get("class_names") or []
@@ -291,7 +315,8 @@ def main(argv=None):
         fd, accuracy = score_images(classifier, images, labels, *reference, device)
         grids[name] = make_grid_image(images[:16], nrow=4)
         grids[name].save(os.path.join(args.out_dir, "samples", name, "sweep_samples.png"))
-        rows.append(dict(run=name, timesteps=T, schedule=schedule, loss=loss, max_steps=args.max_steps,
+        rows.append(dict(run=name, timesteps=T, schedule=schedule, loss=loss, prediction=prediction,
+                         min_snr_gamma=f"{gamma:g}", max_steps=args.max_steps,
                          final_loss=f"{final_loss(args, name):.5f}", train_seconds=f"{seconds:.1f}",
                          num_samples=args.num_samples, sampler=args.sampler, sample_steps=args.sample_steps,
                          fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}", sample_seconds=f"{sample_seconds:.1f}",
