@@ -341,7 +341,8 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
     assert "4 runs of 2 steps: T20_linear_l2, T20_cosine_l2, T20_linear_vlb_l2, T20_linear_l2_v" in first.stdout
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["real", "T20_linear_l2", "T20_cosine_l2", "T20_linear_vlb_l2", "T20_linear_l2_v"]
+    assert [r["run"] for r in rows] == ["real", "T20_linear_l2", "T20_cosine_l2", "T20_linear_vlb_l2",
+                                        "T20_linear_l2_v"]
     assert [(r["schedule"], r["loss"], r["prediction"]) for r in rows[1:]] == [
         ("linear", "l2", "eps"), ("cosine", "l2", "eps"), ("linear", "vlb_l2", "eps"), ("linear", "l2", "v")]
     for r in rows[1:]:
