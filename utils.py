@@ -652,11 +652,11 @@ def append_csv_rows(path, fields, rows):
     keep adding to one table). An existing file must have the same columns: appending rows of another
     layout under its header would shift every value into the wrong column."""
     import csv
-    new_file = not os.path.isfile(path)
+    new_file = not os.path.isfile(path) or os.path.getsize(path) == 0  # an empty file gets its header too
     if not new_file:
         with open(path, newline="") as f:
             header = next(csv.reader(f), None)
-        if header is not None and header != list(fields):
+        if header != list(fields):
             raise UsageError(f"{path}: its columns are not the ones written now (a table from an older version, "
                              f"or from another tool); give a new file name")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

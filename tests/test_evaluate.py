@@ -72,6 +72,8 @@ def test_standardised_kid_does_not_depend_on_the_features_units_and_raw_kid_does
     raw = compute_metrics(samples, logits, reference, kid_subsets=4, kid_subset_size=150, kid_features="raw",
                           is_splits=1)
     assert raw["kid_features"] == "raw" and raw["kid_mean"] == pytest.approx(kid(samples, reference, False))
+    with pytest.raises(ValueError, match="kid_features"):
+        compute_metrics(samples, logits, reference, kid_features="standardized", is_splits=1)
 
 
 def test_inception_score_is_k_for_confident_uniform_predictions_and_1_for_identical_ones():

@@ -184,3 +184,18 @@ def test_resize_uint8_keeps_uint8_and_nearest_repeats_pixels():
     assert torch.equal(big[0, 0, 2:, 2:], torch.full((2, 2), 64, dtype=torch.uint8))
     flat = torch.full((1, 3, 8, 8), 77, dtype=torch.uint8)
     assert torch.equal(utils.resize_uint8(flat, 4, "bicubic"), torch.full((1, 3, 4, 4), 77, dtype=torch.uint8))
+
+
+def test_append_csv_rows_writes_one_header_and_refuses_a_file_of_other_columns(tmp_path):
+    path = tmp_path / "table.csv"
+    utils.append_csv_rows(str(path), ["a", "b"], [{"a": 1, "b": 2}])
+    utils.append_csv_rows(str(path), ["a", "b"], [{"a": 3, "b": 4}])
+    assert path.read_text().splitlines() == ["a,b", "1,2", "3,4"]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")  # e.g. left by an interrupted run: it gets its header like a new file
+    utils.append_csv_rows(str(empty), ["a", "b"], [{"a": 5, "b": 6}])
+    assert empty.read_text().splitlines() == ["a,b", "5,6"]
+    # Rows of another layout under this header would land in the wrong columns: refused, file untouched.
+    with pytest.raises(UsageError, match="table.csv: its columns are not the ones written now"):
+        utils.append_csv_rows(str(path), ["a", "c", "b"], [{"a": 7, "c": 8, "b": 9}])
+    assert path.read_text().splitlines() == ["a,b", "1,2", "3,4"]

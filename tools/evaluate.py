@@ -116,10 +116,10 @@ def standardise_features(features, reference_features):
     constant, linear, quadratic and cubic terms (expand the cube) weigh in together only when x . y / d
     is of order 1. The classifier's 64 SiLU features are far larger (x . y / d about 114 between MNIST
     training digits), so the cubic term swamps the other three and KID is decided by the few samples
-    with the largest features: five draws of one sampler on MNIST gave raw KIDs from 100 to
-    3,100. Standardised, x . y / d is of order 1 again, the kernel weighs means, covariances and third
-    moments as intended, and the same five draws give 5.9e-3 to 9.3e-3 (README, target 5). Inception
-    features are left raw, so that their KID stays comparable with published ones."""
+    with the largest features: five draws of one sampler on MNIST gave raw KIDs from 100 to 3,100.
+    Standardised, x . y / d is of order 1 again, all four terms count, and the same five draws give
+    5.9e-3 to 9.3e-3 (README, "DDIM's 50 steps against 1000"). Inception features are left raw, so
+    that their KID stays comparable with published ones."""
     mean, std = reference_features.mean(dim=0), reference_features.std(dim=0).clamp_min(1e-12)
     return (features - mean) / std
 
@@ -202,6 +202,8 @@ def compute_metrics(sample_features, sample_logits, reference_features, referenc
     """Every metric above for one set of sample features [N x D] (and logits [N x K]) against reference
     features [M x D]. reference_mu/sigma: the reference statistics when already known (the cache).
     kid_features: "standardised" (standardise_features) or "raw". Returns a dict of plain numbers."""
+    if kid_features not in ("standardised", "raw"):
+        raise ValueError(f"kid_features={kid_features!r}: 'standardised' or 'raw'")
     if reference_mu is None:
         reference_mu, reference_sigma = feature_statistics(reference_features)
     kid_samples, kid_reference = sample_features, reference_features
