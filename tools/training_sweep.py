@@ -93,11 +93,15 @@ def parse_args(argv=None):
     return args
 
 
-def trainable(config):
-    """False for the combinations train.py refuses: vlb_l2 weighs a predicted eps (DDPM eq. 12) and is
-    itself a weighting, so it takes neither another prediction nor Min-SNR."""
+def refusal(config):
+    """Why train.py would refuse this combination (GaussianDiffusion's own check, e.g. vlb_l2 weighs a
+    predicted eps, DDPM eq. 12, so it takes neither another target nor Min-SNR), or None."""
     T, schedule, loss, prediction, gamma = config
-    return loss != "vlb_l2" or (prediction == "eps" and not gamma)
+    try:
+        GaussianDiffusion(T, schedule, loss, prediction=prediction, min_snr_gamma=gamma)
+    except UsageError as error:
+        return str(error)
+    return None
 
 
 def configurations(args):
@@ -110,11 +114,14 @@ def configurations(args):
         base = tuple(values[0] for values in lists)
         configs = [base] + [base[:i] + (value,) + base[i + 1:] for i, values in enumerate(lists)
                             for value in values[1:]]
-    configs = list(dict.fromkeys(configs))
-    for config in configs:
-        if not trainable(config):
-            print(f"{run_name(*config)}: left out (vlb_l2 goes with --predictions eps and no Min-SNR only)")
-    return [config for config in configs if trainable(config)]
+    kept = []
+    for config in dict.fromkeys(configs):
+        reason = refusal(config)
+        if reason:
+            print(f"{run_name(*config)}: left out ({reason})")
+        else:
+            kept.append(config)
+    return kept
 
 
 def check_args(args):
