@@ -295,6 +295,33 @@ def test_benchmark_counts_flops_and_writes_its_json(tmp_path):
     assert result["amp"] == "off" and result["channels_last"] is True  # fp32 on a CPU: train.py's default layout
 
 
+def test_benchmark_vs_lucidrains_runs_each_network_in_each_setting_and_names_a_missing_peer(tmp_path):
+    """--vs-lucidrains (the GPU side by side) runs anywhere: each network and setting in its own process,
+    bf16 with autocast in training and sampling; lucidrains' rows need its package, and say so without it."""
+    result = run_script("tools/benchmark.py", "--vs-lucidrains", "--image_size", "8", "--base_channels", "8",
+                        "--channel_mults", "1", "2", "--num_res_blocks", "1", "--lucid_dim", "8", "--lucid_mults", "1",
+                        "2", "--batch_size", "2", "--train_steps", "1", "--samplers", "ddim", "--steps", "2",
+                        "--timesteps", "20", "--device", "cpu", "--settings", "bf16", "--json", tmp_path / "vs.json",
+                        cwd=tmp_path, in_process=True)
+    import importlib.util
+    import json
+    with open(tmp_path / "vs.json") as f:
+        rows = {(r["network"], r["setting"]): r for r in json.load(f)["rows"]}
+    ours = rows[("ours", "bf16")]
+    assert ours["amp"] == "bf16" and ours["sample_amp"] and not ours["compile"] and not ours["cudnn_benchmark"]
+    assert ours["model_config"]["base_channels"] == 8 and [r["steps"] for r in ours["sampling"]] == [2]
+    if importlib.util.find_spec("denoising_diffusion_pytorch") is None:
+        assert ("lucidrains", "bf16") not in rows and "pip install denoising-diffusion-pytorch" in result.stdout
+    else:
+        assert rows[("lucidrains", "bf16")]["model_config"] == dict(
+            network="lucidrains", dim=8, dim_mults=[1, 2], image_size=8, in_channels=3, num_classes=0)
+    bad = run_script("tools/benchmark.py", "--vs-lucidrains", "--settings", "fp16", cwd=tmp_path, check=False,
+                     in_process=True)
+    assert bad.returncode != 0 and "'fp16': use fp32 or bf16" in bad.stderr
+    assert_one_line_error(run_script("tools/benchmark.py", "--network", "lucidrains", "--num_classes", "10",
+                                     cwd=tmp_path, check=False, in_process=True), "--network lucidrains")
+
+
 def test_peer_contenders_are_the_networks_train_py_runs_in_the_layout_it_picks():
     """tools/peer_contender.py: fp32 builders lay the default network out in channels_last (train.py's
     choice for fp32 on a CPU) and take the bench's NCHW images; bf16 builders keep NCHW under autocast."""

@@ -22,6 +22,16 @@ process, same loop, same threads), then prints one table: images/s and the ratio
 of the same size, GFLOP/s against this machine's measured peak in that precision (the fp32 and bf16
 3x3-convolution and matmul peaks, machine_peak below), sampling network evaluations/s and peak
 resident memory. It needs the bench's virtual environment (bash ../shared/bench/setup.sh).
+
+    python tools/benchmark.py --vs-lucidrains --base_channels 128 --channel_mults 1 2 2 2 \
+        --attention_resolutions 16 --batch_size 128 --train_steps 50 --samplers ddpm ddim --steps 50 \
+        --settings bf16 bf16-compile bf16-cudnn fp32 --json vs_lucidrains.json        # on a GPU
+
+--vs-lucidrains is the GPU side by side (the peers' bench is CPU-only): our network from the flags
+(here the DDPM paper's CIFAR-10 layout, 38.3 M parameters) and lucidrains' Unet(dim=64, dim_mults=(1, 2,
+4, 8)) (35.7 M, its README's model), each in each setting in its own process, through this file's one
+loop (Algorithm 1 + AdamW, then our samplers), so only the network differs. It needs
+`pip install denoising-diffusion-pytorch`; without it lucidrains' rows say so and ours still run.
 """
 import argparse
 import json
@@ -39,14 +49,22 @@ from ddim import ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model, count_parameters, resolve_model_config  # noqa: E402
-from utils import (UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint, peak_memory_mb,  # noqa: E402
-                   pick_device, reset_peak_memory, resolve_amp, resolve_channels_last, write_json)
+from utils import (AutocastNetwork, UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint,  # noqa: E402
+                   peak_memory_mb, pick_device, reset_peak_memory, resolve_amp, resolve_channels_last, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers of each size in ../shared/bench/peers.py, and our contenders (tools/peer_contender.py).
 PEERS = dict(small=["lucid-d32-122", "diffusers-32-64-64"], medium=["lucid-d64-122", "diffusers-64-128-128"])
 CONTENDERS = dict(small=[("build", "ours-fp32"), ("build_bf16", "ours-bf16")],
                   medium=[("build_medium", "ours-medium-fp32"), ("build_medium_bf16", "ours-medium-bf16")])
+
+
+def setting_words(text):
+    """--settings' values: fp32 or bf16, then any of -compile and -cudnn."""
+    words = text.split("-")
+    if words[0] not in ("fp32", "bf16") or not set(words[1:]) <= {"compile", "cudnn"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: use fp32 or bf16, then optionally -compile and/or -cudnn")
+    return text
 
 
 def parse_args(argv=None):
@@ -64,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=None, help="dropout in the residual blocks (default: model.py's)")
     p.add_argument("--batch_size", type=int, default=64, help="images per training step and per sampling batch")
     p.add_argument("--train_steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
-    p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
+    p.add_argument("--samplers", nargs="*", default=["ddpm", "ddim"], choices=("ddpm", "ddim"),
+                   help="samplers to time (none: skip timing samplers)")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 50], help="sampling step counts to time")
     p.add_argument("--timesteps", type=int, default=1000)
     p.add_argument("--amp", default="off", choices=("off", "bf16", "auto"),
@@ -77,6 +96,15 @@ def parse_args(argv=None):
                    help="weights and images in channels_last memory format; auto: as train.py decides it "
                         "(on for fp32 on a CPU; utils.resolve_channels_last)")
     p.add_argument("--compile", action="store_true", help="torch.compile the network for training (slow to start)")
+    p.add_argument("--sample_amp", action="store_true",
+                   help="sample under --amp's autocast too, as sample.py --amp does (default: fp32, as sample.py)")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True: cuDNN times its convolution algorithms for each "
+                        "shape once and keeps the fastest (CUDA only)")
+    p.add_argument("--network", default="ours", choices=("ours", "lucidrains"),
+                   help="lucidrains: lucidrains/denoising-diffusion-pytorch's Unet(dim=--base_channels, "
+                        "dim_mults=--channel_mults) in its own layout, timed through the same loop (needs "
+                        "`pip install denoising-diffusion-pytorch`, which requirements.txt does not have)")
     p.add_argument("--profile", action="store_true",
                    help="also run 5 training steps under torch.profiler and print where their time goes, by operator")
     peers = p.add_argument_group("--vs-peers: the side-by-side table against lucidrains and diffusers")
@@ -90,6 +118,17 @@ def parse_args(argv=None):
     peers.add_argument("--alloc", default="default", choices=("default", "jemalloc", "glibc-tuned"),
                        help="the bench's allocator setting for every model, peers included")
     peers.add_argument("--threads", type=int, default=2)
+    gpu = p.add_argument_group("--vs-lucidrains: our network against lucidrains' Unet on this device (a GPU)")
+    gpu.add_argument("--vs-lucidrains", dest="vs_lucidrains", action="store_true",
+                     help="time our network (the flags above) and lucidrains' Unet(dim=--lucid_dim, "
+                          "dim_mults=--lucid_mults) in each of --settings, each run in its own process")
+    gpu.add_argument("--lucid_dim", type=int, default=64)
+    gpu.add_argument("--lucid_mults", type=int, nargs="+", default=[1, 2, 4, 8],
+                     help="with --lucid_dim 64, lucidrains' README model: 35.7 M parameters, the DDPM paper's size")
+    gpu.add_argument("--settings", nargs="+", default=["fp32", "bf16", "bf16-compile"], type=setting_words,
+                     help="fp32 or bf16, then optionally -compile and/or -cudnn (--cudnn_benchmark), e.g. "
+                          "bf16-compile-cudnn")
+    gpu.add_argument("--run_timeout", type=float, default=600, help="seconds each run may take")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
@@ -182,13 +221,120 @@ def vs_peers(args):
     return result
 
 
+def vs_lucidrains(args):
+    """Our network and lucidrains' Unet, each in each of --settings, each run in its own process (a fresh
+    compile cache and peak-memory count), then one table. Made for a GPU; runs anywhere."""
+    ours = ["--base_channels", str(args.base_channels), "--channel_mults", *map(str, args.channel_mults),
+            "--num_res_blocks", str(args.num_res_blocks)]
+    if args.attention_resolutions is not None:
+        ours += ["--attention_resolutions", *map(str, args.attention_resolutions)]
+    if args.dropout is not None:
+        ours += ["--dropout", str(args.dropout)]
+    theirs = ["--network", "lucidrains", "--base_channels", str(args.lucid_dim), "--channel_mults",
+              *map(str, args.lucid_mults)]
+    common = ["--image_size", str(args.image_size), "--channels", str(args.channels), "--batch_size",
+              str(args.batch_size), "--train_steps", str(args.train_steps), "--timesteps", str(args.timesteps),
+              "--device", args.device, "--samplers", *args.samplers, "--steps", *map(str, args.steps)]
+    rows, work = [], tempfile.mkdtemp(prefix="vs_lucidrains_")
+    print("| network | params | setting | train img/s | vs lucidrains | train TFLOP/s | % of peak | peak memory "
+          "| sampling evals/s | vs lucidrains |" + "".join(f" {s} {n} img/s |" for s in args.samplers
+                                                           for n in args.steps), flush=True)
+    for setting in args.settings:
+        precision, *switches = setting.split("-")
+        flags = ["--amp", "bf16", "--sample_amp"] if precision == "bf16" else ["--amp", "off"]
+        flags += ["--compile"] * ("compile" in switches) + ["--cudnn_benchmark"] * ("cudnn" in switches)
+        for name, network_flags in (("lucidrains", theirs), ("ours", ours)):
+            out = os.path.join(work, f"{name}_{setting}.json")
+            command = [sys.executable, os.path.abspath(__file__), *network_flags, *common, *flags, "--json", out]
+            started = time.perf_counter()
+            try:
+                done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      timeout=args.run_timeout)
+                failed = done.returncode != 0 and done.stdout[-2000:]
+            except subprocess.TimeoutExpired:
+                failed = f"over --run_timeout {args.run_timeout:.0f} s"
+            if failed:
+                print(f"| {name} | | {setting} | failed: {failed} |", flush=True)
+                continue
+            with open(out) as f:
+                r = json.load(f)
+            r.update(network=name, setting=setting, wall_seconds=time.perf_counter() - started)
+            rows.append(r)
+            peer = next((p for p in rows if p["network"] == "lucidrains" and p["setting"] == setting), None)
+            vs = (lambda key: f"{r[key] / peer[key]:.2f}x" if peer else "")
+            peak = r.get("device_peak_gflop_per_s")
+            of_peak = f"{100 * r['achieved_train_gflop_per_s'] / peak:.0f}%" if peak else ""
+            print(f"| {name} | {r['parameters'] / 1e6:.1f} M | {setting} | {r['train_images_per_s']:.0f} | "
+                  f"{vs('train_images_per_s')} | {r['achieved_train_gflop_per_s'] / 1e3:.1f} | {of_peak} | "
+                  f"{r['train_peak_memory_mb']:.0f} MiB | {r['sampling_evals_per_s']:.0f} | "
+                  f"{vs('sampling_evals_per_s')} |" + "".join(f" {x['images_per_s']:.1f} |" for x in r["sampling"]),
+                  flush=True)
+            if args.json:
+                write_json(args.json, dict(rows=rows))
+    return rows
+
+
+def cuda_peak(device, dtype, size=8192, reps=10):
+    """This GPU's achievable GFLOP/s in dtype: the best of reps size^3 matrix products. For fp32 the
+    products run in TF32 while cuDNN is allowed TF32 (torch's default for convolutions, which are nearly
+    all of a UNet's work): without it the fp32 matmul peak (about 52 TFLOP/s on an H100) is below what
+    the TF32 convolutions reach, and a fraction of it would top 100%."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    try:
+        a @ b
+        best = float("inf")
+        for _ in range(reps):
+            synchronize(device)
+            started = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = min(best, time.perf_counter() - started)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    return 2 * size ** 3 / best / 1e9
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+class LucidrainsUnet(torch.nn.Module):
+    """lucidrains/denoising-diffusion-pytorch's Unet called the way our samplers and Algorithm 1 call a
+    network, model(x, t, y) -> [B x C x H x W]: it takes (x, time) and has no class labels. Its layout
+    is its own: two residual blocks per level, linear attention at every level but the lowest, full
+    attention there, no dropout by default."""
+
+    def __init__(self, dim, dim_mults, channels):
+        super().__init__()
+        try:
+            from denoising_diffusion_pytorch import Unet
+        except ImportError:
+            raise UsageError("--network lucidrains: denoising_diffusion_pytorch is not installed; "
+                             "pip install denoising-diffusion-pytorch (it is not in requirements.txt)") from None
+        self.unet = Unet(dim=dim, dim_mults=tuple(dim_mults), channels=channels)
+
+    def forward(self, x, t, y=None):
+        return self.unet(x, t)
+
+
+def build_network(config):
+    if config.get("network") == "lucidrains":
+        return LucidrainsUnet(config["dim"], config["dim_mults"], config["in_channels"])
+    return build_model(config)
+
+
 def network(args):
     """(model config, diffusion) from --ckpt or from the flags."""
+    if args.network == "lucidrains":
+        if args.ckpt or args.num_classes:
+            raise UsageError("--network lucidrains: builds lucidrains' unconditioned Unet from --base_channels and "
+                             "--channel_mults; drop --ckpt and --num_classes")
+        return dict(network="lucidrains", dim=args.base_channels, dim_mults=list(args.channel_mults),
+                    image_size=args.image_size, in_channels=args.channels, num_classes=0), \
+            GaussianDiffusion(args.timesteps)
     if args.ckpt:
         state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config"))
         if state.get("task", "diffusion") != "diffusion" or state["model_config"].get("cond_channels"):
@@ -219,13 +365,16 @@ def main(argv=None):
     args = parse_args(argv)
     if args.vs_peers:
         return vs_peers(args)
+    if args.vs_lucidrains:
+        return vs_lucidrains(args)
     if args.malloc == "keep":
         keep_freed_memory()
     device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     config, diffusion = network(args)
     diffusion = diffusion.to(device)
-    model = build_model(config).to(device)
+    model = build_network(config).to(device)
     args.amp = resolve_amp(args.amp, device)  # auto: as train.py --amp decides it
     args.channels_last = resolve_channels_last(args.channels_last, device, args.amp)  # auto: as train.py does
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -259,10 +408,12 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    warmup_started = time.perf_counter()
     for i in range(2 + args.train_steps):
         if i == 2:
             synchronize(device)
             started = time.perf_counter()
+            warmup_seconds = started - warmup_started  # with --compile, mostly compiling
         train_step()
     synchronize(device)
     train_images_per_s = b * args.train_steps / (time.perf_counter() - started)
@@ -272,6 +423,8 @@ def main(argv=None):
 
     # Sampling: network evaluations per second at this batch, then each sampler at each step count.
     model.eval()
+    if args.sample_amp and args.amp != "off":  # as sample.py --amp: the network in autocast, the sampler in fp32
+        model = AutocastNetwork(model, torch.float16 if args.amp == "fp16" else torch.bfloat16)
     t_batch = torch.full((b,), diffusion.timesteps - 1, dtype=torch.long, device=device)
     with torch.no_grad():
         model(x0, t_batch, labels(b))  # warm-up
@@ -298,11 +451,15 @@ def main(argv=None):
     result = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else
                   "cpu", threads=torch.get_num_threads(), model_config=config,
                   parameters=count_parameters(model), batch_size=b, amp=args.amp, malloc=args.malloc,
-                  channels_last=args.channels_last, compile=args.compile,
+                  channels_last=args.channels_last, compile=args.compile, cudnn_benchmark=args.cudnn_benchmark,
+                  sample_amp=args.sample_amp and args.amp != "off",
                   forward_gflops_per_image=forward_flops / 1e9, train_gflops_per_image=train_flops / 1e9,
                   train_images_per_s=train_images_per_s, achieved_train_gflop_per_s=train_flops / 1e9 * train_images_per_s,
-                  train_peak_memory_mb=train_peak, sampling_evals_per_s=evals_per_s * b,
+                  train_peak_memory_mb=train_peak, warmup_seconds=warmup_seconds, sampling_evals_per_s=evals_per_s * b,
                   sampling_batches_per_s=evals_per_s, sampling=sampling)
+    if device.type == "cuda":  # against what this GPU can do in the training precision
+        result["device_peak_gflop_per_s"] = cuda_peak(device, torch.float32 if args.amp == "off" else
+                                                      torch.bfloat16 if args.amp == "bf16" else torch.float16)
     print(f"| forward GFLOPs / image | {result['forward_gflops_per_image']:.3f} |")
     print(f"| training GFLOPs / image | {result['train_gflops_per_image']:.3f} |")
     print(f"| training images/s | {train_images_per_s:.1f} |")
