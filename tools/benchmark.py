@@ -29,7 +29,8 @@ resident memory. It needs the bench's virtual environment (bash ../shared/bench/
 
 --vs-lucidrains is the GPU side by side (the peers' bench is CPU-only): our network from the flags
 (here the DDPM paper's CIFAR-10 layout, 38.3 M parameters) and lucidrains' Unet(dim=64, dim_mults=(1, 2,
-4, 8)) (35.7 M, its README's model), each in each setting in its own process, through this file's one
+4, 8)) (35.7 M, its README's model; flash_attn left off, which at 32x32 touches only its 4x4
+attention), each in each setting in its own process, through this file's one
 loop (Algorithm 1 + AdamW, then our samplers), so only the network differs. It needs
 `pip install denoising-diffusion-pytorch`; without it lucidrains' rows say so and ours still run.
 """
@@ -250,7 +251,8 @@ def vs_lucidrains(args):
             try:
                 done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       timeout=args.run_timeout)
-                failed = done.returncode != 0 and done.stdout[-2000:]
+                last_line = (done.stdout.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+                failed = done.returncode != 0 and last_line  # e.g. "error: ... pip install ..."
             except subprocess.TimeoutExpired:
                 failed = f"over --run_timeout {args.run_timeout:.0f} s"
             if failed:
