@@ -320,6 +320,8 @@ def test_benchmark_vs_lucidrains_runs_each_network_in_each_setting_and_names_a_m
     assert bad.returncode != 0 and "'fp16': use fp32 or bf16" in bad.stderr
     assert_one_line_error(run_script("tools/benchmark.py", "--network", "lucidrains", "--num_classes", "10",
                                      cwd=tmp_path, check=False, in_process=True), "--network lucidrains")
+    assert_one_line_error(run_script("tools/benchmark.py", "--vs-lucidrains", "--num_classes", "10",
+                                     cwd=tmp_path, check=False, in_process=True), "--vs-lucidrains", "--num_classes")
 
 
 def test_peer_contenders_are_the_networks_train_py_runs_in_the_layout_it_picks():

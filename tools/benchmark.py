@@ -30,9 +30,9 @@ resident memory. It needs the bench's virtual environment (bash ../shared/bench/
 --vs-lucidrains is the GPU side by side (the peers' bench is CPU-only): our network from the flags
 (here the DDPM paper's CIFAR-10 layout, 38.3 M parameters) and lucidrains' Unet(dim=64, dim_mults=(1, 2,
 4, 8)) (35.7 M, its README's model; flash_attn left off, which at 32x32 touches only its 4x4
-attention), each in each setting in its own process, through this file's one
-loop (Algorithm 1 + AdamW, then our samplers), so only the network differs. It needs
-`pip install denoising-diffusion-pytorch`; without it lucidrains' rows say so and ours still run.
+attention), each in each setting in its own process, through this file's one loop (Algorithm 1 +
+AdamW, then our samplers), so only the network differs. It needs `pip install
+denoising-diffusion-pytorch`; without it lucidrains' rows say so and ours still run.
 """
 import argparse
 import json
@@ -225,6 +225,9 @@ def vs_peers(args):
 def vs_lucidrains(args):
     """Our network and lucidrains' Unet, each in each of --settings, each run in its own process (a fresh
     compile cache and peak-memory count), then one table. Made for a GPU; runs anywhere."""
+    if args.ckpt or args.num_classes:
+        raise UsageError("--vs-lucidrains: compares unconditioned networks built from the flags; "
+                         "drop --ckpt and --num_classes")
     ours = ["--base_channels", str(args.base_channels), "--channel_mults", *map(str, args.channel_mults),
             "--num_res_blocks", str(args.num_res_blocks)]
     if args.attention_resolutions is not None:
