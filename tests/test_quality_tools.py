@@ -324,6 +324,54 @@ def test_benchmark_vs_lucidrains_runs_each_network_in_each_setting_and_names_a_m
                                      cwd=tmp_path, check=False, in_process=True), "--vs-lucidrains", "--num_classes")
 
 
+FAKE_PEERS_PY = """
+import json, re, sys
+args = sys.argv[1:]
+only = re.compile(args[args.index("--only") + 1])
+contenders = [args[i + 1].rsplit("=", 1)[1] for i, a in enumerate(args) if a == "--contender"]
+print(json.dumps(dict(kind="meta", cpu="test CPU", versions=dict(torch="x"), alloc="default", batch=64, res=32)))
+print(json.dumps(dict(kind="machine_peak", peak_gflops=100.0)))
+speeds = {"lucid-d32-122": 10.0, "diffusers-32-64-64": 20.0, "lucid-d64-122": 5.0, "diffusers-64-128-128": 4.0}
+for name in [n for n in speeds if only.match(n)] + contenders:
+    speed = speeds.get(name, 50.0 if "medium" not in name else 15.0)
+    print(json.dumps(dict(kind="peer", name=name, params=10**6, train_img_s=speed, train_gflops_3x=2 * speed,
+                          sample_evals_s=speed / 10, peak_rss_train_mb=1024.0)))
+"""
+
+
+def test_benchmark_vs_peers_passes_our_contenders_and_compares_each_with_the_fastest_peer(tmp_path):
+    """--vs-peers against a stand-in for ../shared/bench/peers.py that prints rows in its format: which
+    contenders are asked for (bf16 only where the CPU has bf16 hardware, unless named), and the table's
+    ratios to the fastest peer of the same size."""
+    import json
+    from utils import cpu_has_fast_bf16
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "peers.py").write_text(FAKE_PEERS_PY)
+    common = ["--vs-peers", "--bench_dir", bench, "--bench_python", sys.executable]
+    result = run_script("tools/benchmark.py", *common, "--json", tmp_path / "auto.json", cwd=tmp_path)
+    with open(tmp_path / "auto.json") as f:
+        auto = json.load(f)
+    expected = ["ours-fp32", "ours-bf16", "ours-medium-fp32", "ours-medium-bf16"]
+    if not cpu_has_fast_bf16():
+        expected = [name for name in expected if not name.endswith("bf16")]
+        assert "timing fp32 only" in result.stdout
+    assert [m["name"] for m in auto["models"] if m["name"].startswith("ours")] == expected
+    assert set(auto["peaks"]) == ({"fp32", "bf16"} if cpu_has_fast_bf16() else {"fp32"})  # peaks of the rows shown
+    run_script("tools/benchmark.py", *common, "--sizes", "small", "--precisions", "fp32", "--json",
+               tmp_path / "vs.json", cwd=tmp_path)
+    with open(tmp_path / "vs.json") as f:
+        vs = {m["name"]: m for m in json.load(f)["models"]}
+    assert set(vs) == {"lucid-d32-122", "diffusers-32-64-64", "ours-fp32"}
+    assert vs["ours-fp32"]["train_vs_best_peer"] == pytest.approx(50 / 20)  # against diffusers, the faster
+    assert vs["lucid-d32-122"]["train_vs_best_peer"] == pytest.approx(10 / 20)
+    assert vs["ours-fp32"]["sample_vs_best_peer"] == pytest.approx(5 / 2)
+    assert vs["ours-fp32"]["precision"] == "fp32" and vs["ours-fp32"]["fraction_of_peak"] > 0
+    (bench / "peers.py").write_text("import sys; sys.exit(3)")
+    assert_one_line_error(run_script("tools/benchmark.py", *common, cwd=tmp_path, check=False),
+                          "peers.py failed (exit code 3)")
+
+
 def test_peer_contenders_are_the_networks_train_py_runs_in_the_layout_it_picks():
     """tools/peer_contender.py: fp32 builders lay the default network out in channels_last (train.py's
     choice for fp32 on a CPU) and take the bench's NCHW images; bf16 builders keep NCHW under autocast."""

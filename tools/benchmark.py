@@ -115,7 +115,9 @@ def parse_args(argv=None):
     peers.add_argument("--bench_python", default=os.environ.get("BENCH_PYTHON", "/tmp/benchvenv/bin/python"),
                        help="the bench's virtual environment (made by its setup.sh), with the peers installed")
     peers.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=("small", "medium"))
-    peers.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
+    peers.add_argument("--precisions", nargs="+", default=None, choices=("fp32", "bf16"),
+                       help="default: fp32, plus bf16 on a CPU with bf16 hardware (AMX or AVX-512 BF16); elsewhere "
+                            "bf16 is emulated (13x slower than fp32 on an AVX2-only AMD EPYC) and left out unless named")
     peers.add_argument("--alloc", default="default", choices=("default", "jemalloc", "glibc-tuned"),
                        help="the bench's allocator setting for every model, peers included")
     peers.add_argument("--threads", type=int, default=2)
@@ -172,12 +174,16 @@ def vs_peers(args):
     if not os.path.isfile(args.bench_python):
         raise UsageError(f"--bench_python {args.bench_python}: not found; make the bench's environment with "
                          f"bash {os.path.join(bench, 'setup.sh')}, or pass its python")
+    precisions = args.precisions or (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"])
+    if args.precisions is None and "bf16" not in precisions:
+        print("this CPU has no bf16 hardware (AMX or AVX-512 BF16): timing fp32 only (--precisions fp32 bf16 "
+              "adds the emulated bf16 rows)")
     contender_file = os.path.join(ROOT, "tools", "peer_contender.py")
     peers, contenders = [], []
     for size in args.sizes:
         peers += PEERS[size]
         contenders += [f"{contender_file}:{fn}={label}" for fn, label in CONTENDERS[size]
-                       if label.rsplit("-", 1)[1] in args.precisions]
+                       if label.rsplit("-", 1)[1] in precisions]
     results_dir = tempfile.mkdtemp(prefix="vs_peers_")
     command = [args.bench_python, "peers.py", "--only", "^(" + "|".join(peers) + "|ours.*)$", "--channels",
                str(args.channels), "--threads", str(args.threads), "--alloc", args.alloc, "--batch",
@@ -192,14 +198,15 @@ def vs_peers(args):
     meta = next(r for r in rows if r.get("kind") == "meta")
     fp32_bench_peak = next((r["peak_gflops"] for r in rows if r.get("kind") == "machine_peak"), None)
     peaks = {name: machine_peak(dtype, args.threads) for name, dtype in (("fp32", torch.float32),
-                                                                          ("bf16", torch.bfloat16))}
+                                                                          ("bf16", torch.bfloat16)) if name in precisions}
     models = [r for r in rows if r.get("kind") == "peer"]
     result = dict(meta=meta, peers_peak_fp32=fp32_bench_peak, bf16_hardware=cpu_has_fast_bf16(),
                   peaks={k: dict(best=v[0], **v[1]) for k, v in peaks.items()}, models=models)
     print(f"\n{meta['cpu']}, {args.threads} threads, torch {meta['versions'].get('torch')}, allocator "
           f"{meta['alloc']}, batch {meta['batch']}, {meta['res']}x{meta['res']}x{args.channels}; peak GFLOP/s: "
-          f"fp32 {peaks['fp32'][0]:.0f} (the bench's own: {fp32_bench_peak or float('nan'):.0f}), "
-          f"bf16 {peaks['bf16'][0]:.0f} ({'AMX or AVX-512 BF16' if cpu_has_fast_bf16() else 'no bf16 hardware'})\n")
+          + ", ".join(f"{name} {best:.0f}" for name, (best, _) in peaks.items())
+          + f" (the bench's own fp32: {fp32_bench_peak or float('nan'):.0f}); "
+          f"{'AMX or AVX-512 BF16' if cpu_has_fast_bf16() else 'no bf16 hardware'}\n")
     print("| model | size | precision | params | train img/s | vs fastest peer | train GFLOP/s | % of peak | "
           "sampling evals/s (batch 64) | vs fastest peer | peak RSS in training |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
