@@ -340,9 +340,9 @@ for name in [n for n in speeds if only.match(n)] + contenders:
 
 
 def test_benchmark_vs_peers_passes_our_contenders_and_compares_each_with_the_fastest_peer(tmp_path):
-    """--vs-peers against a stand-in for ../shared/bench/peers.py that prints rows in its format: which
-    contenders are asked for (bf16 only where the CPU has bf16 hardware, unless named), and the table's
-    ratios to the fastest peer of the same size."""
+    """--vs-peers against a stand-in for the peers' bench script (written here, in tmp_path) that prints
+    rows in peers.py's format: which contenders are asked for (bf16 only where the CPU has bf16
+    hardware, unless named), and the table's ratios to the fastest peer of the same size."""
     import json
     from utils import cpu_has_fast_bf16
     bench = tmp_path / "bench"

@@ -16,12 +16,13 @@ Sampling images/s are measured by running each sampler for its step count on one
 
     python tools/benchmark.py --vs-peers                               # side by side with the peers (CPU)
 
---vs-peers times our default and medium networks, in fp32 and in bf16 autocast, beside lucidrains'
-and diffusers' UNets of the same sizes, in one run of ../shared/bench/peers.py (each model in its own
-process, same loop, same threads), then prints one table: images/s and the ratio to the fastest peer
-of the same size, GFLOP/s against this machine's measured peak in that precision (the fp32 and bf16
-3x3-convolution and matmul peaks, machine_peak below), sampling network evaluations/s and peak
-resident memory. It needs the bench's virtual environment (bash ../shared/bench/setup.sh).
+--vs-peers times our default and medium networks, in fp32 and (on a CPU with bf16 hardware) in bf16
+autocast, beside lucidrains' and diffusers' UNets of the same sizes, in one run of
+../shared/bench/peers.py (each model in its own process, same loop, same threads), then prints one
+table: images/s and the ratio to the fastest peer of the same size, GFLOP/s against this machine's
+measured peak in that precision (the fp32 and bf16 3x3-convolution and matmul peaks, machine_peak
+below), sampling network evaluations/s and peak resident memory. It needs the bench's virtual
+environment (bash ../shared/bench/setup.sh).
 
     python tools/benchmark.py --vs-lucidrains --base_channels 128 --channel_mults 1 2 2 2 \
         --attention_resolutions 16 --batch_size 128 --train_steps 50 --samplers ddpm ddim --steps 50 \
@@ -174,7 +175,8 @@ def vs_peers(args):
     if not os.path.isfile(args.bench_python):
         raise UsageError(f"--bench_python {args.bench_python}: not found; make the bench's environment with "
                          f"bash {os.path.join(bench, 'setup.sh')}, or pass its python")
-    precisions = args.precisions or (["fp32", "bf16"] if cpu_has_fast_bf16() else ["fp32"])
+    fast_bf16 = cpu_has_fast_bf16()
+    precisions = args.precisions or (["fp32", "bf16"] if fast_bf16 else ["fp32"])
     if args.precisions is None and "bf16" not in precisions:
         print("this CPU has no bf16 hardware (AMX or AVX-512 BF16): timing fp32 only (--precisions fp32 bf16 "
               "adds the emulated bf16 rows)")
@@ -200,13 +202,13 @@ def vs_peers(args):
     peaks = {name: machine_peak(dtype, args.threads) for name, dtype in (("fp32", torch.float32),
                                                                           ("bf16", torch.bfloat16)) if name in precisions}
     models = [r for r in rows if r.get("kind") == "peer"]
-    result = dict(meta=meta, peers_peak_fp32=fp32_bench_peak, bf16_hardware=cpu_has_fast_bf16(),
+    result = dict(meta=meta, peers_peak_fp32=fp32_bench_peak, bf16_hardware=fast_bf16,
                   peaks={k: dict(best=v[0], **v[1]) for k, v in peaks.items()}, models=models)
     print(f"\n{meta['cpu']}, {args.threads} threads, torch {meta['versions'].get('torch')}, allocator "
           f"{meta['alloc']}, batch {meta['batch']}, {meta['res']}x{meta['res']}x{args.channels}; peak GFLOP/s: "
           + ", ".join(f"{name} {best:.0f}" for name, (best, _) in peaks.items())
           + f" (the bench's own fp32: {fp32_bench_peak or float('nan'):.0f}); "
-          f"{'AMX or AVX-512 BF16' if cpu_has_fast_bf16() else 'no bf16 hardware'}\n")
+          f"{'AMX or AVX-512 BF16' if fast_bf16 else 'no bf16 hardware'}\n")
     print("| model | size | precision | params | train img/s | vs fastest peer | train GFLOP/s | % of peak | "
           "sampling evals/s (batch 64) | vs fastest peer | peak RSS in training |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
