@@ -50,11 +50,19 @@ def make_image_folder(root, classes=("cat", "dog"), per_class=6, seed=0):
     return root
 
 
-def run_script(script, *args, cwd, timeout=180, check=True, in_process=False):
-    """Run train.py / sample.py as a user would, in cwd, and return the CompletedProcess.
-    in_process: run the script's __main__ block in this process instead (runpy), with the same
-    stdout, stderr and exit code a subprocess would give, minus the seconds of importing torch anew;
-    the error-message tests use it."""
+IN_PROCESS_SCRIPTS = ("train.py", "sample.py")
+
+
+def run_script(script, *args, cwd, timeout=180, check=True, in_process=None):
+    """Run train.py / sample.py / a tool as a user would, in cwd, and return the CompletedProcess.
+    in_process: run the script's __main__ block in this process (runpy), with the same stdout, stderr
+    and exit code a subprocess would give, minus the 3-10 seconds of starting Python and importing
+    torch anew, which made up most of the suite's time on a slow 2-core machine. The default (None)
+    does so for train.py and sample.py, which restore their signal handlers and change no global
+    state but the random seeds; tools run in a subprocess unless asked (some import their sibling
+    tools, and the benchmarks measure their own process). in_process=False forces a subprocess."""
+    if in_process is None:
+        in_process = script in IN_PROCESS_SCRIPTS
     if in_process:
         return run_in_process(script, args, cwd, check)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
