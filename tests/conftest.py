@@ -50,19 +50,21 @@ def make_image_folder(root, classes=("cat", "dog"), per_class=6, seed=0):
     return root
 
 
-IN_PROCESS_SCRIPTS = ("train.py", "sample.py")
+# Tools that must run in a process of their own: both benchmarks time and measure the memory of
+# their own process (and start children of their own).
+OWN_PROCESS_SCRIPTS = ("tools/benchmark.py", "tools/memory_benchmark.py")
 
 
 def run_script(script, *args, cwd, timeout=180, check=True, in_process=None):
     """Run train.py / sample.py / a tool as a user would, in cwd, and return the CompletedProcess.
-    in_process: run the script's __main__ block in this process (runpy), with the same stdout, stderr
-    and exit code a subprocess would give, minus the 3-10 seconds of starting Python and importing
-    torch anew, which made up most of the suite's time on a slow 2-core machine. The default (None)
-    does so for train.py and sample.py, which restore their signal handlers and change no global
-    state but the random seeds; tools run in a subprocess unless asked (some import their sibling
-    tools, and the benchmarks measure their own process). in_process=False forces a subprocess."""
+    in_process: run the script's __main__ block in this process (runpy), with the same sys.path[0],
+    stdout, stderr and exit code a subprocess would give, minus the 3-10 seconds of starting Python
+    and importing torch anew, which made up most of the suite's time on a slow 2-core machine. The
+    default (None) does so for every script but OWN_PROCESS_SCRIPTS; the scripts restore their signal
+    handlers and change no global state but the random seeds. in_process=False forces a subprocess
+    (Ctrl-C, kill -9 and torchrun tests start their own with Popen)."""
     if in_process is None:
-        in_process = script in IN_PROCESS_SCRIPTS
+        in_process = script not in OWN_PROCESS_SCRIPTS
     if in_process:
         return run_in_process(script, args, cwd, check)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
@@ -74,10 +76,11 @@ def run_script(script, *args, cwd, timeout=180, check=True, in_process=None):
 
 
 def run_in_process(script, args, cwd, check):
-    argv, folder = sys.argv, os.getcwd()
+    argv, path, folder = sys.argv, list(sys.path), os.getcwd()
     out, err, code = io.StringIO(), io.StringIO(), 0
     try:
         sys.argv = [str(ROOT / script), *map(str, args)]
+        sys.path.insert(0, str((ROOT / script).parent))  # what `python script` puts first
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -94,6 +97,7 @@ def run_in_process(script, args, cwd, check):
                 code = 1
     finally:
         sys.argv = argv
+        sys.path[:] = path  # also drops the repository root that each tool puts first
         os.chdir(folder)
     result = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
     if check and code != 0:
