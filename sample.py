@@ -45,8 +45,8 @@ from experts import ExpertEnsemble, check_compatible, check_coverage, expert_ran
 from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
-from utils import (HelpFormatter, UsageError, check_keys, from_model_range, is_image_file, list_images,
-                   load_checkpoint, load_image, load_weights, make_grid_image, pick_device, prepare_network,
+from utils import (HelpFormatter, UsageError, check_keys, emulated_bf16_note, from_model_range, is_image_file,
+                   list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device, prepare_network,
                    resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything, stacked_rows,
                    to_model_range)
 
@@ -448,6 +448,8 @@ def main(argv=None):
     if requested != "off":
         print(f"--amp {requested}: " + (f"the network in {args.amp} autocast, the sampler's arithmetic in fp32"
                                          if args.amp != "off" else "fp32 (no bf16 matrix hardware on this CPU)"))
+    if note := emulated_bf16_note(requested, args.amp, device):
+        print(note)
     paths = args.ckpt
     first = load_checkpoint(paths[0], required=())
     if isinstance(first, dict) and first.get("process") == "cold":

@@ -64,7 +64,7 @@ from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLo
                      endless_batches, restore_rng_states, rng_states, setup_distributed, step_statistics,
                      weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
-                   from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
+                   emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
                    load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries,
                    reset_peak_memory, resolve_amp, resolve_channels_last, save_grid, seed_everything, to_model_range)
 
@@ -599,6 +599,8 @@ def main(argv=None):
     amp = resolve_amp(args.amp, device)
     if args.amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
         say(f"--amp auto: {'bf16 (this CPU has AMX or AVX-512 BF16)' if amp == 'bf16' else 'fp32 (this CPU has no bf16 matrix hardware, where bf16 is slower)'}")
+    if note := emulated_bf16_note(args.amp, amp, device):
+        say(note)
     if amp == "fp16" and device.type != "cuda":
         raise UsageError(f"--amp fp16 needs a CUDA device (its loss scaling is CUDA's); use --amp bf16 on {device}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")

@@ -152,6 +152,16 @@ def resolve_amp(requested, device):
     return "bf16"
 
 
+def emulated_bf16_note(requested, amp, device):
+    """A one-line note when --amp bf16 was asked for by name on a CPU without bf16 matrix hardware,
+    where bf16 is emulated (README Speed: 13x slower than fp32 in training on an AMD EPYC); else None.
+    --amp auto never picks it there, so only an explicit request can land on it."""
+    if requested == "bf16" and amp == "bf16" and torch.device(device).type == "cpu" and not cpu_has_fast_bf16():
+        return ("note: --amp bf16 on a CPU without bf16 matrix hardware (AMX or AVX-512 BF16): bf16 is "
+                "emulated and several times slower than fp32 here; --amp auto (or off) keeps fp32")
+    return None
+
+
 class AutocastNetwork(torch.nn.Module):
     """A network called under autocast, for sampling (sample.py --amp, tools/sampler_sweep.py --amp): its
     convolutions and matrix products run in bf16 or fp16, and its output [B x C' x H x W] comes back in

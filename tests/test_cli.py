@@ -95,6 +95,19 @@ def test_max_minutes_stops_the_run_and_saves_it(tmp_path, image_folder):
     assert_one_line_error(result, "--max_minutes 0")
 
 
+def test_bf16_asked_by_name_on_a_cpu_without_bf16_hardware_runs_with_a_note(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)  # as on an AVX2-only CPU (in-process runs)
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1",
+                        "--sample_every", "0", "--num_samples", "1", "--amp", "bf16", cwd=tmp_path)
+    assert "note: --amp bf16 on a CPU without bf16 matrix hardware" in result.stdout
+    result = run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "pets_ema.pt", "--num_samples", "1",
+                        "--sampler", "ddim", "--steps", "2", "--amp", "bf16", cwd=tmp_path)
+    assert "--amp bf16: the network in bf16 autocast" in result.stdout and "note: --amp bf16" in result.stdout
+    result = run_script("sample.py", "--ckpt", tmp_path / "checkpoints" / "pets_ema.pt", "--num_samples", "1",
+                        "--sampler", "ddim", "--steps", "2", "--amp", "auto", cwd=tmp_path)
+    assert "--amp auto: fp32" in result.stdout and "note:" not in result.stdout
+
+
 def test_unconditional_grayscale_folder(tmp_path):
     folder = tmp_path / "digits"
     folder.mkdir()

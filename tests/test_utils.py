@@ -167,6 +167,18 @@ def test_resolve_amp_passes_explicit_settings_through_and_decides_auto_by_hardwa
     assert utils.resolve_amp("auto", torch.device("mps")) == "bf16"
 
 
+def test_emulated_bf16_note_only_for_bf16_asked_by_name_on_a_cpu_without_bf16_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: False)
+    note = utils.emulated_bf16_note("bf16", "bf16", cpu)
+    assert note.startswith("note: --amp bf16") and "emulated" in note and "--amp auto" in note
+    assert utils.emulated_bf16_note("auto", utils.resolve_amp("auto", cpu), cpu) is None  # auto picks fp32 there
+    assert utils.emulated_bf16_note("off", "off", cpu) is None
+    assert utils.emulated_bf16_note("bf16", "bf16", torch.device("cuda")) is None
+    monkeypatch.setattr(utils, "cpu_has_fast_bf16", lambda: True)
+    assert utils.emulated_bf16_note("bf16", "bf16", cpu) is None
+
+
 def test_stacked_rows_interleave_groups_and_pad_the_short_last_row_with_white():
     a = torch.full((3, 1, 2, 2), 10, dtype=torch.uint8)
     b = torch.full((3, 1, 2, 2), 20, dtype=torch.uint8)

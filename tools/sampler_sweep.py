@@ -30,8 +30,8 @@ from ddim import SPACINGS, ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import (UsageError, append_csv_rows, from_model_range, load_checkpoint, load_weights,  # noqa: E402
-                   pick_device, prepare_network, resolve_amp, save_grid, save_image)
+from utils import (UsageError, append_csv_rows, emulated_bf16_note, from_model_range, load_checkpoint,  # noqa: E402
+                   load_weights, pick_device, prepare_network, resolve_amp, save_grid, save_image)
 
 FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
 
@@ -199,6 +199,8 @@ def main(argv=None):
         raise UsageError(f"--steps {bad}: must be between 1 and the model's T = {diffusion.timesteps}")
     device = pick_device(args.device)
     amp = resolve_amp(args.amp, device)
+    if note := emulated_bf16_note(args.amp, amp, device):
+        print(note)
     model = build_model(state["model_config"])
     load_weights(model, state["ema"], args.ckpt)
     model = prepare_network(model, device, amp)  # as sample.py runs it: layout, autocast

@@ -41,8 +41,8 @@ from classifier import features_and_logits, feature_statistics, frechet_distance
 from ddpm import GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
 from sampler_sweep import check_classifier_fits, draw_samples  # noqa: E402
-from utils import (UsageError, append_csv_rows, fit_images, keep_freed_memory, load_checkpoint,  # noqa: E402
-                   load_weights, pick_device, prepare_network, resolve_amp, save_grid)
+from utils import (UsageError, append_csv_rows, emulated_bf16_note, fit_images, keep_freed_memory,  # noqa: E402
+                   load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp, save_grid)
 
 FIELDS = ["run", "minutes", "step", "num_samples", "sampler", "steps", "fd", "class_accuracy", "rarest_class",
           "sample_seconds", "source"]
@@ -137,6 +137,8 @@ def main(argv=None):
     keep_freed_memory()
     device = pick_device(args.device)
     amp = resolve_amp(args.amp, device)
+    if note := emulated_bf16_note(args.amp, amp, device):
+        print(note)
     sampler_name = args.sampler + (f" ({amp})" if amp != "off" else "")
     classifier, classifier_state = load_classifier(args.classifier)
     classifier = classifier.to(device)
