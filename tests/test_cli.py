@@ -90,8 +90,7 @@ def test_max_minutes_stops_the_run_and_saves_it(tmp_path, image_folder):
     full = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
     assert 1 <= full["step"] < 100 and full["train_seconds"] >= 0.006
     assert full["scheduler"]["_last_lr"][0] == pytest.approx(0.0, abs=1e-12)  # the cosine ran to its end with the clock
-    result = run_script("train.py", "--dataset_path", image_folder, "--max_minutes", "0", cwd=tmp_path, check=False,
-                        in_process=True)
+    result = run_script("train.py", "--dataset_path", image_folder, "--max_minutes", "0", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--max_minutes 0")
 
 
@@ -166,41 +165,41 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_before_exiting(tmp_path, image_fol
 # --- bad input: one clear line, never a traceback --------------------------------------------
 
 def test_missing_dataset_folder(tmp_path):
-    assert_one_line_error(run_script("train.py", "--dataset_path", "nowhere", cwd=tmp_path, check=False, in_process=True),
+    assert_one_line_error(run_script("train.py", "--dataset_path", "nowhere", cwd=tmp_path, check=False),
                           "--dataset_path nowhere", "no such folder")
 
 
 def test_empty_dataset_folder(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
-    assert_one_line_error(run_script("train.py", "--dataset_path", "empty", cwd=tmp_path, check=False, in_process=True),
+    assert_one_line_error(run_script("train.py", "--dataset_path", "empty", cwd=tmp_path, check=False),
                           "no image files found")
 
 
 def test_folder_with_no_readable_image(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"this is not a png")
-    result = run_script("train.py", "--dataset_path", "broken", cwd=tmp_path, check=False, in_process=True)
+    result = run_script("train.py", "--dataset_path", "broken", cwd=tmp_path, check=False)
     assert_one_line_error(result, "none of the 1 image files could be read", "tools/clean_dataset.py")
 
 
 def test_image_size_the_unet_cannot_halve(tmp_path, image_folder):
-    result = run_script("train.py", "--dataset_path", image_folder, "--image_size", "30", cwd=tmp_path, check=False, in_process=True)
+    result = run_script("train.py", "--dataset_path", image_folder, "--image_size", "30", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--image_size 30", "divisible by 4")
 
 
 def test_resume_without_a_checkpoint(tmp_path, image_folder):
-    result = run_script("train.py", "--dataset_path", image_folder, "--resume", cwd=tmp_path, check=False, in_process=True)
+    result = run_script("train.py", "--dataset_path", image_folder, "--resume", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--resume", "checkpoints/pets.pt")
 
 
 def test_bad_checkpoints(tmp_path, image_folder):
-    assert_one_line_error(run_script("sample.py", "--ckpt", "missing.pt", cwd=tmp_path, check=False, in_process=True),
+    assert_one_line_error(run_script("sample.py", "--ckpt", "missing.pt", cwd=tmp_path, check=False),
                           "--ckpt missing.pt", "no such file")
     (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
-    assert_one_line_error(run_script("sample.py", "--ckpt", "junk.pt", cwd=tmp_path, check=False, in_process=True),
+    assert_one_line_error(run_script("sample.py", "--ckpt", "junk.pt", cwd=tmp_path, check=False),
                           "not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    assert_one_line_error(run_script("sample.py", "--ckpt", "other.pt", cwd=tmp_path, check=False, in_process=True),
+    assert_one_line_error(run_script("sample.py", "--ckpt", "other.pt", cwd=tmp_path, check=False),
                           "lacks model_config")
     # A checkpoint whose weights do not match its own config (a key removed): strict loading refuses.
     run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1",
@@ -208,7 +207,7 @@ def test_bad_checkpoints(tmp_path, image_folder):
     state = torch.load(tmp_path / "checkpoints" / "pets_ema.pt", weights_only=True)
     del state["ema"]["output.2.bias"]
     torch.save(state, tmp_path / "edited.pt")
-    assert_one_line_error(run_script("sample.py", "--ckpt", "edited.pt", cwd=tmp_path, check=False, in_process=True),
+    assert_one_line_error(run_script("sample.py", "--ckpt", "edited.pt", cwd=tmp_path, check=False),
                           "do not match", "output.2.bias")
 
 
@@ -217,7 +216,7 @@ def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image
     step and the t values, and the checkpoint on disk is the last one written with finite weights."""
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "200",
                         "--lr", "1e30", "--grad_clip", "1e30", "--warmup_steps", "1", "--save_every", "1",
-                        "--sample_every", "0", cwd=tmp_path, check=False, in_process=True)
+                        "--sample_every", "0", cwd=tmp_path, check=False)
     assert_one_line_error(result, "not finite", "t of the non-finite images here: [", "5 steps in a row",
                           "nothing saved since checkpoints/pets.pt")
     assert result.stdout.count("step skipped, weights unchanged") == 4  # warned, then stopped at the 5th
@@ -230,7 +229,7 @@ def test_resume_after_the_dataset_changed_names_what_changed(tmp_path, image_fol
                "--sample_every", "0", cwd=tmp_path)
     make_image_folder(image_folder, classes=("bird",), per_class=2)  # a third class appears
     result = run_script("train.py", "--dataset_path", image_folder, "--resume", "--max_steps", "2",
-                        cwd=tmp_path, check=False, in_process=True)
+                        cwd=tmp_path, check=False)
     assert_one_line_error(result, "num_classes=2", "num_classes=3")
 
 
@@ -241,10 +240,9 @@ def test_train_reads_an_mnist_style_npz_file(tmp_path):
     np.savez(tmp_path / "tiny_mnist.npz", x_train=rng.integers(0, 256, (10, 28, 28), dtype=np.uint8),
              y_train=np.array([7, 5] * 5))
     result = run_script("train.py", "--dataset_path", "tiny_mnist.npz", *TINY_TRAIN_FLAGS, "--image_size", "32",
-                        "--max_steps", "1", "--sample_every", "0", cwd=tmp_path, in_process=True)
+                        "--max_steps", "1", "--sample_every", "0", cwd=tmp_path)
     assert "run tiny_mnist: 10 images (1-channel, 32x32), 2 classes, no flips" in result.stdout
     ema = torch.load(tmp_path / "checkpoints" / "tiny_mnist_ema.pt", weights_only=True)
     assert ema["class_names"] == ["5", "7"] and ema["model_config"]["in_channels"] == 1
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8), dtype=np.uint8))
-    assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False,
-                                     in_process=True), "--dataset_path bad.npz", "x_train and y_train")
+    assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False), "--dataset_path bad.npz", "x_train and y_train")

@@ -55,7 +55,7 @@ def test_class_choice_and_classifier_free_guidance(trained, tmp_path):
                "--num_samples", "2", "--steps", "3", "--out", tmp_path / "label.png", cwd=tmp_path)
     assert Image.open(tmp_path / "label.png").size == (2 + 2 * 10, 12)
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--class_name", "cow",
-                     cwd=tmp_path, check=False, in_process=True)
+                     cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--class_name cow", "valid names: cat, dog, fox")
 
 
@@ -66,9 +66,9 @@ def test_classifier_guidance_with_both_samplers(trained, tmp_path):
                             "--num_samples", "2", "--out", tmp_path / "cg.png", *sampler, cwd=tmp_path)
         assert "classifier guidance: scale 5" in result.stdout
         assert Image.open(tmp_path / "cg.png").size == (2 + 2 * 10, 2 + 3 * 10)
-    bad = run_script("sample.py", "--ckpt", clf, cwd=tmp_path, check=False, in_process=True)
+    bad = run_script("sample.py", "--ckpt", clf, cwd=tmp_path, check=False)
     assert_one_line_error(bad, "noisy classifier", "--classifier_ckpt")
-    bad = run_script("sample.py", "--ckpt", ckpt, "--classifier_ckpt", ckpt, cwd=tmp_path, check=False, in_process=True)
+    bad = run_script("sample.py", "--ckpt", ckpt, "--classifier_ckpt", ckpt, cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--classifier_ckpt", "not a classifier")
 
 
@@ -80,7 +80,7 @@ def test_cascade_base_then_super_resolution(trained, tmp_path):
     assert Image.open(tmp_path / "base.png").size == (2 + 2 * 10, 2 + 3 * 10)      # 8x8 base samples
     assert Image.open(tmp_path / "base_x2.png").size == (2 + 2 * 18, 2 + 3 * 18)   # 16x16 from the SR model
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--sr_ckpt",
-                     trained / "checkpoints" / "pets_ema.pt", cwd=tmp_path, check=False, in_process=True)
+                     trained / "checkpoints" / "pets_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--sr_ckpt", "not a super-resolution model")
 
 
@@ -99,7 +99,7 @@ def test_super_resolution_of_your_own_images(trained, tmp_path):
                         tmp_path / "big", "--steps", "4", "--out", tmp_path / "sr_big.png", cwd=tmp_path)
     assert "original at 16x16" in result.stdout and "PSNR against the originals: bicubic" in result.stdout
     assert Image.open(tmp_path / "sr_big.png").size == (2 + 3 * 18, 2 + 4 * 18)
-    bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False, in_process=True)
+    bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "needs input images", "--cond_images")
 
 
@@ -109,7 +109,7 @@ def test_upscaling_modes(trained, tmp_path):
                "--upscale_mode", "nearest", "--out", tmp_path / "g.png", cwd=tmp_path)
     assert Image.open(tmp_path / "g_x3.png").size == (2 + 1 * 26, 2 + 3 * 26)
     bad = run_script("sample.py", "--ckpt", ckpt, "--upscale_mode", "realesrgan", "--realesrgan_weights",
-                     tmp_path / "nope.pth", cwd=tmp_path, check=False, in_process=True)
+                     tmp_path / "nope.pth", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "nope.pth", "download RealESRGAN_x4plus.pth")
     assert not (tmp_path / "samples").exists()  # refused before any sampling
 
@@ -120,16 +120,16 @@ def test_guidance_needs_a_class_conditional_model(tmp_path):
     run_script("train.py", "--dataset_path", "faces", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0",
                cwd=tmp_path)
     bad = run_script("sample.py", "--ckpt", "checkpoints/faces_ema.pt", "--guidance_scale", "3", cwd=tmp_path,
-                     check=False, in_process=True)
+                     check=False)
     assert_one_line_error(bad, "--guidance_scale 3", "not class-conditional")
     bad = run_script("train.py", "--dataset_path", "faces", "--task", "classifier", *TINY_TRAIN_FLAGS, cwd=tmp_path,
-                     check=False, in_process=True)
+                     check=False)
     assert_one_line_error(bad, "--task classifier", "no classes")
     bad = run_script("train.py", "--dataset_path", "faces", "--task", "super_resolution", *TINY_TRAIN_FLAGS,
-                     cwd=tmp_path, check=False, in_process=True)
+                     cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--low_res")
     bad = run_script("train.py", "--dataset_path", "faces", "--sample_steps", "0", *TINY_TRAIN_FLAGS,
-                     cwd=tmp_path, check=False, in_process=True)
+                     cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--sample_steps 0")
 
 
@@ -150,7 +150,7 @@ def test_image_to_image_from_paired_folders(tmp_path):
                "--out", "out.png", cwd=tmp_path)
     assert Image.open(tmp_path / "out.png").size == (2 + 6 * 18, 2 + 2 * 18)    # 6 inputs above 6 outputs
     bad = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", *TINY_TRAIN_FLAGS,
-                     cwd=tmp_path, check=False, in_process=True)
+                     cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--cond_path")
 
 

@@ -60,7 +60,7 @@ def test_amp_samples_in_bf16_close_to_fp32_and_refuses_fp16_on_a_cpu(improved_ru
     assert grids["off"].shape == grids["bf16"].shape
     assert (grids["off"] - grids["bf16"]).abs().mean() < 8  # of 255: small rounding, not other images
     result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--amp", "fp16", "--device",
-                        "cpu", cwd=tmp_path, check=False, in_process=True)
+                        "cpu", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--amp fp16")
 
 
@@ -102,7 +102,7 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     loose.mkdir()
     Image.new("RGB", (16, 16)).save(loose / "x.png")
     result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--invert", loose / "x.png",
-                        cwd=tmp_path, check=False, in_process=True)
+                        cwd=tmp_path, check=False)
     assert_one_line_error(result, "--invert", "not one of its classes")
 
 
@@ -122,7 +122,7 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
         run_script("train.py", "--dataset_path", improved_run[1], *TINY_TRAIN_FLAGS, "--max_steps", "1",
                    "--sample_every", "0", cwd=tmp_path)
         ckpt = tmp_path / "checkpoints" / "pets_ema.pt"
-    result = run_script("sample.py", "--ckpt", ckpt, *flags, cwd=tmp_path, check=False, in_process=True)
+    result = run_script("sample.py", "--ckpt", ckpt, *flags, cwd=tmp_path, check=False)
     assert_one_line_error(result, *fragments)
 
 
@@ -133,5 +133,5 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
 ])
 def test_bad_training_combinations_are_one_line_errors(tmp_path, image_folder, flags, fragments):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, *flags, cwd=tmp_path,
-                        check=False, in_process=True)
+                        check=False)
     assert_one_line_error(result, *fragments)

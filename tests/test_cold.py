@@ -121,9 +121,9 @@ def test_train_and_sample_a_cold_model_end_to_end(tmp_path, image_folder):
     assert "6 network calls each, improved sampler" in sampled.stdout and (tmp_path / "cold.gif").is_file()
     assert (tmp_path / "samples" / "blurry_ema.png").is_file()
     run_script("sample.py", "--ckpt", "checkpoints/blurry_ema.pt", "--num_samples", "1", "--cold_sampler", "naive",
-               "--out", "naive.png", cwd=tmp_path, in_process=True)
+               "--out", "naive.png", cwd=tmp_path)
     restored = run_script("sample.py", "--ckpt", "checkpoints/blurry.pt", "--cold_restore", image_folder / "cat",
-                          "--cold_level", "4", "--num_samples", "3", cwd=tmp_path, in_process=True)
+                          "--cold_level", "4", "--num_samples", "3", cwd=tmp_path)
     assert "3 images degraded to level 4 of 6 and restored" in restored.stdout
 
     masked = run_script("train.py", "--dataset_path", image_folder, *common, "--degradation", "mask", "--run_name",

@@ -136,7 +136,7 @@ def tiny(tmp_path_factory):
     reference = make_image_folder(root / "pets", per_class=10)
     run_script("tools/classifier.py", "--train_path", reference, "--test_path", reference, "--out",
                root / "classifier.pt", "--image_size", "16", "--epochs", "1", "--batch_size", "8", "--device", "cpu",
-               cwd=root, in_process=True)
+               cwd=root)
     return root, reference, make_flat_folder(root / "samples", 12)
 
 
@@ -145,7 +145,7 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     args = ["--samples", samples, "--reference", reference, "--classifier", root / "classifier.pt",
             "--cache_dir", root / "cache", "--num_reference", "15", "--device", "cpu"]
     first = run_script("tools/evaluate.py", *args, "--json", root / "results.json", "--csv", root / "results.csv",
-                       cwd=root, in_process=True)
+                       cwd=root)
     assert "reference features cached in" in first.stdout and "from cache" not in first.stdout
     assert "12 samples" in first.stdout and "15 reference" in first.stdout and "| 12 | 15 |" in first.stdout
     with open(root / "results.json") as f:
@@ -160,7 +160,7 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     assert result["kid_features"] == "standardised" and "standardised features" in first.stdout
 
     second = run_script("tools/evaluate.py", *args, "--num_samples", "8", "--csv", root / "results.csv",
-                        cwd=root, in_process=True)
+                        cwd=root)
     assert f"reference features from cache {result['reference_cache']}" in second.stdout
     assert "8 samples" in second.stdout
     with open(root / "results.csv") as f:
@@ -168,7 +168,7 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     assert [(r["num_samples"], r["num_reference"]) for r in rows] == [("12", "15"), ("8", "15")]
     assert float(rows[0]["fd"]) == pytest.approx(result["fd"], rel=1e-4)
     third = run_script("tools/evaluate.py", *args, "--no_cache", "--kid_features", "raw", "--json",
-                       root / "raw.json", cwd=root, in_process=True)
+                       root / "raw.json", cwd=root)
     assert "cache" not in third.stdout and "raw features" in third.stdout
     with open(root / "raw.json") as f:
         raw = json.load(f)
@@ -177,8 +177,7 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     # A CSV written by another layout (an older version's) is refused rather than appended to misaligned.
     with open(root / "old.csv", "w") as f:
         f.write("samples,reference,fd\nx,y,1.0\n")
-    assert_one_line_error(run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False,
-                                     in_process=True), str(root / "old.csv"), "new file name")
+    assert_one_line_error(run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False), str(root / "old.csv"), "new file name")
 
 
 def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeypatch):
@@ -186,8 +185,7 @@ def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeyp
     classifier = root / "classifier.pt"
 
     def run(*args):
-        return run_script("tools/evaluate.py", *args, "--device", "cpu", "--no_cache", cwd=tmp_path, check=False,
-                          in_process=True)
+        return run_script("tools/evaluate.py", *args, "--device", "cpu", "--no_cache", cwd=tmp_path, check=False)
 
     assert_one_line_error(run("--samples", tmp_path / "nowhere", "--reference", reference, "--classifier",
                               classifier), "--samples", "no such folder")
@@ -268,7 +266,7 @@ def test_fid_inception_pools_like_the_tensorflow_graph_and_reads_pytorch_fid_wei
     result = run_script("tools/evaluate.py", "--samples", samples, "--reference", reference, "--features",
                         "inception", "--inception_weights", tmp_path / "pt_inception-2015-12-05-6726825d.pth",
                         "--num_reference", "10", "--no_cache", "--json", tmp_path / "r.json", "--device", "cpu",
-                        cwd=tmp_path, in_process=True)
+                        cwd=tmp_path)
     assert INCEPTION_NOTES["fid"] in result.stdout and "FID" in result.stdout
     with open(tmp_path / "r.json") as f:
         numbers = json.load(f)

@@ -133,7 +133,7 @@ def test_train_two_experts_and_sample_with_both(tmp_path, image_folder):
     assert "is an expert for t = 8..19 only" in alone.stdout
 
     def fails(*args, script="sample.py"):
-        return run_script(script, *args, cwd=tmp_path, check=False, in_process=True)
+        return run_script(script, *args, cwd=tmp_path, check=False)
     assert_one_line_error(fails("--ckpt", "checkpoints/low_ema.pt", "--ckpt", "checkpoints/base_ema.pt"), "overlaps")
     assert_one_line_error(fails("--ckpt", "checkpoints/low_ema.pt", "--ckpt", "checkpoints/low.pt"), "overlaps")
     assert_one_line_error(fails("--dataset_path", image_folder, *common, "--run_name", "x", "--init_from",

@@ -39,17 +39,17 @@ def test_schedule_curves_fall_and_the_linear_schedule_is_scaled_with_t():
 
 def test_figure_commands_write_their_pngs(tmp_path, monkeypatch):
     run_script("tools/figures.py", "schedules", "--timesteps", "50", "100", "--out", tmp_path / "s.png",
-               cwd=tmp_path, in_process=True)
+               cwd=tmp_path)
     assert Image.open(tmp_path / "s.png").size == (900, 350)
-    bad = run_script("tools/figures.py", "forward", "--t", "1000", cwd=tmp_path, check=False, in_process=True)
+    bad = run_script("tools/figures.py", "forward", "--t", "1000", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--t 1000", "0 .. T-1 = 999")
 
     # raw | EMA rows from two step-numbered checkpoints of a tiny run
     make_image_folder(tmp_path / "pets")
     run_script("train.py", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "2", "--save_every", "1",
-               "--keep_last", "2", "--sample_every", "0", cwd=tmp_path, in_process=True)
+               "--keep_last", "2", "--sample_every", "0", cwd=tmp_path)
     result = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_step0000002.pt",
                         "checkpoints/pets_step0000001.pt", "--num_samples", "2", "--sample_steps", "3",
-                        "--out", "t.png", cwd=tmp_path, in_process=True)
+                        "--out", "t.png", cwd=tmp_path)
     assert "steps [1, 2]" in result.stdout  # sorted by step
     assert Image.open(tmp_path / "t.png").size == (2 + 4 * 18, 2 + 2 * 18)  # 2 raw + 2 EMA per row, 2 rows

@@ -99,7 +99,7 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
     result = run_script("tools/evaluate.py", "--samples", saved, "--reference", folder, "--classifier",
                         root / "classifier.pt", "--device", "cpu", cwd=root)
     assert "KID" in result.stdout
-    result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False, in_process=True)
+    result = run_script("tools/sampler_sweep.py", *args[:-2], "--steps", "21", cwd=root, check=False)
     assert_one_line_error(result, "--steps [21]")
 
 
@@ -240,13 +240,12 @@ def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     # --amp bf16: our network under autocast, and the row says so; the floor and a peer's saved samples do not
     rows = time_to_quality.main(["--ckpt", str(ckpt), "--peer", f"noise={peer}", "--amp", "bf16", *map(str, args)])
     assert [r["sampler"] for r in rows] == ["ddim", "ddim (bf16)", "ddim"] and float(rows[1]["fd"]) >= -1e-6
-    result = run_script("tools/time_to_quality.py", "--peer", "noise", *args, cwd=root, check=False, in_process=True)
+    result = run_script("tools/time_to_quality.py", "--peer", "noise", *args, cwd=root, check=False)
     assert_one_line_error(result, "--peer noise: expected NAME=PATH")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     del state["train_seconds"]
     torch.save(state, root / "old_ema.pt")
-    result = run_script("tools/time_to_quality.py", "--ckpt", root / "old_ema.pt", *args, cwd=root, check=False,
-                        in_process=True)
+    result = run_script("tools/time_to_quality.py", "--ckpt", root / "old_ema.pt", *args, cwd=root, check=False)
     assert_one_line_error(result, "does not record its training time")
 
 
@@ -259,7 +258,7 @@ def test_nll_tool_reports_bits_per_dim(trained):
     assert 0 < bits < 20 and "over 3 images" in line
     assert "t=0: " in result.stdout and "prior L_T" in result.stdout
     result = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path",
-                        root / "checkpoints", cwd=root, check=False, in_process=True)
+                        root / "checkpoints", cwd=root, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
 
@@ -413,8 +412,7 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
             "--timesteps", "20", "--losses", "l2", "vlb_l2", "--schedules", "linear", "cosine", "--predictions", "eps",
             "v", "--max_steps", "2",
             "--num_samples", "4", "--sample_steps", "2", "--batch_size", "4", "--out_dir", out, "--device", "cpu"]
-    first = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path,
-                       in_process=True)
+    first = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path)
     assert "4 runs of 2 steps: T20_linear_l2, T20_cosine_l2, T20_linear_vlb_l2, T20_linear_l2_v" in first.stdout
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -431,22 +429,20 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
         assert float(r["fd"]) >= -1e-6 and r["num_samples"] == "4" and float(r["train_seconds"]) > 0
     assert (out / "results.png").is_file() and "| T20_linear_vlb_l2 | 20 | linear | vlb_l2 |" in first.stdout
 
-    again = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path,
-                       in_process=True)
+    again = run_script("tools/training_sweep.py", *args, "--", *train_flags, "--sample_every", "0", cwd=tmp_path)
     assert again.stdout.count("already trained (2 steps)") == 4 and "training for" not in again.stdout
     with open(out / "results.csv") as f:
         assert [r["fd"] for r in csv.DictReader(f)] == [r["fd"] for r in rows]  # same weights, same noise
 
     longer = [a if a != "2" or args[i - 1] != "--max_steps" else "3" for i, a in enumerate(args)]
     more = run_script("tools/training_sweep.py", *longer, "--losses", "l2", "--schedules", "linear", "--",
-                      *train_flags, "--sample_every", "0", cwd=tmp_path, in_process=True)
+                      *train_flags, "--sample_every", "0", cwd=tmp_path)
     assert "T20_linear_l2: training for 3 steps (resuming at step 2)" in more.stdout
     assert torch.load(out / "checkpoints" / "T20_linear_l2.pt", weights_only=True)["step"] == 3
 
-    clash = run_script("tools/training_sweep.py", *args, "--", "--loss", "l1", cwd=tmp_path, check=False,
-                       in_process=True)
+    clash = run_script("tools/training_sweep.py", *args, "--", "--loss", "l1", cwd=tmp_path, check=False)
     assert_one_line_error(clash, "--loss", "set by the sweep itself")
     broken = run_script("tools/training_sweep.py", *args, "--out_dir", tmp_path / "broken", "--",
-                        *train_flags, "--base_channels", "0", cwd=tmp_path, check=False, in_process=True)
+                        *train_flags, "--base_channels", "0", cwd=tmp_path, check=False)
     assert_one_line_error(broken, "run T20_linear_l2: train.py stopped", "--base_channels",
                           str(tmp_path / "broken" / "logs" / "T20_linear_l2.log"))

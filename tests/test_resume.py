@@ -194,7 +194,7 @@ def test_non_finite_losses_skip_the_step_then_stop_the_run_without_saving(tmp_pa
 def test_unwritable_checkpoint_folder_fails_at_start(tmp_path, image_folder):
     (tmp_path / "a_file").write_text("not a folder")
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS,
-                        "--checkpoint_dir", "a_file/checkpoints", cwd=tmp_path, check=False, in_process=True)
+                        "--checkpoint_dir", "a_file/checkpoints", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--checkpoint_dir a_file/checkpoints", "cannot write there")
 
 
@@ -221,7 +221,7 @@ def test_bf16_autocast_keeps_weights_ema_and_optimizer_state_in_fp32(tmp_path, m
 
 def test_fp16_without_cuda_is_a_one_line_error(tmp_path, image_folder):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--amp", "fp16",
-                        cwd=tmp_path, check=False, in_process=True)
+                        cwd=tmp_path, check=False)
     assert_one_line_error(result, "--amp fp16 needs a CUDA device", "--amp bf16 on cpu")
 
 

@@ -134,7 +134,7 @@ def test_the_sample_grid_adds_noise_independent_of_its_fixed_starting_noise(tmp_
     drawn, real_randn_like = [], torch.randn_like
     monkeypatch.setattr(torch, "randn_like", lambda x, **k: drawn.append(real_randn_like(x, **k)) or drawn[-1])
     run_script("train.py", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--dropout", "0", "--max_steps", "1",
-               "--sample_every", "1", "--seed", "3", cwd=tmp_path, in_process=True)
+               "--sample_every", "1", "--seed", "3", cwd=tmp_path)
     x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))   # the grid's fixed noise
     grid_noise = [z for z in drawn if z.shape == x_T.shape]
     assert len(grid_noise) >= 19                                                   # T = 20: a z per step but the last
