@@ -46,9 +46,9 @@ from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, check_keys, emulated_bf16_note, from_model_range, is_image_file,
-                   list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device, prepare_network,
-                   resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything, stacked_rows,
-                   to_model_range)
+                   list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device,
+                   prepare_network, resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything,
+                   stacked_rows, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)

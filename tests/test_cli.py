@@ -245,4 +245,5 @@ def test_train_reads_an_mnist_style_npz_file(tmp_path):
     ema = torch.load(tmp_path / "checkpoints" / "tiny_mnist_ema.pt", weights_only=True)
     assert ema["class_names"] == ["5", "7"] and ema["model_config"]["in_channels"] == 1
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8), dtype=np.uint8))
-    assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False), "--dataset_path bad.npz", "x_train and y_train")
+    assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False),
+                          "--dataset_path bad.npz", "x_train and y_train")

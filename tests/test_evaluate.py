@@ -177,7 +177,8 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     # A CSV written by another layout (an older version's) is refused rather than appended to misaligned.
     with open(root / "old.csv", "w") as f:
         f.write("samples,reference,fd\nx,y,1.0\n")
-    assert_one_line_error(run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False), str(root / "old.csv"), "new file name")
+    assert_one_line_error(run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False),
+                          str(root / "old.csv"), "new file name")
 
 
 def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeypatch):
