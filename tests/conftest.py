@@ -3,8 +3,10 @@ import contextlib
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -62,11 +64,12 @@ def run_script(script, *args, cwd, timeout=180, check=True, in_process=None):
     and importing torch anew, which made up most of the suite's time on a slow 2-core machine. The
     default (None) does so for every script but OWN_PROCESS_SCRIPTS; the scripts restore their signal
     handlers and change no global state but the random seeds. in_process=False forces a subprocess
-    (Ctrl-C, kill -9 and torchrun tests start their own with Popen)."""
+    (Ctrl-C, kill -9 and torchrun tests start their own with Popen). timeout holds either way: a
+    script still running after it fails the test instead of stalling the suite."""
     if in_process is None:
         in_process = script not in OWN_PROCESS_SCRIPTS
     if in_process:
-        return run_in_process(script, args, cwd, check)
+        return run_in_process(script, args, cwd, check, timeout)
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
     result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
@@ -75,9 +78,36 @@ def run_script(script, *args, cwd, timeout=180, check=True, in_process=None):
     return result
 
 
-def run_in_process(script, args, cwd, check):
+class ScriptTimeout(BaseException):
+    """Raised into an in-process script that has run past its timeout. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` in the script can swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Raise ScriptTimeout in this (main) thread after `seconds`, through a SIGALRM timer: the
+    in-process counterpart of subprocess.run's timeout. Python delivers it between bytecodes, so it
+    also stops a loop that never ends; only one stuck inside a single C call goes on. No limit where
+    there is no SIGALRM (Windows) or off the main thread."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise ScriptTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_in_process(script, args, cwd, check, timeout=180):
     argv, path, folder = sys.argv, list(sys.path), os.getcwd()
-    out, err, code = io.StringIO(), io.StringIO(), 0
+    out, err, code, timed_out = io.StringIO(), io.StringIO(), 0, False
     try:
         sys.argv = [str(ROOT / script), *map(str, args)]
         sys.path.insert(0, str((ROOT / script).parent))  # what `python script` puts first
@@ -85,13 +115,16 @@ def run_in_process(script, args, cwd, check):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                runpy.run_path(str(ROOT / script), run_name="__main__")
+                with time_limit(timeout):
+                    runpy.run_path(str(ROOT / script), run_name="__main__")
             except SystemExit as stop:  # what the interpreter would make of sys.exit(...)
                 if isinstance(stop.code, str):
                     print(stop.code, file=sys.stderr)
                     code = 1
                 else:
                     code = stop.code or 0
+            except ScriptTimeout:
+                timed_out = True
             except Exception:  # an uncaught exception: a traceback, as the interpreter prints it
                 traceback.print_exc(file=sys.stderr)
                 code = 1
@@ -99,6 +132,9 @@ def run_in_process(script, args, cwd, check):
         sys.argv = argv
         sys.path[:] = path  # also drops the repository root that each tool puts first
         os.chdir(folder)
+    if timed_out:  # as subprocess.run's TimeoutExpired: a failure whatever `check` says
+        raise AssertionError(f"{script} was still running after its {timeout} s timeout:\n"
+                             f"{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}")
     result = subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
     if check and code != 0:
         raise AssertionError(f"{script} failed ({code}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")

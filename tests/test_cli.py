@@ -247,3 +247,22 @@ def test_train_reads_an_mnist_style_npz_file(tmp_path):
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8), dtype=np.uint8))
     assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False),
                           "--dataset_path bad.npz", "x_train and y_train")
+
+
+def test_an_in_process_run_past_its_timeout_fails_instead_of_stalling_the_suite(tmp_path):
+    """The suite's own safety net (conftest.run_script): scripts run inside the test process, where
+    subprocess.run's timeout cannot reach; a SIGALRM timer stands in for it, and a script's
+    `except Exception` cannot swallow it. Afterwards nothing of it is left armed."""
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("no SIGALRM on this platform: in-process runs have no timeout here")
+    script = tmp_path / "stuck.py"
+    # 5 s of 10 ms naps, each guarded: with no timer, it ends by itself and the test fails below.
+    script.write_text("import time\nprint('started')\nfor _ in range(500):\n    try:\n        time.sleep(0.01)\n"
+                      "    except Exception:\n        pass\n")
+    started = time.perf_counter()
+    with pytest.raises(AssertionError, match=r"stuck.py was still running after its 0.5 s timeout:\nstarted"):
+        run_script(script, cwd=tmp_path, timeout=0.5, check=False)
+    assert time.perf_counter() - started < 4
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None)
+    assert os.getcwd() != str(tmp_path) and str(tmp_path) not in sys.path
