@@ -435,8 +435,11 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
         assert [r["fd"] for r in csv.DictReader(f)] == [r["fd"] for r in rows]  # same weights, same noise
 
     longer = [a if a != "2" or args[i - 1] != "--max_steps" else "3" for i, a in enumerate(args)]
-    more = run_script("tools/training_sweep.py", *longer, "--losses", "l2", "--schedules", "linear", "--",
-                      *train_flags, "--sample_every", "0", cwd=tmp_path)
+    # One configuration only (the last --losses / --schedules / --predictions given wins): each run is a
+    # train.py process of its own, several seconds of starting Python and importing torch here.
+    more = run_script("tools/training_sweep.py", *longer, "--losses", "l2", "--schedules", "linear",
+                      "--predictions", "eps", "--", *train_flags, "--sample_every", "0", cwd=tmp_path)
+    assert "1 run of 3 steps: T20_linear_l2\n" in more.stdout
     assert "T20_linear_l2: training for 3 steps (resuming at step 2)" in more.stdout
     assert torch.load(out / "checkpoints" / "T20_linear_l2.pt", weights_only=True)["step"] == 3
 

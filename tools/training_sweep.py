@@ -281,7 +281,8 @@ def main(argv=None):
     device = pick_device(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
     configs = configurations(args)
-    print(f"{len(configs)} runs of {args.max_steps} steps: {', '.join(run_name(*c) for c in configs)}")
+    print(f"{len(configs)} run{'' if len(configs) == 1 else 's'} of {args.max_steps} steps: "
+          f"{', '.join(run_name(*c) for c in configs)}")
     classifier, classifier_state = load_classifier(args.classifier)
     classifier = classifier.to(device)
 
