@@ -1,8 +1,8 @@
 """
-Tests for tools/resize_dataset.py and tools/clean_dataset.py.
+Tests for tools/resize_dataset.py, tools/clean_dataset.py and tools/export_dataset.py.
 
-The tools are run as real command-line programs (subprocess + sys.executable), on tiny
-images these tests draw themselves in tmp_path; no real dataset is ever touched.
+The tools are run through their command lines (run_tool), on tiny images these tests draw
+themselves in tmp_path; no real dataset is ever touched.
 Run with:  python -m pytest -q tests/test_tools.py
 """
 
@@ -10,6 +10,7 @@ import csv
 import io
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import run_script
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
 def run_tool(script, *args):
+    """The tool's command line, as a process of its own for the PIL-only tools (they start quickly, and
+    resize_dataset.py starts worker processes); export_dataset.py imports torch through utils.py, so
+    it runs inside the test process (conftest.run_script), without importing torch anew each time."""
+    if script == "export_dataset.py":
+        return run_script(f"tools/{script}", *args, cwd=tempfile.gettempdir(), timeout=60, check=False)
     return subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
                           capture_output=True, text=True, timeout=60)
 
