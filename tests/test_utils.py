@@ -1,4 +1,5 @@
 """Datasets, checkpoints and pictures: the plumbing must not lose data or hide bad input."""
+import mmap
 import os
 
 import pytest
@@ -107,9 +108,13 @@ def test_peak_memory_counts_from_the_last_reset():
     cpu = torch.device("cpu")
     reset_peak_memory(cpu)
     before = peak_memory_mb(cpu)
-    block = torch.ones(200 * 2**20 // 4)  # 200 MiB, touched
+    # 200 MiB of fresh pages straight from the OS, each touched: a tensor could reuse memory that
+    # earlier tests freed and glibc kept (utils.keep_freed_memory), which would not raise the peak.
+    block = mmap.mmap(-1, 200 * 2**20)
+    for offset in range(0, len(block), mmap.PAGESIZE):
+        block[offset] = 1
     assert peak_memory_mb(cpu) >= before + 190
-    del block
+    block.close()  # handed back to the OS at once
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < before + 100  # the freed block no longer counts
 
