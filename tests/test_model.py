@@ -154,16 +154,31 @@ def test_gradient_checkpointing_recomputes_each_block_in_the_backward_pass_and_n
 def test_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it_by_1_over_1_minus_p():
     torch.manual_seed(0)
     dropout, x = Dropout(0.1).train(), torch.rand(64, 32, 16, 16) + 0.5  # no zeros before the mask
+    assert dropout.threshold == 3277 and abs(dropout.scale * 0.9 - 1) < 1e-5  # p to within 2^-16
     out = dropout(x)
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.9) < 0.003                  # 524,288 draws: 0.0004 std
-    assert torch.allclose(out[kept], x[kept] / 0.9)                        # inverted dropout's scale
+    assert torch.allclose(out[kept], x[kept] * dropout.scale)              # inverted dropout's scale
     assert abs(out.mean().item() / x.mean().item() - 1) < 0.005            # the expectation is unchanged
     x = x.clone().requires_grad_(True)
     torch.manual_seed(1)
     out = dropout(x)
     out.sum().backward()
-    assert torch.equal(x.grad, (out != 0).float() / 0.9)                  # d out / d x: the same mask, scaled
+    assert torch.equal(x.grad, (out != 0).float() * dropout.scale)        # d out / d x: the same mask, scaled
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropouts_cpu_mask_is_uniform_in_each_quarter_of_a_64_bit_draw(p):
+    """model.random_15_bit_integers_like cuts each int64 draw into four 15-bit integers: every quarter
+    (elements 4k, 4k + 1, 4k + 2, 4k + 3 of the memory order) must keep with probability 1 - p, the last
+    one too, whose top bit is always 0; and two neighbouring quarters must be independent."""
+    torch.manual_seed(0)
+    keep = Dropout(p).train()(torch.ones(2**20)) != 0                      # [2^20], 262,144 per quarter
+    quarters = keep.view(-1, 4).float()
+    for quarter in range(4):
+        assert abs(quarters[:, quarter].mean().item() - (1 - p)) < 0.005, quarter   # std <= 0.001
+    both = (quarters[:, 2] * quarters[:, 3]).mean().item()
+    assert abs(both - (1 - p) ** 2) < 0.005
 
 
 def test_dropout_is_the_identity_in_eval_mode_and_at_p_0_and_keeps_dtype_and_layout():
