@@ -92,9 +92,9 @@ class Dropout(nn.Module):
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
             keep = random_15_bit_integers_like(x) >= self.threshold       # P(keep) = 1 - threshold / 2^15
-        else:  # GPUs draw floats in parallel and fast; threshold / 2^15 is exact in float32
+        else:  # GPUs and torch.compile draw floats in parallel and fast; threshold / 2^15 is exact in float32
             keep = torch.rand_like(x, dtype=torch.float32) >= self.threshold / 2**15
         return x * (keep * self.scale).to(x.dtype)      # backward: the same mask times the scale
 

@@ -181,6 +181,24 @@ def test_dropouts_cpu_mask_is_uniform_in_each_quarter_of_a_64_bit_draw(p):
     assert abs(both - (1 - p) ** 2) < 0.005
 
 
+def test_dropout_under_torch_compile_draws_floats_with_the_same_rounded_p(monkeypatch):
+    """Inside torch.compile (which failed on the 64-bit draws' dtype view with dynamic shapes, and has
+    fast random numbers of its own) the CPU mask comes from rand_like, compared with the same rounded p."""
+    import model
+
+    def not_here(x):
+        raise AssertionError("the 15-bit integers are for eager CPU runs only")
+
+    monkeypatch.setattr(model, "random_15_bit_integers_like", not_here)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    dropout, x = Dropout(0.1).train(), torch.rand(2**18) + 0.5
+    out = dropout(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - (1 - 3277 / 2**15)) < 0.003
+    assert torch.allclose(out[kept], x[kept] * dropout.scale)
+
+
 def test_dropout_is_the_identity_in_eval_mode_and_at_p_0_and_keeps_dtype_and_layout():
     x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
     assert Dropout(0.5).eval()(x) is x and Dropout(0.0).train()(x) is x
