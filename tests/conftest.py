@@ -105,7 +105,7 @@ def time_limit(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_in_process(script, args, cwd, check, timeout=180):
+def run_in_process(script, args, cwd, check, timeout):
     argv, path, folder = sys.argv, list(sys.path), os.getcwd()
     out, err, code, timed_out = io.StringIO(), io.StringIO(), 0, False
     try:
