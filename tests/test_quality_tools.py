@@ -371,6 +371,59 @@ def test_benchmark_vs_peers_passes_our_contenders_and_compares_each_with_the_fas
                           "peers.py failed (exit code 3)")
 
 
+# Three runs of a machine whose speed drifts (every model x machine[run]) while our model's own speed
+# changes too: ratios to the fastest peer are 3.0, 1.5 and 2.5 within the runs, median 2.5; the ratio of
+# the medians (ours 60 img/s, diffusers 20) would say 3.0. The second run also loses a model to an error.
+FAKE_DRIFTING_PEERS_PY = """
+import json, os, sys
+args = sys.argv[1:]
+run = len(os.listdir("runs")) if os.path.isdir("runs") else 0
+os.makedirs(f"runs/{run}")
+machine, ours = [1.0, 4.0, 0.5][run], [60.0, 30.0, 50.0][run]
+print(json.dumps(dict(kind="meta", cpu="test CPU", versions=dict(torch="x"), alloc="default", batch=64, res=32)))
+speeds = {"lucid-d32-122": 10.0, "diffusers-32-64-64": 20.0, "ours-fp32": ours}
+for name, speed in speeds.items():
+    print(json.dumps(dict(kind="peer", name=name, params=10**6, train_img_s=speed * machine,
+                          train_gflops_3x=speed, sample_evals_s=speed * machine / 10, peak_rss_train_mb=1024.0 * (run + 1))))
+if run == 1:
+    print(json.dumps(dict(kind="error", name="ours-medium-fp32", error="Traceback ...\\nTimeoutExpired: 600 s")))
+"""
+
+
+def test_benchmark_vs_peers_repeats_reports_the_median_of_ratios_taken_within_each_run(tmp_path):
+    """--vs-peers --repeats n: n bench runs, each with its own table; then each model's median over the runs,
+    where a ratio to the fastest peer is taken within its run first (the machine drifts between runs) and
+    an even count averages the middle two. A model that failed in a run is named, not a traceback."""
+    import json
+    sys.path.insert(0, str(ROOT / "tools"))
+    from benchmark import median_over_runs
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "peers.py").write_text(FAKE_DRIFTING_PEERS_PY)
+    common = ["--vs-peers", "--bench_dir", bench, "--bench_python", sys.executable, "--sizes", "small",
+              "--precisions", "fp32"]
+    result = run_script("tools/benchmark.py", *common, "--repeats", "3", "--json", tmp_path / "vs.json", cwd=tmp_path)
+    assert [line for line in result.stdout.splitlines() if line.startswith("run ")] == [
+        "run 1 of 3", "run 2 of 3", "run 3 of 3"]
+    assert "ours-medium-fp32: failed in peers.py, left out of the table: TimeoutExpired: 600 s" in result.stdout
+    with open(tmp_path / "vs.json") as f:
+        saved = json.load(f)
+    assert saved["repeats"] == 3 and len(saved["runs"]) == 3
+    assert [r["name"] for r in saved["runs"][1]["failed"]] == ["ours-medium-fp32"]
+    median = {r["name"]: r for r in saved["median"]}
+    assert set(median) == {"lucid-d32-122", "diffusers-32-64-64", "ours-fp32"}
+    ours = median["ours-fp32"]
+    assert ours["runs"] == 3 and ours["train_img_s"] == pytest.approx(60.0)  # of 60, 120 and 25
+    assert ours["train_vs_best_peer"] == pytest.approx(2.5)  # of 3.0, 1.5, 2.5: not 60 / 20
+    assert ours["train_vs_best_peer_range"] == pytest.approx([1.5, 3.0])
+    assert ours["sample_vs_best_peer"] == pytest.approx(2.5) and ours["peak_rss_train_mb"] == pytest.approx(2048.0)
+    assert "| ours-fp32 | small | fp32 | 1.00 M | 60.0 | 2.50x (1.50-3.00) |" in result.stdout
+    even = median_over_runs(saved["runs"][:2])  # ratios 3.0 and 1.5
+    assert next(r for r in even if r["name"] == "ours-fp32")["train_vs_best_peer"] == pytest.approx(2.25)
+    assert_one_line_error(run_script("tools/benchmark.py", *common, "--repeats", "0", cwd=tmp_path, check=False),
+                          "--repeats 0")
+
+
 def test_peer_contenders_are_the_networks_train_py_runs_in_the_layout_it_picks():
     """tools/peer_contender.py: fp32 builders lay the default network out in channels_last (train.py's
     choice for fp32 on a CPU) and take the bench's NCHW images; bf16 builders keep NCHW under autocast."""

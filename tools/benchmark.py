@@ -22,7 +22,13 @@ autocast, beside lucidrains' and diffusers' UNets of the same sizes, in one run 
 table: images/s and the ratio to the fastest peer of the same size, GFLOP/s against this machine's
 measured peak in that precision (the fp32 and bf16 3x3-convolution and matmul peaks, machine_peak
 below), sampling network evaluations/s and peak resident memory. It needs the bench's virtual
-environment (bash ../shared/bench/setup.sh).
+environment (bash ../shared/bench/setup.sh). The bench times each network for a few steps, and a shared
+machine's speed drifts between runs, so one run's ratios can be off by a third:
+
+    python tools/benchmark.py --vs-peers --sizes small --repeats 5 --json vs_peers_x5.json
+
+runs it 5 times, a table each, then one table of each model's median and range over the runs, its
+ratios to the fastest peer taken within each run (where peers and ours met the same machine speed).
 
     python tools/benchmark.py --vs-lucidrains --base_channels 128 --channel_mults 1 2 2 2 \
         --attention_resolutions 16 --batch_size 128 --train_steps 50 --samplers ddpm ddim --steps 50 \
@@ -122,6 +128,9 @@ def parse_args(argv=None):
     peers.add_argument("--alloc", default="default", choices=("default", "jemalloc", "glibc-tuned"),
                        help="the bench's allocator setting for every model, peers included")
     peers.add_argument("--threads", type=int, default=2)
+    peers.add_argument("--repeats", type=int, default=1,
+                       help="run the bench this many times and end with each model's median (ratios to the fastest "
+                            "peer taken within each run); --json then holds every run and the medians")
     gpu = p.add_argument_group("--vs-lucidrains: our network against lucidrains' Unet on this device (a GPU)")
     gpu.add_argument("--vs-lucidrains", dest="vs_lucidrains", action="store_true",
                      help="time our network (the flags above) and lucidrains' Unet(dim=--lucid_dim, "
@@ -168,18 +177,40 @@ def machine_peak(dtype, threads, reps=7):
 
 
 def vs_peers(args):
-    """The side-by-side table: ../shared/bench/peers.py with our contenders, then our summary of it."""
+    """The side-by-side table: ../shared/bench/peers.py with our contenders, then our summary of it;
+    with --repeats n, n such runs and then each model's median across them."""
     bench = os.path.abspath(args.bench_dir)
     if not os.path.isfile(os.path.join(bench, "peers.py")):
         raise UsageError(f"--bench_dir {args.bench_dir}: no peers.py there; point it at ../shared/bench")
     if not os.path.isfile(args.bench_python):
         raise UsageError(f"--bench_python {args.bench_python}: not found; make the bench's environment with "
                          f"bash {os.path.join(bench, 'setup.sh')}, or pass its python")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats}: give 1 or more runs")
     fast_bf16 = cpu_has_fast_bf16()
     precisions = args.precisions or (["fp32", "bf16"] if fast_bf16 else ["fp32"])
     if args.precisions is None and "bf16" not in precisions:
         print("this CPU has no bf16 hardware (AMX or AVX-512 BF16): timing fp32 only (--precisions fp32 bf16 "
               "adds the emulated bf16 rows)")
+    runs = []
+    for run in range(args.repeats):
+        if args.repeats > 1:
+            print(f"\nrun {run + 1} of {args.repeats}")
+        runs.append(one_peers_run(args, bench, precisions, fast_bf16))
+        if args.json and args.repeats > 1:  # after every run, so a stopped series keeps what it measured
+            write_json(args.json, dict(repeats=args.repeats, runs=runs, median=median_over_runs(runs)))
+    result = runs[0] if args.repeats == 1 else dict(repeats=args.repeats, runs=runs, median=median_over_runs(runs))
+    if args.repeats > 1:
+        print_median_table(result["median"], len(runs))
+    if args.json:
+        write_json(args.json, result)
+        print(f"results: {args.json}")
+    return result
+
+
+def one_peers_run(args, bench, precisions, fast_bf16):
+    """One run of peers.py (every model in its own process, one after another), this CPU's peak in each
+    precision right after it (the machine's speed drifts), and the table of that run."""
     contender_file = os.path.join(ROOT, "tools", "peer_contender.py")
     peers, contenders = [], []
     for size in args.sizes:
@@ -202,8 +233,12 @@ def vs_peers(args):
     peaks = {name: machine_peak(dtype, args.threads) for name, dtype in (("fp32", torch.float32),
                                                                           ("bf16", torch.bfloat16)) if name in precisions}
     models = [r for r in rows if r.get("kind") == "peer"]
+    failed = [r for r in rows if r.get("kind") == "error"]  # e.g. a model past the bench's time limit
     result = dict(meta=meta, peers_peak_fp32=fp32_bench_peak, bf16_hardware=fast_bf16,
-                  peaks={k: dict(best=v[0], **v[1]) for k, v in peaks.items()}, models=models)
+                  peaks={k: dict(best=v[0], **v[1]) for k, v in peaks.items()}, models=models, failed=failed)
+    for r in failed:
+        message = ((r.get("error") or "").strip().splitlines() or ["no message"])[-1]
+        print(f"{r['name']}: failed in peers.py, left out of the table: {message}")
     print(f"\n{meta['cpu']}, {args.threads} threads, torch {meta['versions'].get('torch')}, allocator "
           f"{meta['alloc']}, batch {meta['batch']}, {meta['res']}x{meta['res']}x{args.channels}; peak GFLOP/s: "
           + ", ".join(f"{name} {best:.0f}" for name, (best, _) in peaks.items())
@@ -225,10 +260,46 @@ def vs_peers(args):
             print(f"| {r['name']} | {size} | {precision} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
                   f"{r['train_vs_best_peer']:.2f}x | {r['train_gflops_3x']:.0f} | {100 * r['fraction_of_peak']:.0f}% | "
                   f"{r['sample_evals_s']:.2f} | {r['sample_vs_best_peer']:.2f}x | {r['peak_rss_train_mb'] / 1024:.1f} GB |")
-    if args.json:
-        write_json(args.json, result)
-        print(f"results: {args.json}")
     return result
+
+
+# What --repeats summarises for each model: the median across runs, and the range (lowest, highest).
+MEDIAN_KEYS = ("train_img_s", "train_vs_best_peer", "fraction_of_peak", "sample_evals_s", "sample_vs_best_peer",
+               "peak_rss_train_mb")
+
+
+def median_over_runs(runs):
+    """Each model's median and range of MEDIAN_KEYS over the runs it appears in. Ratios to the fastest peer
+    are taken within each run first (peers and ours timed minutes apart on the same machine), then their
+    median: a ratio of medians would mix runs made at different speeds of the machine."""
+    by_name = {}
+    for run in runs:
+        for r in run["models"]:
+            by_name.setdefault(r["name"], []).append(r)
+    summary = []
+    for name, rows in by_name.items():
+        entry = dict(name=name, size=rows[0]["size"], precision=rows[0]["precision"], params=rows[0]["params"],
+                     runs=len(rows))
+        for key in MEDIAN_KEYS:
+            values = sorted(r[key] for r in rows)
+            middle = len(values) // 2
+            entry[key] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+            entry[key + "_range"] = [values[0], values[-1]]
+        summary.append(entry)
+    return summary
+
+
+def print_median_table(summary, n):
+    """The --repeats table: each model's median over the n runs, with the lowest and highest ratio."""
+    print(f"\nmedian of {n} runs (lowest-highest):\n")
+    print("| model | size | precision | params | train img/s | vs fastest peer | % of peak | sampling evals/s "
+          "(batch 64) | vs fastest peer | peak RSS in training |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in summary:
+        spread = (lambda key: f"{r[key]:.2f}x ({r[key + '_range'][0]:.2f}-{r[key + '_range'][1]:.2f})")
+        print(f"| {r['name']} | {r['size']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
+              f"{spread('train_vs_best_peer')} | {100 * r['fraction_of_peak']:.0f}% | {r['sample_evals_s']:.2f} | "
+              f"{spread('sample_vs_best_peer')} | {r['peak_rss_train_mb'] / 1024:.1f} GB |")
 
 
 def vs_lucidrains(args):
