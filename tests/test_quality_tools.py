@@ -381,7 +381,7 @@ run = len(os.listdir("runs")) if os.path.isdir("runs") else 0
 os.makedirs(f"runs/{run}")
 machine, ours = [1.0, 4.0, 0.5][run], [60.0, 30.0, 50.0][run]
 print(json.dumps(dict(kind="meta", cpu="test CPU", versions=dict(torch="x"), alloc="default", batch=64, res=32)))
-speeds = {"lucid-d32-122": 10.0, "diffusers-32-64-64": 20.0, "ours-fp32": ours}
+speeds = {"ours-fp32": ours, "lucid-d32-122": 10.0, "diffusers-32-64-64": 20.0}  # the tables put peers first
 for name, speed in speeds.items():
     print(json.dumps(dict(kind="peer", name=name, params=10**6, train_img_s=speed * machine,
                           train_gflops_3x=speed, sample_evals_s=speed * machine / 10, peak_rss_train_mb=1024.0 * (run + 1))))
@@ -410,8 +410,8 @@ def test_benchmark_vs_peers_repeats_reports_the_median_of_ratios_taken_within_ea
         saved = json.load(f)
     assert saved["repeats"] == 3 and len(saved["runs"]) == 3
     assert [r["name"] for r in saved["runs"][1]["failed"]] == ["ours-medium-fp32"]
+    assert [r["name"] for r in saved["median"]] == ["lucid-d32-122", "diffusers-32-64-64", "ours-fp32"]
     median = {r["name"]: r for r in saved["median"]}
-    assert set(median) == {"lucid-d32-122", "diffusers-32-64-64", "ours-fp32"}
     ours = median["ours-fp32"]
     assert ours["runs"] == 3 and ours["train_img_s"] == pytest.approx(60.0)  # of 60, 120 and 25
     assert ours["train_vs_best_peer"] == pytest.approx(2.5)  # of 3.0, 1.5, 2.5: not 60 / 20

@@ -247,6 +247,7 @@ def one_peers_run(args, bench, precisions, fast_bf16):
     print("| model | size | precision | params | train img/s | vs fastest peer | train GFLOP/s | % of peak | "
           "sampling evals/s (batch 64) | vs fastest peer | peak RSS in training |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
+    shown = []  # the models in the table's order: by size, peers first
     for size in args.sizes:
         mine = [r for r in models if r["name"].startswith("ours") and ("medium" in r["name"]) == (size == "medium")]
         theirs = [r for r in models if r["name"] in PEERS[size]]
@@ -260,6 +261,8 @@ def one_peers_run(args, bench, precisions, fast_bf16):
             print(f"| {r['name']} | {size} | {precision} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
                   f"{r['train_vs_best_peer']:.2f}x | {r['train_gflops_3x']:.0f} | {100 * r['fraction_of_peak']:.0f}% | "
                   f"{r['sample_evals_s']:.2f} | {r['sample_vs_best_peer']:.2f}x | {r['peak_rss_train_mb'] / 1024:.1f} GB |")
+            shown.append(r)
+    result["models"] = shown
     return result
 
 
