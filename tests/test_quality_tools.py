@@ -502,3 +502,52 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
                         *train_flags, "--base_channels", "0", cwd=tmp_path, check=False)
     assert_one_line_error(broken, "run T20_linear_l2: train.py stopped", "--base_channels",
                           str(tmp_path / "broken" / "logs" / "T20_linear_l2.log"))
+
+
+def test_training_sweep_stops_its_train_py_when_something_else_stops_the_sweep(tmp_path, monkeypatch):
+    """A run's train.py is a process of its own. Ctrl-C reaches both (train.py saves; the sweep waits
+    for it); anything else that stops the sweep while it waits, a time limit's signal or a SIGTERM to
+    the sweep alone, must stop train.py too: SIGTERM, which train.py takes as Ctrl-C (save, then exit), and SIGKILL only for a
+    process that has not stopped after the grace period. A stand-in sleeps in train.py's place."""
+    import argparse
+    import os
+    import signal
+    import subprocess
+    import threading
+    from conftest import ScriptTimeout, time_limit
+    sys.path.insert(0, str(ROOT / "tools"))
+    import training_sweep
+    started, real_popen = [], subprocess.Popen
+
+    def sleeper(command, **kwargs):  # what train() runs instead of train.py
+        started.append(real_popen([sys.executable, "-c", "import time; time.sleep(60)"], **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(training_sweep.subprocess, "Popen", sleeper)
+    args = argparse.Namespace(out_dir=str(tmp_path), dataset_path="d", max_steps=2, seed=0, device="cpu",
+                              train_args=[])
+    with pytest.raises(ScriptTimeout), time_limit(1.0):
+        training_sweep.train(args, "run", 20, "linear", "l2", "eps", 0.0)
+    assert started[0].returncode == -signal.SIGTERM  # stopped, and waited for: no orphan left training
+    assert (tmp_path / "logs" / "run.json").is_file()  # its time so far is kept for the table
+
+    # SIGTERM to the sweep alone (`kill`, `timeout`): the same, through the sweep's handler while it waits.
+    def not_handled(signum, frame):  # stands in for the default (death of the test process) if it did not
+        raise AssertionError("SIGTERM reached the test's handler, not the sweep's")
+
+    outer = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        with pytest.raises(SystemExit, match="terminated: run the same command again"):
+            training_sweep.train(args, "run", 20, "linear", "l2", "eps", 0.0)
+        timer.join()
+        assert started[1].returncode == -signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # the handler is the sweep's only while it waits
+    finally:
+        signal.signal(signal.SIGTERM, outer)
+
+    deaf = real_popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                       "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert deaf.stdout.readline() == "ready\n"  # SIGTERM is ignored from here on
+    assert training_sweep.stop_and_wait(deaf, seconds=0.5) == -signal.SIGKILL

@@ -39,8 +39,10 @@ import csv
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -183,6 +185,10 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
     print(f"{name}: training for {args.max_steps} steps" + (f" (resuming at step {step})" if step else "")
           + f"; log: {log_path}", flush=True)
     started = time.perf_counter()
+    # A SIGTERM to the sweep alone (`kill`, `timeout`) would end it at once and leave train.py training
+    # with no one waiting for it; while train.py runs, it stops the sweep through the branch below instead.
+    handles_sigterm = on_main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, stop_sweep) if handles_sigterm else None
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -192,7 +198,15 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
             # (subprocess.run would kill it after a quarter of a second).
             process.wait()
             raise
+        except BaseException:
+            # Anything else that stops the sweep here (SIGTERM, a time limit's signal) did not reach
+            # train.py: ask it to save and stop (SIGTERM, which it takes as Ctrl-C) rather than leave it
+            # training on its own; kill it only if it has not stopped within a minute.
+            stop_and_wait(process, seconds=60)
+            raise
         finally:
+            if handles_sigterm:  # None: a handler set outside Python, which we cannot put back; the default
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
             record["train_seconds"] += time.perf_counter() - started
             with open(record_path, "w") as f:
                 json.dump(record, f)
@@ -202,6 +216,26 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
         reason = last[-1] if last else f"exit status {returncode}"
         raise UsageError(f"run {name}: train.py stopped: {reason} (whole log: {log_path})")
     return record["train_seconds"]
+
+
+def on_main_thread():
+    return threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+
+
+def stop_sweep(signum, frame):
+    """SIGTERM while train.py runs: stop the sweep as an exception, so train() can stop train.py first."""
+    raise SystemExit("terminated: run the same command again to continue (finished runs are kept; train.py "
+                     "saved the run it was in)")
+
+
+def stop_and_wait(process, seconds):
+    """SIGTERM, then SIGKILL if the process is still running after `seconds`; returns its exit code."""
+    process.terminate()
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def final_loss(args, name):
