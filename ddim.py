@@ -62,6 +62,14 @@ def ddim_sigma(alpha_bar_t, alpha_bar_prev, eta):
     return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
 
 
+def check_eta(eta):
+    """eta runs from 0 (deterministic DDIM) to 1 (DDPM's posterior variance, eq. 16). Above 1, sigma_t^2
+    can pass 1 - alpha_bar_prev (S = 50 of T = 1000, linear: from eta = 1.008, on the step into tau_0),
+    and eq. 12's "direction pointing to x_t", sqrt(1 - alpha_bar_prev - sigma_t^2), has no real value."""
+    if not 0 <= eta <= 1:
+        raise UsageError(f"--eta {eta:g}: must be between 0 (deterministic DDIM) and 1 (DDPM's variance, eq. 16)")
+
+
 @torch.no_grad()
 def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=True, noise=None, cond_fn=None):
     """One DDIM update from step t to step t_prev < t (python ints; t_prev = -1 means "to x_0"):
@@ -84,12 +92,15 @@ def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=Tru
         # ADM eq. 14: eps^ = eps_theta(x_t) - sqrt(1 - alpha_bar_t) grad log p_phi(y | x_t) (s inside cond_fn)
         eps = eps - (1 - alpha_bar_t).sqrt() * cond_fn(x, diffusion.timestep_map[t_batch], y)
         pred_x0 = diffusion.predict_x0_from_eps(x, t_batch, eps)                      # DDPM eq. 15
-        if clip_denoised:  # keep the pair consistent, as GaussianDiffusion.predictions does
+        if clip_denoised:  # keep the pair consistent, as GaussianDiffusion.predictions does. ADM Alg. 2 does
+            # not clip here; doing so keeps x^_0 in range as unguided steps do, and can trim a strong
+            # guidance (a large --classifier_scale) at high noise.
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
             eps = diffusion.predict_eps_from_x0(x, t_batch, pred_x0)
     alpha_bar_prev = diffusion.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(alpha_bar_t)
     sigma = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)                                # eq. 16
-    # eq. 12, first two terms: "predicted x_0" + "direction pointing to x_t" (clamp: rounding at eta = 1)
+    # eq. 12, first two terms: "predicted x_0" + "direction pointing to x_t" (clamp: float rounding only;
+    # for 0 <= eta <= 1, check_eta, 1 - alpha_bar_prev - sigma^2 >= 0 exactly)
     x_prev = alpha_bar_prev.sqrt() * pred_x0 + (1 - alpha_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
     if eta > 0 and t_prev >= 0:
         x_prev = x_prev + sigma * (torch.randn_like(x) if noise is None else noise)   # eq. 12, "random noise"
@@ -103,6 +114,7 @@ def ddim_sample(diffusion, model, shape, steps=50, eta=0.0, spacing="uniform", y
     tau_{S-1} down to tau_0 and on to x_0. Calls the network exactly S times. Arguments and return
     value as GaussianDiffusion.sample (trajectory entries are (tau_i, x after that step, x^_0)); cond_fn
     adds classifier guidance (ddim_step)."""
+    check_eta(eta)
     device = diffusion.betas.device
     tau = ddim_timesteps(diffusion.timesteps, steps, spacing).tolist()
     x = noise.to(device) if noise is not None else torch.randn(shape, device=device)
@@ -122,7 +134,7 @@ def ddim_invert(diffusion, model, x0, steps=50, spacing="uniform", y=None, progr
     sigma = 0 run forwards in t ("Equation 12 reversed" in Improved DDPM's code). The ODE view: at each
     step the network's eps^ at the current point gives x^_0, and the point is moved to the next noise
     level along the same line, x_next = sqrt(alpha_bar_next) x^_0 + sqrt(1 - alpha_bar_next) eps^.
-    The image is taken as x at tau_0 (alpha_bar_0 is within 1e-4 of 1 for the usual schedules).
+    The image is taken as x at tau_0 (1 - alpha_bar_0 is 1e-4 at T = 1000 and 1e-3 at T = 100, linear).
     No clipping, which would break invertibility. S - 1 network calls; returns x_T [B x C x H x W]."""
     tau = ddim_timesteps(diffusion.timesteps, steps, spacing).tolist()
     x = x0

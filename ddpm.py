@@ -316,7 +316,9 @@ class GaussianDiffusion:
             variance = log_variance.exp()
         elif self.variance == "posterior":
             variance, log_variance = posterior_variance, posterior_log_variance
-        else:
+        else:  # at t = 0 this is beta_0 itself; Ho et al.'s code puts the next step's beta~ there (its
+            # posterior_variance[1]), which changes only the decoder term of the bound (nll_bits_per_dim),
+            # not sampling (no noise is added at t = 0)
             variance = extract(self.betas, t, xt.ndim)
             log_variance = variance.log()
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, eps=eps)
@@ -390,11 +392,11 @@ class GaussianDiffusion:
             3: z ~ N(0, I) if t > 1, else z = 0          (code: t > 0)
             4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
         cond_fn(x_t, t, y) -> s * grad log p(y | x_t) turns this into classifier guidance (guidance.py;
-        Dhariwal & Nichol 2021, Algorithm 1 line 4, eq. 10): the mean moves to mu + Sigma * s * grad.
+        Dhariwal & Nichol 2021, ADM Alg. 1, eq. 10): the mean moves to mu + Sigma * s * grad.
         Returns (x_{t-1}, predicted x_0)."""
         out = self.p_mean_variance(model, xt, t, y, clip_denoised)
         mean = out["mean"]
-        if cond_fn is not None:  # ADM Alg. 1 line 4; the classifier sees the network's own t
+        if cond_fn is not None:  # ADM Alg. 1's shifted mean; the classifier sees the network's own t
             mean = mean + out["variance"] * cond_fn(xt, self.timestep_map[t], y)
         z = torch.randn_like(xt)
         nonzero = (t > 0).float().reshape(-1, *([1] * (xt.ndim - 1)))       # no noise at the last step

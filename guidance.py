@@ -92,7 +92,8 @@ def noisy_accuracy(classifier, diffusion, x0, y, levels):
 
 
 def classifier_gradient(classifier, x, t, y):
-    """g = grad_{x_t} log p_phi(y | x_t) (ADM eqs. 5-6: the gradient at the current x_t), [B x C x H x W].
+    """g = grad_{x_t} log p_phi(y | x_t), [B x C x H x W]: ADM eq. 6's g, taken at the current x_t as ADM
+    Alg. 1 and the authors' code take it (eq. 6 writes it at x_t = mu, the point of its Taylor expansion).
     Each sample's log-probability depends only on its own x_t, so the gradient of their sum gives every
     sample's own gradient in one backward pass. t is the network timestep (what the classifier was
     trained with)."""

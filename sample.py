@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 import cascade
-from ddim import SPACINGS, ddim_invert, ddim_sample, interpolation_noise
+from ddim import SPACINGS, check_eta, ddim_invert, ddim_sample, interpolation_noise
 from ddpm import VARIANCES, GaussianDiffusion
 from cold import COLD_SAMPLERS, ColdDiffusion
 from experts import ExpertEnsemble, check_compatible, check_coverage, expert_range
@@ -93,7 +93,8 @@ def parse_args(argv=None):
     sampler.add_argument("--steps", type=int, default=None,
                          help="network calls per image: default all T for ddpm, 50 for ddim")
     sampler.add_argument("--eta", type=float, default=None,
-                         help="DDIM noise scale (eq. 16): 0 = deterministic (default), 1 = DDPM-like")
+                         help="DDIM noise scale (eq. 16), 0 to 1: 0 = deterministic (default), 1 = DDPM's "
+                              "posterior variance")
     sampler.add_argument("--spacing", default="uniform", choices=SPACINGS,
                          help="which --steps of the T: evenly spaced, or quadratic (dense near t = 0; DDIM's CIFAR-10)")
     sampler.add_argument("--variance", default=None, choices=VARIANCES,
@@ -149,8 +150,8 @@ def check_args(args, timesteps):
         raise UsageError("--eta is DDIM's noise scale (eq. 16); add --sampler ddim")
     if deterministic_mode and args.eta:
         raise UsageError("--interpolate and --invert use deterministic DDIM (eta 0); leave out --eta")
-    if args.eta is not None and args.eta < 0:
-        raise UsageError(f"--eta {args.eta}: must be >= 0 (0 = DDIM, 1 = DDPM-like)")
+    if args.eta is not None:
+        check_eta(args.eta)
     for flag in ("invert", "cond_images"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             raise UsageError(f"--{flag} {getattr(args, flag)}: no such file or folder")

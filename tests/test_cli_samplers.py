@@ -112,6 +112,7 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--steps", "0"], ("--steps 0",)),
     (["--interpolate", "1"], ("--interpolate 1",)),
     (["--interpolate", "4", "--eta", "1"], ("--interpolate", "eta")),
+    (["--sampler", "ddim", "--eta", "1.5"], ("--eta 1.5", "between 0")),
     (["--invert", "no/such/folder"], ("--invert no/such/folder",)),
     (["--variance", "learned"], ("--variance learned",)),
 ])

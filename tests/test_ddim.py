@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from ddim import ddim_invert, ddim_sample, ddim_sigma, ddim_step, ddim_timesteps, interpolation_noise, slerp
+from ddim import (check_eta, ddim_invert, ddim_sample, ddim_sigma, ddim_step, ddim_timesteps, interpolation_noise,
+                  slerp)
 from ddpm import GaussianDiffusion, make_beta_schedule
 from model import build_model
 from utils import UsageError
@@ -51,6 +52,29 @@ def test_eta_1_over_all_T_steps_has_the_ddpm_posterior_variance_at_every_step():
     sigma = ddim_sigma(alphas_cumprod, alphas_cumprod_prev, eta=1.0)
     assert torch.allclose(sigma ** 2, d.posterior_variance.double(), rtol=1e-5, atol=1e-12)
     assert torch.all(ddim_sigma(d.alphas_cumprod, d.alphas_cumprod_prev, eta=0.0) == 0)
+
+
+def test_eq_12_direction_term_is_real_for_eta_up_to_1_and_eta_outside_0_to_1_is_refused():
+    """Eq. 12's sqrt(1 - alpha_bar_prev - sigma_t^2) with eq. 16's sigma: non-negative under the root for
+    every eta in [0, 1], sub-sequence and schedule (so ddim_step's clamp only absorbs float rounding), and
+    negative just above 1 (S = 50 of T = 1000, linear, on the step into tau_0), which is why --eta stops at 1."""
+    for schedule in ("linear", "cosine"):
+        alphas_cumprod = torch.cumprod(1 - make_beta_schedule(schedule, 1000), 0)  # float64
+        for steps, spacing in ((1000, "uniform"), (50, "uniform"), (50, "quadratic"), (7, "uniform")):
+            tau = ddim_timesteps(1000, steps, spacing)
+            ab_t = alphas_cumprod[tau]
+            ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[tau[:-1]]])
+            for eta in (0.0, 0.5, 1.0):
+                assert torch.all(1 - ab_prev - ddim_sigma(ab_t, ab_prev, eta) ** 2 >= -1e-15), (schedule, steps, eta)
+            if schedule == "linear" and (steps, spacing) == (50, "uniform"):
+                under_root = 1 - ab_prev - ddim_sigma(ab_t, ab_prev, 1.01) ** 2
+                assert under_root[1] < 0 and torch.all(under_root[2:] > 0)  # tau_1 -> tau_0 only
+    for eta in (-0.1, 1.01, float("nan")):
+        with pytest.raises(UsageError, match="--eta"):
+            check_eta(eta)
+    d = GaussianDiffusion(timesteps=20)
+    with pytest.raises(UsageError, match="must be between 0"):
+        ddim_sample(d, exact_denoiser(d, torch.zeros(1, 1, 2, 2)), (1, 1, 2, 2), steps=5, eta=1.5, progress=False)
 
 
 def test_eta_1_over_all_steps_is_the_ddpm_ancestral_step():

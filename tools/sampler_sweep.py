@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
-from ddim import SPACINGS, ddim_sample  # noqa: E402
+from ddim import SPACINGS, check_eta, ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=("ddpm", "ddim"))
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50, 100, 1000])
     p.add_argument("--eta", type=float, nargs="+", default=[0.0],
-                   help="DDIM rows only: the noise scale of DDIM eq. 16 (0 deterministic, 1 DDPM-like); one row each")
+                   help="DDIM rows only: the noise scale of DDIM eq. 16, 0 (deterministic) to 1 (DDPM-like); "
+                        "one row each")
     p.add_argument("--spacing", nargs="+", default=["uniform"], choices=SPACINGS,
                    help="DDIM rows only: the sub-sequence of steps (ddim.ddim_timesteps); one row each")
     p.add_argument("--num_samples", type=int, default=200, help="samples per setting")
@@ -192,6 +193,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_samples < 2 or args.batch_size < 1:
         raise UsageError("--num_samples must be at least 2 and --batch_size at least 1")
+    for eta in args.eta:  # before any sampling, rather than after the first settings' rows
+        check_eta(eta)
     state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
     diffusion = GaussianDiffusion(**state["diffusion_config"])
     bad = [s for s in args.steps if not 1 <= s <= diffusion.timesteps]
