@@ -18,7 +18,8 @@ s, and tell the network s (UNet's cond_t). At sampling, c is corrupted at one fi
 the SR checkpoint, so small artefacts of the base samples drown in noise the model knows how to ignore.
 
 Levels s use ddpm.py's timestep convention (code t = 0 .. T-1) and the SR model's own schedule;
-s = 0 adds noise of standard deviation sqrt(beta_1) = 0.01, about one grey level: effectively clean.
+s = 0 adds noise of standard deviation sqrt(beta_1): 0.01, about one grey level, with the linear
+schedule at T = 1000 (0.006 cosine; 0.03, four grey levels, linear at T = 100): effectively clean.
 Shapes: images [B x C x H x W] in [-1, 1]; s int64 [B].
 """
 import torch

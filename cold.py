@@ -19,7 +19,7 @@ which is what the network sees. D takes the level s itself, so D(x_0, 0) = x_0 (
 and x_t of code t is D(x_0, t + 1).
 
 Sampling from a fully degraded x_T runs the levels back down, in one of two ways (the paper's two
-algorithms; their numbers and equation numbers here are from the authors' code, PAPERS.md sec. 8):
+algorithms; their numbers are from the authors' README and code, PAPERS.md sec. 8):
     Algorithm 1 (naive)      x0_hat = R(x_s, s);  x_{s-1} = D(x0_hat, s-1)
     Algorithm 2 (improved)   x0_hat = R(x_s, s);  x_{s-1} = x_s - D(x0_hat, s) + D(x0_hat, s-1)
 Algorithm 2 only asks R to get the *change* between two levels right: errors in x0_hat that D(., s)

@@ -245,7 +245,8 @@ class GaussianDiffusion:
 
     def v_target(self, x0, t, eps):
         """v := a eps - s x_0 (Salimans & Ho 2022, Progressive Distillation; section unverified).
-        Like eps it has unit variance at every t, but unlike eps it stays informative at high noise."""
+        Its variance is alpha_bar + (1 - alpha_bar) Var(x_0): 1 at every t for unit-variance data (less
+        for images in [-1, 1]), and unlike eps it stays informative at high noise."""
         return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * eps
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * x0)
 
