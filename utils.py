@@ -17,6 +17,7 @@ DDPM Sec. 3.3 scales data this way so that the prior N(0, I) and the data share 
 import argparse
 import os
 import random
+import re
 import shutil
 import sys
 import warnings
@@ -534,11 +535,14 @@ def link_checkpoint(target, path):
         raise
 
 
-def remove_stale_temporaries(folder, prefix):
-    """Temporary files that a killed process (kill -9 during a write) left behind; never a checkpoint."""
+def remove_stale_temporaries(folder, run_name):
+    """Temporary files that a killed process (kill -9 during a write) left behind for this run's own
+    checkpoints (<run>.pt, <run>_ema.pt, <run>[_ema]_stepNNNNNNN.pt, each + .tmp<pid>); never a checkpoint,
+    and never another run's, such as <run>_sr's, which may be saving into the same folder right now."""
+    own = re.compile(re.escape(run_name) + r"(_ema)?(_step\d+)?\.pt\.tmp\d+")
     if os.path.isdir(folder):
         for name in os.listdir(folder):
-            if name.startswith(prefix) and ".pt.tmp" in name:
+            if own.fullmatch(name):
                 os.remove(os.path.join(folder, name))
 
 

@@ -216,3 +216,17 @@ def test_append_csv_rows_writes_one_header_and_refuses_a_file_of_other_columns(t
     with pytest.raises(UsageError, match="table.csv: its columns are not the ones written now"):
         utils.append_csv_rows(str(path), ["a", "c", "b"], [{"a": 7, "c": 8, "b": 9}])
     assert path.read_text().splitlines() == ["a,b", "1,2", "3,4"]
+
+
+def test_start_up_clean_up_removes_only_this_runs_leftover_temporaries(tmp_path):
+    """A kill -9 mid-write leaves <checkpoint>.tmp<pid>; the next start of the same run removes its own.
+    Runs named after one dataset share a folder (cars, cars_sr, cars_classifier): one run's start must not
+    delete a file another is writing right now, and never a checkpoint."""
+    from utils import remove_stale_temporaries
+    mine = ["cars.pt.tmp12", "cars_ema.pt.tmp12", "cars_step0000500.pt.tmp7", "cars_ema_step0000500.pt.tmp7"]
+    others = ["cars_sr.pt.tmp99", "cars_sr_ema.pt.tmp99", "cars_classifier.pt.tmp5", "cars.pt", "cars_ema.pt",
+              "cars_step0000500.pt", "carsick.pt.tmp3", "notes.txt"]
+    for name in mine + others:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temporaries(str(tmp_path), "cars")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
