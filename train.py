@@ -213,6 +213,9 @@ def parse_args(argv=None):
     out.add_argument("--tensorboard", action="store_true",
                      help="also log to TensorBoard (<sample_dir>/<run>/tensorboard; needs pip install tensorboard)")
     out.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/<run>.pt")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh even though <checkpoint_dir>/<run>.pt exists, replacing that run's checkpoints "
+                     "and loss log (without it such a run is refused: nothing is replaced by accident)")
     args = p.parse_args(argv)
     return args, p
 
@@ -234,6 +237,13 @@ def check_args(args):
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
+    if args.grad_clip <= 0:  # clip_grad_norm_ would scale every gradient to 0 (or flip it, below 0)
+        raise UsageError(f"--grad_clip {args.grad_clip}: must be positive (DDPM used 1; a large value clips rarely)")
+    for name in ("warmup_steps", "weight_decay"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be 0 or more")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise UsageError(f"--num_workers {args.num_workers}: must be 0 (load in the main process) or more")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise UsageError(f"--max_minutes {args.max_minutes}: must be positive (leave it out to stop by --max_steps only)")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -526,19 +536,29 @@ def load_resumed_run(args, parser, full_path):
     return args, resumed
 
 
+def dataset_name(args):
+    """The data's name: the folder's (or .npz file's) name, or the built-in dataset's."""
+    if args.dataset_path:
+        return os.path.basename(os.path.normpath(args.dataset_path)).removesuffix(".npz")
+    return args.dataset or "shapes"
+
+
 def main(argv=None):
     args, parser = parse_args(argv)
-    data_name = (os.path.basename(os.path.normpath(args.dataset_path)).removesuffix(".npz") if args.dataset_path
-                 else args.dataset or "shapes")
-    run_name = args.run_name or data_name + RUN_SUFFIX[args.task]
+    run_name = args.run_name or dataset_name(args) + RUN_SUFFIX[args.task]
     full_path = os.path.join(args.checkpoint_dir, f"{run_name}.pt")
     ema_path = os.path.join(args.checkpoint_dir, f"{run_name}_ema.pt")
 
     resumed = None
     if args.resume:
         args, resumed = load_resumed_run(args, parser, full_path)
+    data_name = dataset_name(args)  # after --resume: `--run_name X --resume` alone names no data on the command line
     resolve_process_defaults(args)
     check_args(args)
+    if not args.resume and not args.overwrite and (os.path.exists(full_path) or os.path.exists(ema_path)):
+        raise UsageError(f"{full_path if os.path.exists(full_path) else ema_path} already holds a run named "
+                         f"{run_name!r}: add --resume to continue it, --run_name NAME to start another beside it, "
+                         "or --overwrite to replace it")
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
         args.sample_aug_t = args.timesteps // 50 if args.sample_aug_t is None else args.sample_aug_t

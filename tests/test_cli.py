@@ -80,6 +80,17 @@ def test_resume_continues_at_the_saved_step_with_the_saved_settings(tmp_path, im
     ema = torch.load(tmp_path / "checkpoints" / "pets_ema.pt", map_location="cpu", weights_only=True)
     assert ema["train_seconds"] == full["train_seconds"] > 0
 
+    # Nothing is replaced by accident: the same command without --resume is refused, and leaves the run as
+    # it was; --overwrite starts afresh on purpose.
+    fresh = ["--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0"]
+    assert_one_line_error(run_script("train.py", *fresh, cwd=tmp_path, check=False),
+                          "checkpoints/pets.pt already holds a run named 'pets'", "--resume", "--overwrite")
+    assert torch.load(tmp_path / "checkpoints" / "pets.pt", weights_only=True)["step"] == 5
+    assert len(read_log(tmp_path / "samples" / "pets" / "loss.csv")) == 5
+    run_script("train.py", *fresh, "--overwrite", cwd=tmp_path)
+    assert torch.load(tmp_path / "checkpoints" / "pets.pt", weights_only=True)["step"] == 1
+    assert [row["step"] for row in read_log(tmp_path / "samples" / "pets" / "loss.csv")] == ["1"]
+
 
 def test_max_minutes_stops_the_run_and_saves_it(tmp_path, image_folder):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "100000",
@@ -159,7 +170,8 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_before_exiting(tmp_path, image_fol
         state = torch.load(tmp_path / "checkpoints" / "pets.pt", map_location="cpu", weights_only=True)
         assert state["step"] >= 3
         assert (tmp_path / "checkpoints" / "pets_ema.pt").is_file()
-        os.remove(tmp_path / "checkpoints" / "pets.pt")
+        for name in ("pets.pt", "pets_ema.pt"):  # the next signal's run starts afresh
+            os.remove(tmp_path / "checkpoints" / name)
 
 
 # --- bad input: one clear line, never a traceback --------------------------------------------
@@ -244,6 +256,9 @@ def test_train_reads_an_mnist_style_npz_file(tmp_path):
     assert "run tiny_mnist: 10 images (1-channel, 32x32), 2 classes, no flips" in result.stdout
     ema = torch.load(tmp_path / "checkpoints" / "tiny_mnist_ema.pt", weights_only=True)
     assert ema["class_names"] == ["5", "7"] and ema["model_config"]["in_channels"] == 1
+    # Resumed by its name alone, the run still knows its data is digits: no flips, as before.
+    resumed = run_script("train.py", "--run_name", "tiny_mnist", "--resume", "--max_steps", "2", cwd=tmp_path)
+    assert "run tiny_mnist: 10 images (1-channel, 32x32), 2 classes, no flips" in resumed.stdout
     np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8), dtype=np.uint8))
     assert_one_line_error(run_script("train.py", "--dataset_path", "bad.npz", cwd=tmp_path, check=False),
                           "--dataset_path bad.npz", "x_train and y_train")

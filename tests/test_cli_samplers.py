@@ -131,6 +131,10 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
     (["--learn_sigma"], ("--learn_sigma", "--loss hybrid")),
     (["--loss", "hybrid"], ("--loss hybrid", "--learn_sigma")),
     (["--min_snr_gamma", "-1"], ("--min_snr_gamma",)),
+    (["--grad_clip", "0"], ("--grad_clip 0.0", "positive")),  # clip_grad_norm_ would zero every gradient
+    (["--warmup_steps", "-1"], ("--warmup_steps -1",)),
+    (["--weight_decay", "-0.1"], ("--weight_decay -0.1",)),
+    (["--num_workers", "-1"], ("--num_workers -1",)),
 ])
 def test_bad_training_combinations_are_one_line_errors(tmp_path, image_folder, flags, fragments):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, *flags, cwd=tmp_path,
