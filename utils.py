@@ -300,12 +300,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # files that are not images at all. Also learn whether any image has colour.
         self.samples, any_colour = [], False
         for path, label in candidates:
-            try:
-                with Image.open(path) as img:
-                    any_colour = any_colour or img.mode not in ("L", "1", "I", "I;16", "F", "LA")
+            mode = header_mode(path)
+            if mode is not None:
+                any_colour = any_colour or mode not in GREY_MODES
                 self.samples.append((path, label))
-            except (UnidentifiedImageError, OSError) as error:
-                warnings.warn(f"skipping unreadable image {path}: {error}")
         if not self.samples:
             raise UsageError(f"{flag} {folder}: none of the {len(candidates)} image files could be read; "
                              "check them with python tools/clean_dataset.py " + folder)
@@ -316,13 +314,34 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                return load_image(path, self.image_size, self.channels), label
-            except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on broken files
-                warnings.warn(f"skipping image that failed to decode {path}: {error}")
-        raise UsageError("no image in the dataset could be decoded")
+        return decode_skipping_broken(self.samples, index, lambda path, label: (
+            load_image(path, self.image_size, self.channels), label), name=lambda path, label: path)
+
+
+GREY_MODES = ("L", "1", "I", "I;16", "F", "LA")  # Pillow modes without colour
+
+
+def header_mode(path):
+    """The image's Pillow mode, read from its header only (cheap), or None with a warning naming the file
+    when Pillow cannot read it (not an image, or a broken header): such files are left out, not fatal."""
+    try:
+        with Image.open(path) as img:
+            return img.mode
+    except (UnidentifiedImageError, OSError) as error:
+        warnings.warn(f"skipping unreadable image {path}: {error}")
+        return None
+
+
+def decode_skipping_broken(entries, index, decode, name):
+    """decode(*entries[index]); when a file fails only while decoding (a truncated JPEG, say), a warning
+    names it (name(*entry)) and the next entry is served in its place, so one bad file cannot stop a run."""
+    for attempt in range(len(entries)):
+        entry = entries[(index + attempt) % len(entries)]
+        try:
+            return decode(*entry)
+        except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on broken files
+            warnings.warn(f"skipping image that failed to decode {name(*entry)}: {error}")
+    raise UsageError("no image in the dataset could be decoded")
 
 
 class PairedImageDataset(torch.utils.data.Dataset):
@@ -349,25 +368,30 @@ class PairedImageDataset(torch.utils.data.Dataset):
         unpaired = len(targets) + len(inputs) - 2 * len(names)
         if unpaired:
             warnings.warn(f"{unpaired} images have no partner of the same name in the other folder and are left out")
-        self.pairs = [(targets[n], inputs[n]) for n in names]
-
-        def colour(paths):
-            for path in paths:
-                with Image.open(path) as img:
-                    if img.mode not in ("L", "1", "I", "I;16", "F", "LA"):
-                        return 3
-            return 1
-        self.channels = channels or colour(t for t, _ in self.pairs)
-        self.input_channels = input_channels or colour(i for _, i in self.pairs)
+        # Both halves' headers, as ImageFolderDataset checks its files: a pair with an unreadable file is left out.
+        self.pairs, target_modes, input_modes = [], [], []
+        for name in names:
+            modes = header_mode(targets[name]), header_mode(inputs[name])
+            if None not in modes:
+                self.pairs.append((targets[name], inputs[name]))
+                target_modes.append(modes[0])
+                input_modes.append(modes[1])
+        if not self.pairs:
+            raise UsageError(f"--dataset_path {target_folder}, --cond_path {input_folder}: no pair of images could "
+                             "be read; check them with python tools/clean_dataset.py")
+        colour = (lambda modes: 3 if any(mode not in GREY_MODES for mode in modes) else 1)
+        self.channels = channels or colour(target_modes)
+        self.input_channels = input_channels or colour(input_modes)
         self.image_size, self.class_names = image_size, []
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, index):
-        target, source = self.pairs[index]
-        return (load_image(target, self.image_size, self.channels),
-                load_image(source, self.image_size, self.input_channels))
+        def decode(target, source):
+            return (load_image(target, self.image_size, self.channels),
+                    load_image(source, self.image_size, self.input_channels))
+        return decode_skipping_broken(self.pairs, index, decode, name=lambda target, source: f"{target} or {source}")
 
 
 # ---------------------------------------------------------------------------------------------

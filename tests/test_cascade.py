@@ -1,5 +1,7 @@
 """cascade.py (image conditioning, conditioning augmentation), the image-conditioned UNet, the noisy
 classifier, paired image folders, and realesrgan.py's RRDBNet."""
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -84,6 +86,32 @@ def test_paired_folders_pair_by_name_whatever_the_extension(tmp_path):
     Image.new("L", (20, 20)).save(tmp_path / "other" / "q.png")
     with pytest.raises(UsageError, match="--cond_path .* none of its 1 images has a partner"):
         PairedImageDataset(tmp_path / "photos", tmp_path / "other", 8)
+
+
+def test_paired_folders_leave_out_unreadable_pairs_and_skip_truncated_ones_with_a_warning(tmp_path):
+    """As ImageFolderDataset: a file that is no image drops its pair when the dataset is built; one that
+    fails only while decoding (header fine, pixels cut) is named and a neighbouring pair served instead."""
+    for folder in ("photos", "sketches"):
+        (tmp_path / folder).mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "photos" / f"{name}.png")
+        Image.new("L", (20, 20), 90).save(tmp_path / "sketches" / f"{name}.png")
+    (tmp_path / "sketches" / "b.png").write_bytes(b"not an image")
+    noise = torch.randint(0, 256, (128, 128, 3), dtype=torch.uint8).numpy()
+    Image.fromarray(noise).save(tmp_path / "big.jpg", quality=95)
+    data = (tmp_path / "big.jpg").read_bytes()
+    (tmp_path / "photos" / "c.jpg").write_bytes(data[: len(data) // 2])  # replaces c.png: header fine, pixels cut
+    (tmp_path / "photos" / "c.png").unlink()
+    with pytest.warns(UserWarning, match="b.png"):
+        pairs = PairedImageDataset(tmp_path / "photos", tmp_path / "sketches", 8)
+    assert [os.path.basename(t) for t, _ in pairs.pairs] == ["a.png", "c.jpg"]
+    with pytest.warns(UserWarning, match="c.jpg"):
+        target, source = pairs[1]
+    assert target.shape == (3, 8, 8) and source.shape == (1, 8, 8)  # pair a, served in c's place
+    (tmp_path / "sketches" / "a.png").write_bytes(b"not an image either")
+    (tmp_path / "sketches" / "c.png").write_bytes(b"nor this")
+    with pytest.warns(UserWarning), pytest.raises(UsageError, match="no pair of images could be read"):
+        PairedImageDataset(tmp_path / "photos", tmp_path / "sketches", 8)
 
 
 def test_rrdbnet_has_the_published_realesrgan_x4plus_layout(tmp_path):
