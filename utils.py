@@ -469,8 +469,9 @@ def read_npz_arrays(path, split="train", flag=""):
     try:
         with np.load(path) as data:
             images, labels = data[f"x_{split}"], data[f"y_{split}"]
-    except (KeyError, ValueError, OSError) as error:
-        raise UsageError(f"{flag}{path}: cannot read arrays x_{split} and y_{split} ({error})") from None
+    except Exception as error:  # a missing array, a truncated or non-zip file (BadZipFile, EOFError, zlib.error)
+        raise UsageError(f"{flag}{path}: cannot read arrays x_{split} and y_{split} "
+                         f"({type(error).__name__}: {error})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels) or len(images) == 0:
         raise UsageError(f"{flag}{path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, got "
                          f"{images.dtype} {images.shape} and {labels.shape}")

@@ -275,8 +275,14 @@ def test_export_npz_writes_one_folder_per_label(tmp_path):
         assert torch.equal(from_folder[from_folder.samples.index((path, label))][0], from_npz[index][0])
         assert from_npz[index][1] == label
     again = run_tool("export_dataset.py", tmp_path / "digits.npz", tmp_path / "out")
-    assert_one_line_error(again, "not empty")
+    assert_one_line_error(again, "not an empty folder")
+    (tmp_path / "a_file").write_text("x")
+    assert_one_line_error(run_tool("export_dataset.py", tmp_path / "digits.npz", tmp_path / "a_file"),
+                          "a_file exists and is not an empty folder")
     assert_one_line_error(run_tool("export_dataset.py", tmp_path / "none.npz", tmp_path / "o2"), "no such file")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "digits.npz").read_bytes()[:200])  # a half-copied file
+    assert_one_line_error(run_tool("export_dataset.py", tmp_path / "cut.npz", tmp_path / "o3"),
+                          "cut.npz: cannot read arrays x_train and y_train")
 
 
 def test_export_a_builtin_dataset_as_the_folder_train_py_reads(tmp_path):

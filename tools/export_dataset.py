@@ -46,6 +46,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0, help="export only the first N images (0 = all)")
     p.add_argument("--dry_run", action="store_true", help="print what would be written, write nothing")
     args = p.parse_args(argv)
+    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
+        raise UsageError(f"{args.out_dir} exists and is not an empty folder; pick a new folder")  # before any download
 
     if args.source in BUILTIN:
         images, classes = read_builtin(args.source, args.image_size)
@@ -53,8 +55,6 @@ def main(argv=None):
         images, classes = read_npz(args.source, args.split)
     if args.limit > 0:
         images, classes = images[:args.limit], classes[:args.limit]
-    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
-        raise UsageError(f"{args.out_dir} exists and is not empty; pick a new folder")
 
     print(f"{len(images)} images {images.shape[1:]} in {len(set(classes))} classes -> {args.out_dir}/<class>/")
     if args.dry_run:
