@@ -153,6 +153,7 @@ def test_resize_bad_input_is_one_line_error(tmp_path, src):
     before = snapshot(src)
     assert_one_line_error(run_tool("resize_dataset.py", src, src / "cat/out", "--size", 8), "inside")
     assert_one_line_error(run_tool("resize_dataset.py", src, src, "--size", 8), "inside")
+    assert_one_line_error(run_tool("resize_dataset.py", src, src.parent, "--size", 8), "contains source folder")
     assert_one_line_error(run_tool("resize_dataset.py", tmp_path / "nope", tmp_path / "out"), "nope")
     assert_one_line_error(run_tool("resize_dataset.py", src, tmp_path / "out", "--size", 0), "--size")
     assert snapshot(src) == before
@@ -251,6 +252,7 @@ def test_clean_bad_input_is_one_line_error(tmp_path, data):
     assert_one_line_error(run_tool("clean_dataset.py", data, "--move", "--rejected_dir", data / "rej"), "inside")
     (tmp_path / "empty").mkdir()
     assert_one_line_error(run_tool("clean_dataset.py", tmp_path / "empty"), "no images")
+    assert_one_line_error(run_tool("clean_dataset.py", data, "--report", tmp_path), "is a folder")
     assert not (data / "rej").exists()
 
 

@@ -237,6 +237,15 @@ def check_args(args):
         sys.exit(f"error: rejected folder {rejected} exists and is a file; pass another --rejected_dir")
     if args.report is not None and not Path(args.report).expanduser().resolve().parent.is_dir():
         sys.exit(f"error: the folder for --report {args.report} does not exist; create it or pick another path")
+    if args.report is not None and Path(args.report).expanduser().is_dir():
+        sys.exit(f"error: --report {args.report} is a folder; pass a file path such as "
+                 f"{Path(args.report) / 'report.csv'}")
+    if args.move and not args.dry_run:
+        # moving starts only after the scan: find out now, not after some files have moved, if it cannot
+        existing = next(p for p in (rejected, *rejected.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            sys.exit(f"error: cannot create or write the rejected folder {rejected} ({existing} is not writable); "
+                     "pass a --rejected_dir you can write to")
     return root, rejected
 
 

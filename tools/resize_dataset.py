@@ -213,6 +213,9 @@ def check_args(args):
     if dst == src or src in dst.parents:
         sys.exit(f"error: output folder {args.dst_dir} is inside source folder {args.src_dir}; "
                  f"pick a folder outside it, e.g. {src.parent / (src.name + f'_{args.size}')}")
+    if dst in src.parents:  # the output tree would cover the source (src/<name>/... lands on src itself)
+        sys.exit(f"error: output folder {args.dst_dir} contains source folder {args.src_dir}; "
+                 f"pick a folder outside it, e.g. {src.parent / (src.name + f'_{args.size}')}")
     if dst.exists() and not dst.is_dir():
         sys.exit(f"error: output {args.dst_dir} exists and is a file; pass a folder path")
     return src, dst
