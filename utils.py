@@ -527,7 +527,8 @@ def load_builtin_dataset(name, image_size, root="data", seed=0):
 
 def save_checkpoint(state, path):
     """Write state to path so that a crash at any moment leaves either the old file or the new one,
-    never half a file: write a temporary file beside it, flush it to disk, then rename (atomic)."""
+    never half a file: write a temporary file beside it, flush it to disk, rename it (atomic), then
+    flush the folder, which holds the rename (else a power cut can undo it)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
@@ -537,10 +538,26 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+        sync_folder(folder)
     except BaseException:  # a full disk, a second Ctrl-C: drop the partial file, keep the old checkpoint
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def sync_folder(folder):
+    """fsync a folder, so that a rename inside it survives a power cut; skipped where folders cannot be
+    opened (Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def link_checkpoint(target, path):
@@ -553,7 +570,10 @@ def link_checkpoint(target, path):
             os.link(target, temporary)
         except OSError:
             shutil.copyfile(target, temporary)
+            with open(temporary, "rb+") as f:  # the copy's bytes on disk before the rename points at them
+                os.fsync(f.fileno())
         os.replace(temporary, path)
+        sync_folder(os.path.dirname(os.path.abspath(path)))
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)

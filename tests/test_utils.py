@@ -102,6 +102,28 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["run.pt"]  # the partial temporary file was removed
 
 
+def test_checkpoint_write_flushes_the_file_then_the_folder_that_holds_the_rename(tmp_path, monkeypatch):
+    """Durable, not only atomic: the new file's bytes reach the disk before the rename, and the folder
+    (which records the rename) after it, for plain saves and for --keep_last's links (or copies)."""
+    import stat
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode) else "file")
+        real_fsync(descriptor)
+    monkeypatch.setattr(utils.os, "fsync", recording_fsync)
+    save_checkpoint({"step": 1}, tmp_path / "run_step0000001.pt")
+    assert synced == ["file", "folder"]
+    synced.clear()
+    utils.link_checkpoint(str(tmp_path / "run_step0000001.pt"), str(tmp_path / "run.pt"))
+    assert synced == ["folder"]  # a hard link: no new bytes, only the folder's entry
+    synced.clear()
+    monkeypatch.setattr(utils.os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    utils.link_checkpoint(str(tmp_path / "run_step0000001.pt"), str(tmp_path / "run_copy.pt"))
+    assert synced == ["file", "folder"]  # the copy's bytes, then the rename
+    assert load_checkpoint(str(tmp_path / "run_copy.pt"), required=())["step"] == 1
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resetting the peak needs Linux")
 def test_peak_memory_counts_from_the_last_reset():
     from utils import peak_memory_mb, reset_peak_memory
