@@ -205,6 +205,35 @@ class StopSignals:
               "(send it again to quit without saving)", file=sys.stderr, flush=True)
 
 
+def quiet_worker_signals(worker_id=None):
+    """DataLoader workers' worker_init_fn. Ctrl-C, and a scheduler's SIGTERM (SLURM, systemd), reach every
+    process of the group, workers included; only the main process should act on them, and it still
+    needs its workers' batches to finish the step in progress before it saves.
+    - SIGINT is ignored: a worker forked after StopSignals would run its handler too (a "stopping" line
+      per worker), or, without it, raise KeyboardInterrupt.
+    - The first SIGTERM is ignored. torch's own worker handler lets it kill the worker, and the main
+      process's watch over its workers then raised a RuntimeError mid-step: no checkpoint. A second
+      SIGTERM (torch or multiprocessing ending a worker that did not stop) exits with status 0.
+    The main process stops the workers itself when training ends (shut_down_workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    seen = []
+
+    def on_sigterm(signum, frame):
+        if seen:
+            os._exit(0)  # status 0: what torch's watch in the main process takes as a clean exit
+        seen.append(signum)
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def shut_down_workers(loader):
+    """Stop a DataLoader's persistent worker processes now, with the loader's own end-of-work messages.
+    They ignore a first SIGTERM (quiet_worker_signals), which is how the interpreter's exit would end
+    them. torch keeps the persistent workers' iterator in loader._iterator (private, hence the checks)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
 def weights_are_finite(*modules):
     return all(torch.isfinite(p).all() for m in modules if m is not None for p in m.parameters())
 

@@ -61,8 +61,8 @@ from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
                    resolve_model_config)
 from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLog, compile_or_fallback,
-                     endless_batches, restore_rng_states, rng_states, setup_distributed, step_statistics,
-                     weights_are_finite, write_checkpoints)
+                     endless_batches, quiet_worker_signals, restore_rng_states, rng_states, setup_distributed,
+                     shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
                    load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries,
@@ -702,7 +702,7 @@ def main(argv=None):
     # from the global one: the random streams stay exactly those of an uninterrupted run.
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=num_workers, pin_memory=device.type == "cuda",
-                                         persistent_workers=num_workers > 0,
+                                         persistent_workers=num_workers > 0, worker_init_fn=quiet_worker_signals,
                                          generator=torch.Generator().manual_seed(args.seed))
     batches = endless_batches(loader, sampler, step * args.accumulation_iters)
 
@@ -854,6 +854,7 @@ def main(argv=None):
         sys.exit(130)
     finally:
         bar.close()  # before any error message, so that the message is the last line
+        shut_down_workers(loader)  # data-loading processes, if any (--num_workers; 4 on CUDA)
         signals.restore()
     log.close()
     if stop and step < args.max_steps:

@@ -138,11 +138,14 @@ def test_builtin_shapes_dataset_is_the_default(tmp_path):
     assert (tmp_path / "checkpoints" / "shapes_ema.pt").is_file()
 
 
-def start_training(tmp_path, folder, *extra):
+def start_training(tmp_path, folder, *extra, own_group=False):
+    """own_group: in a process group of its own, so that a test can signal the run and its data-loading
+    workers together, as Ctrl-C in a terminal and a scheduler's SIGTERM (SLURM, systemd) do."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
     return subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--dataset_path", str(folder),
                              *TINY_TRAIN_FLAGS, "--max_steps", "100000", "--sample_every", "0", *extra],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_group)
 
 
 def wait_for_steps(tmp_path, process, timeout=60):
@@ -171,6 +174,25 @@ def test_ctrl_c_and_sigterm_save_a_checkpoint_before_exiting(tmp_path, image_fol
         assert state["step"] >= 3
         assert (tmp_path / "checkpoints" / "pets_ema.pt").is_file()
         for name in ("pets.pt", "pets_ema.pt"):  # the next signal's run starts afresh
+            os.remove(tmp_path / "checkpoints" / name)
+
+
+def test_a_signal_to_the_whole_process_group_with_loading_workers_still_saves(tmp_path, image_folder):
+    """Ctrl-C and a scheduler's SIGTERM reach the data-loading workers too (--num_workers; 4 on CUDA).
+    The main process alone acts (one "stopping" line), finishes the step from its workers' batches, saves,
+    and stops the workers; before, SIGTERM killed them and the run died with a RuntimeError, unsaved."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        process = start_training(tmp_path, image_folder, "--save_every", "100000", "--num_workers", "2",
+                                 own_group=True)
+        wait_for_steps(tmp_path, process)
+        os.killpg(process.pid, sig)
+        stdout, stderr = process.communicate(timeout=60)
+        assert process.returncode == 130 and "interrupted at step" in stdout, stderr[-2000:]
+        assert stderr.count("stopping after this step") == 1 and "Traceback" not in stderr, stderr[-2000:]
+        assert torch.load(tmp_path / "checkpoints" / "pets.pt", weights_only=True)["step"] >= 3
+        with pytest.raises(ProcessLookupError):  # nothing of the run is left: its workers stopped too
+            os.killpg(process.pid, 0)
+        for name in ("pets.pt", "pets_ema.pt"):
             os.remove(tmp_path / "checkpoints" / name)
 
 
