@@ -65,8 +65,8 @@ from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLo
                      shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
-                   load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries,
-                   reset_peak_memory, resolve_amp, resolve_channels_last, save_grid, seed_everything, to_model_range)
+                   load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries, reset_peak_memory,
+                   resolve_amp, resolve_channels_last, run_files, save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -214,8 +214,8 @@ def parse_args(argv=None):
                      help="also log to TensorBoard (<sample_dir>/<run>/tensorboard; needs pip install tensorboard)")
     out.add_argument("--resume", action="store_true", help="continue from <checkpoint_dir>/<run>.pt")
     out.add_argument("--overwrite", action="store_true",
-                     help="start afresh even though <checkpoint_dir>/<run>.pt exists, replacing that run's checkpoints "
-                     "and loss log (without it such a run is refused: nothing is replaced by accident)")
+                     help="start afresh even though <checkpoint_dir>/<run>.pt exists: that run's checkpoints (the "
+                     "--keep_last ones too) are deleted and its loss log restarted (without it such a run is refused)")
     args = p.parse_args(argv)
     return args, p
 
@@ -555,10 +555,10 @@ def main(argv=None):
     data_name = dataset_name(args)  # after --resume: `--run_name X --resume` alone names no data on the command line
     resolve_process_defaults(args)
     check_args(args)
-    if not args.resume and not args.overwrite and (os.path.exists(full_path) or os.path.exists(ema_path)):
-        raise UsageError(f"{full_path if os.path.exists(full_path) else ema_path} already holds a run named "
-                         f"{run_name!r}: add --resume to continue it, --run_name NAME to start another beside it, "
-                         "or --overwrite to replace it")
+    earlier = [] if args.resume else run_files(args.checkpoint_dir, run_name)
+    if earlier and not args.overwrite:
+        raise UsageError(f"{earlier[0]} already holds a run named {run_name!r}: add --resume to continue it, "
+                         "--run_name NAME to start another beside it, or --overwrite to replace it")
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
         args.sample_aug_t = args.timesteps // 50 if args.sample_aug_t is None else args.sample_aug_t
@@ -687,6 +687,10 @@ def main(argv=None):
     check_output_folder(run_sample_dir, "--sample_dir")
     if rank == 0:
         remove_stale_temporaries(args.checkpoint_dir, run_name)
+        for path in earlier:  # --overwrite: the earlier run's step-numbered files would outlive its rotation
+            os.remove(path)
+        if earlier:
+            say(f"--overwrite: removed the earlier run's {len(earlier)} checkpoint files ({', '.join(earlier)})")
 
     # What the loss is computed with: the network, wrapped for several processes and compiled if asked.
     train_model = model

@@ -580,15 +580,19 @@ def link_checkpoint(target, path):
         raise
 
 
+def run_files(folder, run_name, temporary=False):
+    """This run's own checkpoint files in folder: <run>.pt, <run>_ema.pt and <run>[_ema]_stepNNNNNNN.pt
+    (--keep_last), or with temporary=True the .tmp<pid> files a killed write left of them. Never another
+    run's, such as <run>_sr's or <run>_classifier's, which may share the folder (and be saving right now)."""
+    own = re.compile(re.escape(run_name) + r"(_ema)?(_step\d+)?\.pt" + (r"\.tmp\d+" if temporary else ""))
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder)) if own.fullmatch(name)] \
+        if os.path.isdir(folder) else []
+
+
 def remove_stale_temporaries(folder, run_name):
-    """Temporary files that a killed process (kill -9 during a write) left behind for this run's own
-    checkpoints (<run>.pt, <run>_ema.pt, <run>[_ema]_stepNNNNNNN.pt, each + .tmp<pid>); never a checkpoint,
-    and never another run's, such as <run>_sr's, which may be saving into the same folder right now."""
-    own = re.compile(re.escape(run_name) + r"(_ema)?(_step\d+)?\.pt\.tmp\d+")
-    if os.path.isdir(folder):
-        for name in os.listdir(folder):
-            if own.fullmatch(name):
-                os.remove(os.path.join(folder, name))
+    """Temporary files that a killed process (kill -9 during a write) left behind; never a checkpoint."""
+    for path in run_files(folder, run_name, temporary=True):
+        os.remove(path)
 
 
 def check_output_folder(folder, flag, bytes_needed=0):

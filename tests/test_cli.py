@@ -87,7 +87,12 @@ def test_resume_continues_at_the_saved_step_with_the_saved_settings(tmp_path, im
                           "checkpoints/pets.pt already holds a run named 'pets'", "--resume", "--overwrite")
     assert torch.load(tmp_path / "checkpoints" / "pets.pt", weights_only=True)["step"] == 5
     assert len(read_log(tmp_path / "samples" / "pets" / "loss.csv")) == 5
-    run_script("train.py", *fresh, "--overwrite", cwd=tmp_path)
+    checkpoints = tmp_path / "checkpoints"
+    for name in ("pets_step0009999.pt", "pets_sr.pt"):  # an old --keep_last file of this run; another run
+        (checkpoints / name).write_bytes((checkpoints / "pets.pt").read_bytes())
+    overwritten = run_script("train.py", *fresh, "--overwrite", cwd=tmp_path)
+    assert "--overwrite: removed the earlier run's 3 checkpoint files" in overwritten.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["pets.pt", "pets_ema.pt", "pets_sr.pt"]
     assert torch.load(tmp_path / "checkpoints" / "pets.pt", weights_only=True)["step"] == 1
     assert [row["step"] for row in read_log(tmp_path / "samples" / "pets" / "loss.csv")] == ["1"]
 
