@@ -59,8 +59,10 @@ def default_attention_resolutions(image_size, channel_mults):
 
 def group_count(channels):
     """GroupNorm groups: up to 32 as in DDPM, but at least 4 channels per group. With one channel
-    per group the norm would be per-channel and erase any per-channel signal added before it."""
-    return math.gcd(32, max(1, channels // 4))
+    per group the norm would be per-channel and erase any per-channel signal added before it. The
+    count must divide channels (GroupNorm's rule): the outer gcd sees to it for counts that are not a
+    multiple of 4 (--base_channels 50: 2 groups), and changes nothing for those that are."""
+    return math.gcd(math.gcd(32, max(1, channels // 4)), channels)
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
@@ -154,7 +156,9 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels, head_channels):
         super().__init__()
-        self.heads = max(1, channels // head_channels)
+        # about head_channels channels per head, and a head count that divides channels (112 channels with
+        # 32 per head: 3 would not; 2 heads of 56 do)
+        self.heads = max(h for h in range(1, max(1, channels // head_channels) + 1) if channels % h == 0)
         self.norm = nn.GroupNorm(group_count(channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = nn.Conv2d(channels, channels, 1)

@@ -206,3 +206,19 @@ def test_dropout_is_the_identity_in_eval_mode_and_at_p_0_and_keeps_dtype_and_lay
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(UsageError, match="--dropout 1.0"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("base_channels", [50, 56])
+def test_channel_counts_that_are_not_multiples_of_the_group_or_head_size_still_build_and_run(base_channels):
+    """train.py accepts any --base_channels >= 1. GroupNorm needs a group count that divides the channels
+    (50: not 4, so 2) and attention a head count that does (112 at the lower level: not 3, so 2); multiples
+    of 4 and of 32 keep the counts they always had (32 groups at 128 channels, 4 heads of 32 at 128)."""
+    from model import group_count
+    for channels in (50, 56, 100, 112, 128, 256):
+        assert channels % group_count(channels) == 0
+        heads = AttentionBlock(channels, head_channels=32).heads
+        assert channels % heads == 0 and 1 <= heads <= max(1, channels // 32)
+    assert group_count(128) == 32 and AttentionBlock(128, head_channels=32).heads == 4
+    model = build_model(dict(image_size=16, in_channels=3, base_channels=base_channels, channel_mults=[1, 2],
+                             num_res_blocks=1, attention_resolutions=[8]))
+    assert model(torch.randn(2, 3, 16, 16), torch.tensor([1, 5])).shape == (2, 3, 16, 16)

@@ -50,7 +50,7 @@ def features_and_logits(classifier, images_uint8, batch_size=256, device="cpu"):
     for start in range(0, len(images_uint8), batch_size):
         x = to_model_range(images_uint8[start:start + batch_size]).to(device)
         f = classifier[0](x)
-        feats.append(f.double().cpu())
+        feats.append(f.cpu().double())  # to the CPU first: Apple's MPS has no float64
         logits.append(classifier[1](f).cpu())
     return torch.cat(feats), torch.cat(logits)
 

@@ -343,7 +343,7 @@ def inception_extractor(model, kind, device="cpu", batch_size=50):
             x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             f = model(2 * x - 1 if kind == "fid" else (x - mean) / std)
-            feats.append(f.double().cpu())
+            feats.append(f.cpu().double())  # to the CPU first: Apple's MPS has no float64
             logits.append(fc(f).cpu())
         return torch.cat(feats), torch.cat(logits)
     return extract
