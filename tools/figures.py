@@ -98,7 +98,9 @@ def training_figure(checkpoint_paths, path, num_samples=4, sample_steps=50, seed
         for weights in ("model", "ema"):
             model = build_model(config)
             load_weights(model, state[weights], ckpt)
-            torch.manual_seed(seed)  # the same per-step noise for raw and EMA
+            # the same per-step noise for raw and EMA; seed + 1, not seed, which drew x_T above: on a CPU
+            # the first step's z would be x_T itself (as in sampler_sweep.draw_samples)
+            torch.manual_seed(seed + 1)
             row.append(diffusion.sample(model.eval(), noise.shape, labels, noise=noise, progress=False))
         rows.append(torch.cat(row))
         steps.append(state["step"])

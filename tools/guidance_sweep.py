@@ -117,7 +117,9 @@ def main(argv=None):
         else:
             network = unconditional
             cond_fn = classifier_guidance(classifier, scale) if scale > 0 else None
-        torch.manual_seed(args.seed)  # the same per-step noise in every column
+        # the same per-step noise in every column; seed + 1, not seed, which drew x_T above: on a CPU the
+        # first step's z would be x_T itself (as in sampler_sweep.draw_samples)
+        torch.manual_seed(args.seed + 1)
         started = time.perf_counter()
         if args.sampler == "ddim":
             images = ddim_sample(diffusion, network, noise.shape, args.steps, 0.0, "uniform", labels, noise,
