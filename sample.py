@@ -137,10 +137,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, timesteps):
-    """Bad combinations, each named with its flag, before any work."""
+def check_counts(args):
+    """The counts every kind of checkpoint uses, Gaussian and Cold Diffusion alike."""
     if (args.num_samples is not None and args.num_samples < 1) or args.batch_size < 1 or args.gif_frames < 1:
         raise UsageError("--num_samples, --batch_size and --gif_frames must be at least 1")
+
+
+def check_args(args, timesteps):
+    """Bad combinations, each named with its flag, before any work."""
+    check_counts(args)
     if args.interpolate is not None and args.interpolate < 2:
         raise UsageError(f"--interpolate {args.interpolate}: need at least 2 images per row (the two ends)")
     if args.interpolate and args.invert:
@@ -265,10 +270,13 @@ def sample_cold(args, path, state, device):
         ("--sampler ddim", args.sampler != "ddpm"), ("--steps", args.steps is not None), ("--eta", args.eta is not None),
         ("--guidance_scale", args.guidance_scale != 1.0), ("--classifier_ckpt", args.classifier_ckpt),
         ("--interpolate", args.interpolate), ("--invert", args.invert), ("--cond_images", args.cond_images),
-        ("--sr_ckpt", args.sr_ckpt), ("--variance", args.variance), ("--no_clip", args.no_clip)) if used]
+        ("--sr_ckpt", args.sr_ckpt), ("--variance", args.variance), ("--no_clip", args.no_clip),
+        ("--class_name/--class_label", args.class_name or args.class_label),  # it draws every class in turn
+        ("--upscale", args.upscale or args.upscale_mode)) if used]
     if gaussian_only:
         raise UsageError(f"{gaussian_only[0]}: belongs to Gaussian diffusion; {path} is a Cold Diffusion model "
                          "(its options: --cold_sampler, --cold_restore, --cold_level)")
+    check_counts(args)
     check_keys(state, path, ("model_config", "cold_config", "ema"))
     process = ColdDiffusion(**state["cold_config"]).to(device)
     model = build_model(state["model_config"])
