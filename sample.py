@@ -30,6 +30,7 @@ than the raw training weights; --weights picks others for the --ckpt model:
     python sample.py --ckpt checkpoints/cars.pt --weights raw       # the live weights: only in the full file
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -164,8 +165,15 @@ def check_args(args, timesteps):
         raise UsageError(f"--steps {args.steps}: must be between 1 and the model's T = {timesteps}")
     if args.class_name and args.class_label:
         raise UsageError("give --class_name or --class_label, not both")
-    if args.guidance_scale < 0 or args.classifier_scale < 0:
-        raise UsageError("--guidance_scale and --classifier_scale must be >= 0 (1 and 0 mean no guidance)")
+    if not (args.guidance_scale >= 0 and args.classifier_scale >= 0) or math.inf in (args.guidance_scale,
+                                                                                      args.classifier_scale):
+        raise UsageError("--guidance_scale and --classifier_scale must be finite and >= 0 (1 and 0 mean no guidance)")
+    if deterministic_mode and (args.individual_dir or args.gif or args.class_name or args.class_label):
+        raise UsageError("--interpolate and --invert write one grid (--out): leave out --individual_dir and --gif; "
+                         "their classes come from the images (--invert) or in turn (--interpolate), so leave out "
+                         "--class_name and --class_label")
+    if args.out and os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UsageError(f"--out {args.out}: name an image file (.png, .jpg or .webp), checked before any sampling")
     if args.invert and args.classifier_ckpt:
         raise UsageError("--invert runs DDIM's ODE both ways without a classifier (ddim_invert); leave out --classifier_ckpt")
     if args.upscale is not None and args.upscale < 2:

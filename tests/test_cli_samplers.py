@@ -113,6 +113,10 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--interpolate", "1"], ("--interpolate 1",)),
     (["--interpolate", "4", "--eta", "1"], ("--interpolate", "eta")),
     (["--sampler", "ddim", "--eta", "1.5"], ("--eta 1.5", "between 0")),
+    (["--guidance_scale", "nan"], ("--guidance_scale", "finite")),
+    (["--out", "grid"], ("--out grid", "image file")),  # before the sampling, not after it
+    (["--interpolate", "4", "--individual_dir", "each"], ("--interpolate", "--individual_dir")),
+    (["--invert", ".", "--class_label", "0"], ("--invert", "--class_label")),
     (["--invert", "no/such/folder"], ("--invert no/such/folder",)),
     (["--variance", "learned"], ("--variance learned",)),
 ])
