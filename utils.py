@@ -710,18 +710,28 @@ def write_json(path, result):
         json.dump(result, f, indent=2)
 
 
+def check_csv_table(path, fields, flag="--csv"):
+    """Can rows with these columns be appended to path? A tool calls this before its (long) work, so that
+    a wrong --csv fails at once rather than after the measurements, which would then be lost. Returns
+    True when the file is new or empty (it gets the header first)."""
+    import csv
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: a folder; name a .csv file")
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return True
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), None)
+    if header != list(fields):  # rows of another layout under its header would land in the wrong columns
+        raise UsageError(f"{flag} {path}: its columns are not the ones written now (a table from an older "
+                         "version, or from another tool); give a new file name")
+    return False
+
+
 def append_csv_rows(path, fields, rows):
     """Append dict rows to a CSV file, writing the header first if the file is new (the sweep tools
-    keep adding to one table). An existing file must have the same columns: appending rows of another
-    layout under its header would shift every value into the wrong column."""
+    keep adding to one table); an existing file must have the same columns (check_csv_table)."""
     import csv
-    new_file = not os.path.isfile(path) or os.path.getsize(path) == 0  # an empty file gets its header too
-    if not new_file:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header != list(fields):
-            raise UsageError(f"{path}: its columns are not the ones written now (a table from an older version, "
-                             f"or from another tool); give a new file name")
+    new_file = check_csv_table(path, fields)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -85,6 +85,13 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
         ("pets_ema", "ddim", "20"), ("again", "real", "0"), ("again", "ddim", "2"), ("again", "ddim", "20")]
     assert all(float(r["fd"]) >= -1e-6 and r["num_samples"] == "8" for r in rows)
     assert plot_path.is_file() and (root / "grids" / "pets_ema_ddim_20.png").is_file()
+    # A --csv that cannot take these rows fails before any sampling (not after it, losing the measurements).
+    other = root / "other_table.csv"
+    other.write_text("run,minutes\n")
+    swapped = [other if a == csv_path else root / "grids_refused" if a == root / "grids" else a for a in args]
+    refused = run_script("tools/sampler_sweep.py", *swapped, cwd=root, check=False)
+    assert_one_line_error(refused, "--csv", "other_table.csv: its columns are not the ones written now")
+    assert "FD" not in refused.stdout and not (root / "grids_refused").exists()
     # --save_samples: every sample as a PNG in class subfolders, for tools/evaluate.py
     run_script("tools/sampler_sweep.py", *args, "--samplers", "ddim", "--steps", "2", "--run_name", "saved",
                "--save_samples", root / "saved", cwd=root)

@@ -238,6 +238,8 @@ def test_append_csv_rows_writes_one_header_and_refuses_a_file_of_other_columns(t
     with pytest.raises(UsageError, match="table.csv: its columns are not the ones written now"):
         utils.append_csv_rows(str(path), ["a", "c", "b"], [{"a": 7, "c": 8, "b": 9}])
     assert path.read_text().splitlines() == ["a,b", "1,2", "3,4"]
+    with pytest.raises(UsageError, match="a folder; name a .csv file"):
+        utils.check_csv_table(str(tmp_path), ["a", "b"])
 
 
 def test_start_up_clean_up_removes_only_this_runs_leftover_temporaries(tmp_path):

@@ -29,8 +29,8 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from guidance import classifier_free_guidance, classifier_guidance  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_classifier, build_model  # noqa: E402
-from utils import (UsageError, append_csv_rows, from_model_range, load_checkpoint, load_weights,  # noqa: E402
-                   pick_device, save_grid)
+from utils import (UsageError, append_csv_rows, check_csv_table, from_model_range, load_checkpoint,  # noqa: E402
+                   load_weights, pick_device, save_grid)
 
 FIELDS = ["run", "mode", "scale", "sampler", "steps", "num_samples", "class_accuracy", "fd", "seconds", "device"]
 
@@ -61,6 +61,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.csv:
+        check_csv_table(args.csv, FIELDS)  # now, not after the sampling
     device = pick_device(args.device)
     state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
     class_names = state.get("class_names") or []

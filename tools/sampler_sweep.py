@@ -30,8 +30,8 @@ from ddim import SPACINGS, check_eta, ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import (UsageError, append_csv_rows, emulated_bf16_note, from_model_range, load_checkpoint,  # noqa: E402
-                   load_weights, pick_device, prepare_network, resolve_amp, save_grid, save_image)
+from utils import (UsageError, append_csv_rows, check_csv_table, emulated_bf16_note, from_model_range,  # noqa: E402
+                   load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp, save_grid, save_image)
 
 FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
 
@@ -195,6 +195,7 @@ def main(argv=None):
         raise UsageError("--num_samples must be at least 2 and --batch_size at least 1")
     for eta in args.eta:  # before any sampling, rather than after the first settings' rows
         check_eta(eta)
+    check_csv_table(args.csv, FIELDS)  # now, not after the sampling
     state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
     diffusion = GaussianDiffusion(**state["diffusion_config"])
     bad = [s for s in args.steps if not 1 <= s <= diffusion.timesteps]

@@ -41,8 +41,9 @@ from classifier import features_and_logits, feature_statistics, frechet_distance
 from ddpm import GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
 from sampler_sweep import check_classifier_fits, draw_samples  # noqa: E402
-from utils import (UsageError, append_csv_rows, emulated_bf16_note, fit_images, keep_freed_memory,  # noqa: E402
-                   load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp, save_grid)
+from utils import (UsageError, append_csv_rows, check_csv_table, emulated_bf16_note, fit_images,  # noqa: E402
+                   keep_freed_memory, load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp,
+                   save_grid)
 
 FIELDS = ["run", "minutes", "step", "num_samples", "sampler", "steps", "fd", "class_accuracy", "rarest_class",
           "sample_seconds", "source"]
@@ -132,8 +133,9 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.ckpt and not args.peer:
         raise UsageError("nothing to score: pass --ckpt checkpoints and/or --peer NAME=PATH")
-    if args.num_samples < 2:
-        raise UsageError(f"--num_samples {args.num_samples}: must be at least 2")
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise UsageError(f"--num_samples {args.num_samples}, --batch_size {args.batch_size}: need at least 2 and 1")
+    check_csv_table(args.csv, FIELDS)  # now, not after the sampling
     keep_freed_memory()
     device = pick_device(args.device)
     amp = resolve_amp(args.amp, device)
