@@ -164,3 +164,8 @@ def test_guidance_sweep_tool_draws_classes_against_scales(trained, tmp_path):
                trained / "checkpoints" / "pets_classifier_ema.pt", "--scales", "0", "5", "--steps", "3",
                "--sampler", "ddim", "--out", tmp_path / "cg.png", cwd=tmp_path)
     assert Image.open(tmp_path / "cg.png").size == (2 + 2 * 10, 2 + 3 * 10)
+    for flags, fragment in ((["--classes", "3"], "--classes [3]: class indices run from 0 to 2"),
+                            (["--per_class", "1", "--show", "2"], "--show 2: between 1 and --per_class 1")):
+        refused = run_script("tools/guidance_sweep.py", "--ckpt", ckpt, "--out", "x.png", "--steps", "3", *flags,
+                             cwd=tmp_path, check=False)
+        assert_one_line_error(refused, fragment)

@@ -90,6 +90,11 @@ def main(argv=None):
         classifier = classifier.to(device).eval()
 
     classes = args.classes if args.classes else list(range(min(10, len(class_names))))
+    if any(not 0 <= c < len(class_names) for c in classes):  # index len(class_names) is the "no label" row
+        raise UsageError(f"--classes {args.classes}: class indices run from 0 to {len(class_names) - 1} "
+                         f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''})")
+    if not 1 <= args.show <= args.per_class:  # more would show the next class's samples in this class's row
+        raise UsageError(f"--show {args.show}: between 1 and --per_class {args.per_class}")
     size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
     labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)
     noise = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(args.seed)).to(device)
