@@ -613,10 +613,12 @@ def check_output_folder(folder, flag, bytes_needed=0):
                          f"{bytes_needed / 2**20:.0f} MB; free some space or pick another folder")
 
 
-def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt"):
+def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt", task=None):
     """Load a checkpoint written by train.py: CPU first, weights_only=True (no arbitrary code runs),
     with a one-line UsageError for a missing file, a file that is not a checkpoint, or missing keys.
-    flag: the option that named the file, so that the error names it (--ckpt, --classifier_ckpt ...)."""
+    flag: the option that named the file, so that the error names it (--ckpt, --classifier_ckpt ...).
+    task: the train.py --task the caller can use ("diffusion": models that draw from noise alone; a
+    super-resolution or image-to-image model needs input images that only sample.py gives it)."""
     if not os.path.isfile(path):
         raise UsageError(f"{flag} {path}: no such file; train one first (python train.py ...) or check the path")
     try:
@@ -624,7 +626,12 @@ def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="-
     except Exception as error:
         raise UsageError(f"{flag} {path}: not a checkpoint this repository can read ({type(error).__name__}); "
                          "pass a .pt file written by train.py") from None
-    return check_keys(state, path, required, flag)
+    check_keys(state, path, required, flag)
+    if task is not None and state.get("task", "diffusion") != task:
+        raise UsageError(f"{flag} {path}: a --task {state['task']} model; this needs a --task {task} one"
+                         + (f" (sample it with python sample.py --ckpt {path} --cond_images ...)"
+                            if state["task"] in ("super_resolution", "image_to_image") else ""))
+    return state
 
 
 def check_keys(state, path, required, flag="--ckpt"):

@@ -101,6 +101,10 @@ def test_super_resolution_of_your_own_images(trained, tmp_path):
     assert Image.open(tmp_path / "sr_big.png").size == (2 + 3 * 18, 2 + 4 * 18)
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "needs input images", "--cond_images")
+    # The tools that sample from noise alone refuse it by name, rather than fail inside the network.
+    bad = run_script("tools/nll.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--dataset_path",
+                     tmp_path / "big", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "pets_sr_ema.pt: a --task super_resolution model", "sample.py")
 
 
 def test_upscaling_modes(trained, tmp_path):

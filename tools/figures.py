@@ -87,7 +87,7 @@ def training_figure(checkpoint_paths, path, num_samples=4, sample_steps=50, seed
     from improved_ddpm import respace
     rows, steps = [], []
     for ckpt in checkpoint_paths:
-        state = load_checkpoint(ckpt, required=("model_config", "diffusion_config", "model", "ema"))
+        state = load_checkpoint(ckpt, required=("model_config", "diffusion_config", "model", "ema"), task="diffusion")
         config, size = state["model_config"], state["model_config"]["image_size"]
         diffusion = GaussianDiffusion(**state["diffusion_config"])
         if sample_steps < diffusion.timesteps:

@@ -64,7 +64,7 @@ def main(argv=None):
     if args.csv:
         check_csv_table(args.csv, FIELDS)  # now, not after the sampling
     device = pick_device(args.device)
-    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
+    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"), task="diffusion")
     class_names = state.get("class_names") or []
     if not class_names:
         raise UsageError(f"--ckpt {args.ckpt}: not class-conditional; guidance sweeps need classes")

@@ -44,7 +44,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.num_images < 0 or args.batch_size < 1:
         raise UsageError("--num_images must be >= 0 and --batch_size >= 1")
-    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
+    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"), task="diffusion")
     config = state["model_config"]
     class_names = state.get("class_names") or []
     dataset = ImageFolderDataset(args.dataset_path, config["image_size"], config["in_channels"])

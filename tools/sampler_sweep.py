@@ -196,7 +196,7 @@ def main(argv=None):
     for eta in args.eta:  # before any sampling, rather than after the first settings' rows
         check_eta(eta)
     check_csv_table(args.csv, FIELDS)  # now, not after the sampling
-    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"))
+    state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"), task="diffusion")
     diffusion = GaussianDiffusion(**state["diffusion_config"])
     bad = [s for s in args.steps if not 1 <= s <= diffusion.timesteps]
     if bad:

@@ -175,7 +175,7 @@ def main(argv=None):
     score("real", real[:args.num_samples], 0.0, 0, real_labels[:args.num_samples], source=args.reference_path)
     generator = torch.Generator().manual_seed(args.seed)
     for path in args.ckpt:
-        state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"))
+        state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), task="diffusion")
         if "train_seconds" not in state:
             raise UsageError(f"--ckpt {path}: it does not record its training time (train_seconds); it was "
                              "written before train.py stored it, so it has no place on a time axis")
