@@ -92,6 +92,15 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
     refused = run_script("tools/sampler_sweep.py", *swapped, cwd=root, check=False)
     assert_one_line_error(refused, "--csv", "other_table.csv: its columns are not the ones written now")
     assert "FD" not in refused.stdout and not (root / "grids_refused").exists()
+    # A reference folder with other class folders than the model's classes: label k would name another class.
+    import shutil
+    extra = root / "pets_plus"
+    shutil.copytree(folder, extra, dirs_exist_ok=True)
+    (extra / "zebra").mkdir(exist_ok=True)
+    shutil.copy(next((extra / "cat").iterdir()), extra / "zebra" / "z.png")
+    swapped = [extra if a == folder else root / "grids_refused" if a == root / "grids" else a for a in args]
+    assert_one_line_error(run_script("tools/sampler_sweep.py", *swapped, cwd=root, check=False), "--reference_path",
+                          "its class folders (cat, dog, zebra) are not the model's classes (cat, dog)")
     # --save_samples: every sample as a PNG in class subfolders, for tools/evaluate.py
     run_script("tools/sampler_sweep.py", *args, "--samplers", "ddim", "--steps", "2", "--run_name", "saved",
                "--save_samples", root / "saved", cwd=root)

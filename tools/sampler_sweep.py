@@ -163,6 +163,16 @@ def check_classifier_fits(classifier_state, model_config, class_names, flag="--c
         raise UsageError(f"{flag}: its classes differ from the model's")
 
 
+def check_reference_classes(found, expected, flag):
+    """The reference folder's class subfolders must be the classes the labels index (the model's, or the
+    classifier's): with one more or one fewer, label k names another class and the floor's proportions
+    and every class accuracy go quietly wrong."""
+    if expected and found != expected:
+        shown = (lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""))
+        raise UsageError(f"{flag}: its class folders ({shown(found) or 'none'}) are not the model's classes "
+                         f"({shown(expected)}); point it at held-out images with the same class folders")
+
+
 def plot(csv_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -225,6 +235,7 @@ def main(argv=None):
     limit = args.num_reference + args.num_samples if args.num_reference else 0
     real, real_labels, real_classes = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
                                                   flag="--reference_path")
+    check_reference_classes(real_classes, class_names, f"--reference_path {args.reference_path}")
     if len(real) < 2 * args.num_samples:
         raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least twice "
                          f"--num_samples ({2 * args.num_samples})")

@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from sampler_sweep import check_classifier_fits, draw_samples  # noqa: E402
+from sampler_sweep import check_classifier_fits, check_reference_classes, draw_samples  # noqa: E402
 from utils import (UsageError, append_csv_rows, check_csv_table, emulated_bf16_note, fit_images,  # noqa: E402
                    keep_freed_memory, load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp,
                    save_grid)
@@ -148,8 +148,10 @@ def main(argv=None):
     num_classes = len(classifier_state["class_names"])
     # One random draw of real images: the first num_samples are scored like samples (the floor), the rest
     # give the reference statistics.
-    real, real_labels, _ = load_folder(args.reference_path, size, channels, args.num_reference + args.num_samples,
-                                       seed=args.seed, flag="--reference_path")
+    real, real_labels, real_classes = load_folder(args.reference_path, size, channels,
+                                                  args.num_reference + args.num_samples, seed=args.seed,
+                                                  flag="--reference_path")
+    check_reference_classes(real_classes, classifier_state["class_names"], f"--reference_path {args.reference_path}")
     if len(real) < 2 * args.num_samples:
         raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least twice "
                          f"--num_samples ({2 * args.num_samples})")

@@ -52,7 +52,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, load_classifier, load_folder  # noqa: E402
 from ddpm import PREDICTIONS, SCHEDULES, SIMPLE_LOSSES, GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from sampler_sweep import check_classifier_fits, draw_samples, score_images, split_floor_and_reference  # noqa: E402
+from sampler_sweep import (check_classifier_fits, check_reference_classes, draw_samples, score_images,  # noqa: E402
+                           split_floor_and_reference)
 from utils import UsageError, load_checkpoint, load_weights, make_grid_image, pick_device, prepare_network  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -332,8 +333,9 @@ def main(argv=None):
         labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
         if reference is None:  # once, at the first model's image size: the floor row and the statistics
             limit = args.num_reference + args.num_samples if args.num_reference else 0
-            real, real_labels, _ = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
-                                               flag="--reference_path")
+            real, real_labels, real_classes = load_folder(args.reference_path, size, channels, limit,
+                                                          seed=args.seed, flag="--reference_path")
+            check_reference_classes(real_classes, class_names, f"--reference_path {args.reference_path}")
             if len(real) < 2 * args.num_samples:
                 raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least "
                                  f"twice --num_samples ({2 * args.num_samples})")
