@@ -172,6 +172,13 @@ def check_args(args, timesteps):
         raise UsageError("--interpolate and --invert write one grid (--out): leave out --individual_dir and --gif; "
                          "their classes come from the images (--invert) or in turn (--interpolate), so leave out "
                          "--class_name and --class_label")
+    if args.individual_dir and os.path.exists(args.individual_dir):
+        if not os.path.isdir(args.individual_dir):
+            raise UsageError(f"--individual_dir {args.individual_dir}: a file; name a folder")
+        earlier = [f for f in os.listdir(args.individual_dir) if f.startswith("sample_") and f.endswith(".png")]
+        if earlier:  # they would be overwritten, or, with fewer samples now, mixed with these (evaluate.py)
+            raise UsageError(f"--individual_dir {args.individual_dir}: already holds {len(earlier)} sample_*.png "
+                             "from an earlier run; pick a new folder (or move those away)")
     if args.out and os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out {args.out}: name an image file (.png, .jpg or .webp), checked before any sampling")
     if args.invert and args.classifier_ckpt:

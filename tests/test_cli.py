@@ -63,6 +63,11 @@ def test_train_then_sample_with_only_the_checkpoint_path(tmp_path, image_folder)
     gif = Image.open(tmp_path / "reverse.gif")
     assert gif.n_frames == 6  # the first step and every 4th of T = 20
     assert (tmp_path / "grid.png").is_file()
+    # The same folder again: its samples would be overwritten or mixed with new ones; refused before sampling.
+    again = run_script("sample.py", "--ckpt", "checkpoints/pets.pt", "--num_samples", "1", "--individual_dir", "each",
+                       cwd=tmp_path, check=False)
+    assert_one_line_error(again, "--individual_dir each: already holds 6 sample_*.png")
+    assert sorted(os.listdir(tmp_path / "each")) == files
 
 
 def test_resume_continues_at_the_saved_step_with_the_saved_settings(tmp_path, image_folder):
