@@ -53,3 +53,6 @@ def test_figure_commands_write_their_pngs(tmp_path, monkeypatch):
                         "--out", "t.png", cwd=tmp_path)
     assert "steps [1, 2]" in result.stdout  # sorted by step
     assert Image.open(tmp_path / "t.png").size == (2 + 4 * 18, 2 + 2 * 18)  # 2 raw + 2 EMA per row, 2 rows
+    bad = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_step0000002.pt",
+                     "--sample_steps", "0", "--out", "t0.png", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--sample_steps 0")

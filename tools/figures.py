@@ -147,6 +147,8 @@ def main(argv=None):
         schedules_figure(args.timesteps, args.out)
         print(f"alpha_bar and log SNR for T = {args.timesteps} -> {args.out}")
     else:
+        if args.num_samples < 1 or args.sample_steps < 1:  # (respace would name --steps, sample.py's flag)
+            raise UsageError(f"--num_samples {args.num_samples}, --sample_steps {args.sample_steps}: at least 1 each")
         ckpts = sorted(args.ckpts)
         steps = training_figure(ckpts, args.out, args.num_samples, args.sample_steps)
         print(f"raw | EMA samples at steps {steps} -> {args.out}")
