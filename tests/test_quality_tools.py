@@ -119,6 +119,27 @@ def test_sampler_sweep_writes_rows_and_a_plot(trained):
     assert_one_line_error(result, "--steps [21]")
 
 
+def test_guidance_sweep_scores_each_scale_with_the_offline_classifier(trained, tmp_path):
+    """guidance_sweep.py --eval_classifier: one row per scale, with FD and class accuracy against held-out
+    images; the classifier and the reference folder must have the model's classes."""
+    root, folder = trained
+    common = ["--ckpt", root / "checkpoints" / "pets_ema.pt", "--scales", "0", "2", "--per_class", "2",
+              "--steps", "2", "--out", tmp_path / "g.png", "--eval_classifier", root / "classifier.pt",
+              "--reference_path", folder, "--num_reference", "10"]
+    run_script("tools/guidance_sweep.py", *common, "--csv", tmp_path / "g.csv", cwd=tmp_path)
+    with open(tmp_path / "g.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["scale"] for r in rows] == ["0", "2"] and all(float(r["fd"]) >= -1e-6 for r in rows)
+    assert all(0.0 <= float(r["class_accuracy"]) <= 1.0 and r["num_samples"] == "4" for r in rows)
+    import shutil
+    shutil.copytree(folder, tmp_path / "more")
+    (tmp_path / "more" / "zebra").mkdir()
+    shutil.copy(next((tmp_path / "more" / "cat").iterdir()), tmp_path / "more" / "zebra" / "z.png")
+    swapped = [tmp_path / "more" if a == folder else a for a in common]
+    assert_one_line_error(run_script("tools/guidance_sweep.py", *swapped, "--csv", tmp_path / "g2.csv", cwd=tmp_path,
+                                     check=False), "are not the model's classes")
+
+
 def test_sampler_sweep_gives_ddim_one_row_per_eta_and_spacing(trained):
     """--eta and --spacing multiply the DDIM rows; eta 0 with uniform spacing keeps the plain "ddim" label, and
     the other settings draw different images from the same starting noise."""

@@ -29,6 +29,7 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from guidance import classifier_free_guidance, classifier_guidance  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_classifier, build_model  # noqa: E402
+from sampler_sweep import check_classifier_fits, check_reference_classes  # noqa: E402
 from utils import (UsageError, append_csv_rows, check_csv_table, from_model_range, load_checkpoint,  # noqa: E402
                    load_weights, pick_device, save_grid)
 
@@ -103,9 +104,11 @@ def main(argv=None):
     scorer = None
     if args.eval_classifier:
         scorer, scorer_state = load_classifier(args.eval_classifier, "--eval_classifier")
+        check_classifier_fits(scorer_state, state["model_config"], class_names, "--eval_classifier")
         scorer = scorer.to(device)
-        real, _, _ = load_folder(args.reference_path, size, channels, args.num_reference, seed=args.seed,
-                                 flag="--reference_path")
+        real, _, real_classes = load_folder(args.reference_path, size, channels, args.num_reference, seed=args.seed,
+                                            flag="--reference_path")
+        check_reference_classes(real_classes, class_names, f"--reference_path {args.reference_path}")
         ref_mu, ref_sigma = feature_statistics(features_and_logits(scorer, real, device=device)[0])
 
     def unconditional(x, t, y):  # the network with every label replaced by "no label"
