@@ -158,6 +158,9 @@ def check_args(args, timesteps):
         raise UsageError("--interpolate and --invert use deterministic DDIM (eta 0); leave out --eta")
     if args.eta is not None:
         check_eta(args.eta)
+    if args.variance and (args.sampler == "ddim" or deterministic_mode):  # DDIM's sigma_t is eq. 16's
+        raise UsageError("--variance sets DDPM's sigma_t^2 (Algorithm 2); DDIM's noise comes from --eta (eq. 16), "
+                         "so leave out --variance or use --sampler ddpm")
     for flag in ("invert", "cond_images"):
         if getattr(args, flag) and not os.path.exists(getattr(args, flag)):
             raise UsageError(f"--{flag} {getattr(args, flag)}: no such file or folder")

@@ -114,6 +114,7 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--interpolate", "4", "--eta", "1"], ("--interpolate", "eta")),
     (["--sampler", "ddim", "--eta", "1.5"], ("--eta 1.5", "between 0")),
     (["--guidance_scale", "nan"], ("--guidance_scale", "finite")),
+    (["--sampler", "ddim", "--variance", "beta"], ("--variance", "--eta")),  # DDIM would ignore it
     (["--out", "grid"], ("--out grid", "image file")),  # before the sampling, not after it
     (["--interpolate", "4", "--individual_dir", "each"], ("--interpolate", "--individual_dir")),
     (["--invert", ".", "--class_label", "0"], ("--invert", "--class_label")),

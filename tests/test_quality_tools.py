@@ -243,7 +243,7 @@ def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     ckpt = root / "checkpoints" / "pets_ema.pt"
     peer = root / "peer.npz"
     np.savez(peer, x=np.random.default_rng(0).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), train_s=90.0, steps=7)
-    csv_path, plot_path = root / "ttq.csv", root / "ttq.png"
+    csv_path, plot_path = root / "ttq.csv", root / "plots" / "ttq.png"  # a folder it makes
     args = ["--classifier", root / "classifier.pt", "--reference_path", folder, "--num_samples", "8",
             "--num_reference", "10", "--steps", "3", "--batch_size", "5", "--csv", csv_path, "--device", "cpu"]
     run_script("tools/time_to_quality.py", "--ckpt", ckpt, "--peer", f"noise={peer}", *args, "--plot", plot_path,
