@@ -168,8 +168,7 @@ def check_args(args, timesteps):
         raise UsageError(f"--steps {args.steps}: must be between 1 and the model's T = {timesteps}")
     if args.class_name and args.class_label:
         raise UsageError("give --class_name or --class_label, not both")
-    if not (args.guidance_scale >= 0 and args.classifier_scale >= 0) or math.inf in (args.guidance_scale,
-                                                                                      args.classifier_scale):
+    if not all(math.isfinite(s) and s >= 0 for s in (args.guidance_scale, args.classifier_scale)):
         raise UsageError("--guidance_scale and --classifier_scale must be finite and >= 0 (1 and 0 mean no guidance)")
     if deterministic_mode and (args.individual_dir or args.gif or args.class_name or args.class_label):
         raise UsageError("--interpolate and --invert write one grid (--out): leave out --individual_dir and --gif; "

@@ -197,13 +197,12 @@ def vs_peers(args):
         if args.repeats > 1:
             print(f"\nrun {run + 1} of {args.repeats}")
         runs.append(one_peers_run(args, bench, precisions, fast_bf16))
-        if args.json and args.repeats > 1:  # after every run, so a stopped series keeps what it measured
-            write_json(args.json, dict(repeats=args.repeats, runs=runs, median=median_over_runs(runs)))
-    result = runs[0] if args.repeats == 1 else dict(repeats=args.repeats, runs=runs, median=median_over_runs(runs))
+        result = runs[0] if args.repeats == 1 else dict(repeats=args.repeats, runs=runs, median=median_over_runs(runs))
+        if args.json:  # after every run, so a stopped series keeps what it measured
+            write_json(args.json, result)
     if args.repeats > 1:
         print_median_table(result["median"], len(runs))
     if args.json:
-        write_json(args.json, result)
         print(f"results: {args.json}")
     return result
 

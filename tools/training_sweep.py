@@ -188,7 +188,7 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
     started = time.perf_counter()
     # A SIGTERM to the sweep alone (`kill`, `timeout`) would end it at once and leave train.py training
     # with no one waiting for it; while train.py runs, it stops the sweep through the branch below instead.
-    handles_sigterm = on_main_thread()
+    handles_sigterm = threading.current_thread() is threading.main_thread()  # where Python runs handlers
     previous_handler = signal.signal(signal.SIGTERM, stop_sweep) if handles_sigterm else None
     with open(log_path, "a") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -217,10 +217,6 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
         reason = last[-1] if last else f"exit status {returncode}"
         raise UsageError(f"run {name}: train.py stopped: {reason} (whole log: {log_path})")
     return record["train_seconds"]
-
-
-def on_main_thread():
-    return threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
 
 
 def stop_sweep(signum, frame):
