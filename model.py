@@ -47,14 +47,34 @@ DEFAULT_MODEL_CONFIG = dict(
 )
 
 
+def level_resolutions(image_size, channel_mults):
+    """The feature-map size at each UNet level: S, S/2, S/4, ... (one per --channel_mults entry)."""
+    return [image_size // 2 ** level for level in range(len(channel_mults))]
+
+
 def default_attention_resolutions(image_size, channel_mults):
-    """Attention where the feature map is 8x8 or smaller, and always at the lowest resolution (the
-    middle block has attention too). DDPM used 16x16 on 32x32 CIFAR-10, but attention is quadratic in
-    the number of pixels: on a 2-CPU machine, attention at 16x16 as well cost the default model about
-    a quarter of its training speed (tools/peer_contender.py; README, Speed). Pass
-    --attention_resolutions 16 8 to get it back."""
-    resolutions = [image_size // 2 ** level for level in range(len(channel_mults))]
-    return [r for r in resolutions if r <= 8] or [resolutions[-1]]
+    """Attention where the feature map is 8x8 or smaller. If no level is that small, at the lowest level
+    as long as it is 16x16 or smaller (DDPM's largest attention map: 16x16 on 32x32 CIFAR-10); above
+    that, only the middle block attends (it always does), because attention is quadratic in the number
+    of pixels: at 32x32 one attention layer costs about as much as the rest of its level. On a 2-CPU
+    machine, attention at 16x16 as well as 8x8 cost the default model about a quarter of its training
+    speed (tools/peer_contender.py; README, Speed). Pass --attention_resolutions 16 8 to get it back."""
+    resolutions = level_resolutions(image_size, channel_mults)
+    return [r for r in resolutions if r <= 8] or [r for r in resolutions[-1:] if r <= 16]
+
+
+def check_network_settings(image_size, channel_mults, attention_resolutions=None):
+    """One-line errors for network flags that would otherwise fail deep in torch (a multiplier of 0
+    builds a convolution with 0 channels) or silently do nothing (an attention size no level has)."""
+    check_image_size(image_size, channel_mults)
+    if any(mult < 1 for mult in channel_mults):
+        raise UsageError(f"--channel_mults {' '.join(map(str, channel_mults))}: each multiplier must be at least 1")
+    resolutions = level_resolutions(image_size, channel_mults)
+    unused = [r for r in attention_resolutions or [] if r not in resolutions]
+    if unused:
+        raise UsageError(f"--attention_resolutions {unused[0]}: no UNet level has that size; with --image_size "
+                         f"{image_size} and --channel_mults {' '.join(map(str, channel_mults))} the levels are "
+                         f"{' '.join(map(str, resolutions))}")
 
 
 def group_count(channels):
@@ -230,7 +250,7 @@ class UNet(nn.Module):
     def __init__(self, image_size, in_channels, out_channels, base_channels, channel_mults, num_res_blocks,
                  attention_resolutions, dropout, num_classes, head_channels, cond_channels, cond_augment):
         super().__init__()
-        check_image_size(image_size, channel_mults)
+        check_network_settings(image_size, channel_mults)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
         self.cond_channels = cond_channels
         # Gradient checkpointing (run_block); train.py sets model.grad_checkpointing = True. A runtime
@@ -319,7 +339,7 @@ class NoisyClassifier(nn.Module):
     def __init__(self, image_size, in_channels, base_channels, channel_mults, num_res_blocks,
                  attention_resolutions, dropout, num_classes, head_channels):
         super().__init__()
-        check_image_size(image_size, channel_mults)
+        check_network_settings(image_size, channel_mults)
         self.image_size, self.in_channels = image_size, in_channels
         self.grad_checkpointing = False  # as in UNet: a runtime switch, not part of the config
         embedding_dim = 4 * base_channels

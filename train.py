@@ -58,8 +58,8 @@ from cold import COLD_LOSSES, DEGRADATIONS, ColdDiffusion
 from ddpm import LOSSES, PREDICTIONS, SCHEDULES, VLB_LOSSES, GaussianDiffusion
 from guidance import classifier_training_loss, drop_labels, noisy_accuracy
 from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
-from model import (build_classifier, build_model, count_parameters, resolve_classifier_config,
-                   resolve_model_config)
+from model import (build_classifier, build_model, check_network_settings, count_parameters,
+                   resolve_classifier_config, resolve_model_config)
 from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLog, compile_or_fallback,
                      endless_batches, quiet_worker_signals, restore_rng_states, rng_states, setup_distributed,
                      shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
@@ -154,7 +154,8 @@ def parse_args(argv=None):
                        help="channel multiplier per UNet level; each extra level halves the resolution")
     model.add_argument("--num_res_blocks", type=int, default=2, help="residual blocks per level")
     model.add_argument("--attention_resolutions", type=int, nargs="*", default=None,
-                       help="feature-map sizes that get self-attention; default: 8x8 and below (at least the lowest level)")
+                       help="feature-map sizes that get self-attention (none: only the middle block); "
+                            "default: 8x8 and below, else the lowest level if it is 16x16 or smaller")
     model.add_argument("--dropout", type=float, default=0.1, help="dropout inside residual blocks")
 
     train = p.add_argument_group("optimisation")
@@ -256,6 +257,8 @@ def check_args(args):
         raise UsageError(f"--keep_last {args.keep_last}: must be 0 (only <run>.pt) or more")
     if not 0.0 <= args.p_uncond < 1.0:
         raise UsageError(f"--p_uncond {args.p_uncond}: must be in [0, 1) (0.1 is the usual; 1 would never use the labels)")
+    # The network's shape flags, before the data is read. On --resume they are the saved run's, built before.
+    check_network_settings(args.image_size, args.channel_mults, None if args.resume else args.attention_resolutions)
     if args.dataset_path and args.dataset:
         raise UsageError("give either --dataset_path (your folder) or --dataset (a built-in), not both")
     if args.process == "cold":

@@ -140,6 +140,8 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
     (["--warmup_steps", "-1"], ("--warmup_steps -1",)),
     (["--weight_decay", "-0.1"], ("--weight_decay -0.1",)),
     (["--num_workers", "-1"], ("--num_workers -1",)),
+    (["--channel_mults", "1", "0"], ("--channel_mults 1 0", "at least 1")),  # a convolution with 0 channels
+    (["--attention_resolutions", "4"], ("--attention_resolutions 4", "16 8")),  # 16x16, 2 levels: never used
 ])
 def test_bad_training_combinations_are_one_line_errors(tmp_path, image_folder, flags, fragments):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, *flags, cwd=tmp_path,

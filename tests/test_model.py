@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import randomise_zero_inits
-from model import (AttentionBlock, Dropout, ResBlock, build_classifier, build_model, count_parameters, resolve_model_config,
-                   timestep_embedding)
+from model import (AttentionBlock, Dropout, ResBlock, build_classifier, build_model, check_network_settings,
+                   count_parameters, default_attention_resolutions, resolve_model_config, timestep_embedding)
 from utils import UsageError
 
 TINY = dict(base_channels=16, channel_mults=[1, 2], num_res_blocks=1)
@@ -75,6 +75,26 @@ def test_config_is_plain_and_rebuilds_the_same_network():
 def test_default_model_is_small():
     """About 1.5 M parameters: a size a 2-core CPU trains in minutes."""
     assert 1.2e6 < count_parameters(build_model({})) < 2.0e6
+
+
+def test_default_attention_never_goes_above_16x16():
+    """8x8 and below; else the lowest level up to DDPM's 16x16; else only the middle block attends."""
+    assert default_attention_resolutions(32, [1, 2, 2]) == [8]
+    assert default_attention_resolutions(256, [1, 1, 2, 2, 4, 4]) == [8]
+    assert default_attention_resolutions(96, [1, 2, 2, 2]) == [12]   # 96 48 24 12: the lowest level
+    assert default_attention_resolutions(32, [1, 2]) == [16]
+    assert default_attention_resolutions(32, [1]) == []              # 1024-token attention in 5 blocks, before
+    model = build_model(dict(image_size=32, channel_mults=[1], num_res_blocks=1, base_channels=8))
+    assert sum(isinstance(m, AttentionBlock) for m in model.modules()) == 1  # the middle block's
+
+
+def test_bad_network_settings_are_clear_errors():
+    with pytest.raises(UsageError, match="--channel_mults 1 0: each multiplier must be at least 1"):
+        build_model(dict(image_size=16, channel_mults=[1, 0]))
+    with pytest.raises(UsageError, match="--attention_resolutions 32: .* the levels are 16 8"):
+        check_network_settings(16, [1, 2], [8, 32])
+    check_network_settings(16, [1, 2], [16, 8])  # both are level sizes
+    check_network_settings(16, [1, 2], [])       # none: only the middle block attends
 
 
 def test_image_size_the_unet_cannot_halve_is_a_clear_error():

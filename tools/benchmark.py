@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddim import ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
-from model import build_model, count_parameters, resolve_model_config  # noqa: E402
+from model import build_model, check_network_settings, count_parameters, resolve_model_config  # noqa: E402
 from utils import (AutocastNetwork, UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint,  # noqa: E402
                    peak_memory_mb, pick_device, reset_peak_memory, resolve_amp, resolve_channels_last, write_json)
 
@@ -428,6 +428,7 @@ def network(args):
             raise UsageError(f"--ckpt {args.ckpt}: only unconditioned or class-conditional diffusion models "
                              "are benchmarked so far")
         return state["model_config"], GaussianDiffusion(**state["diffusion_config"])
+    check_network_settings(args.image_size, args.channel_mults, args.attention_resolutions)
     config = resolve_model_config(image_size=args.image_size, in_channels=args.channels, out_channels=args.channels,
                                   base_channels=args.base_channels, channel_mults=args.channel_mults,
                                   num_res_blocks=args.num_res_blocks, num_classes=args.num_classes, dropout=args.dropout,
