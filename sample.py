@@ -343,7 +343,8 @@ def sample_cold(args, path, state, device):
     images = torch.cat(images)
     out_path = args.out or os.path.join("samples", f"{name}.png")
     save_grid(images, out_path, nrow=nrow)
-    print(f"grid of {len(images)} samples in {time.perf_counter() - started:.1f} s ({process.timesteps} network calls "
+    calls = process.timesteps - (len(process.no_op_levels) if args.cold_sampler == "improved" else 0)  # cold.py
+    print(f"grid of {len(images)} samples in {time.perf_counter() - started:.1f} s ({calls} network calls "
           f"each, {args.cold_sampler} sampler): {out_path}")
     if args.individual_dir:
         save_individual(images, args.individual_dir, [class_names[c] for c in labels.tolist()] if class_names else None)

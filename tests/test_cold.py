@@ -54,7 +54,34 @@ def test_a_perfect_restorer_brings_both_algorithms_back_to_x0_exactly(degradatio
     x_T = process.degrade(x0, torch.full((3,), 10, dtype=torch.long))
     out = process.sample(perfect, x_T, sampler=sampler, progress=False)
     assert torch.allclose(out, x0, atol=1e-6)
-    assert calls == list(range(9, -1, -1))  # the network sees code t = s - 1, from T-1 down to 0
+    # The network sees code t = s - 1, from T-1 down to 0; Algorithm 2 skips levels where it would do nothing.
+    skipped = process.no_op_levels if sampler == "improved" else set()
+    assert calls == [s - 1 for s in range(10, 0, -1) if s not in skipped]
+
+
+@pytest.mark.parametrize("degradation", DEGRADATIONS)
+def test_algorithm_2_skips_exactly_the_levels_where_its_step_changes_nothing(degradation):
+    """Pixelate (block counts) and mask (square sides) have fewer distinct operators than levels when
+    T >= S. Skipping those levels must give the full loop's result with fewer network calls."""
+    process, x0 = ColdDiffusion(degradation, timesteps=20, image_size=8), images()
+    basis = torch.eye(64).view(64, 1, 8, 8)  # D applied to every one-hot image: the whole operator
+    level = lambda s: torch.full((64,), s, dtype=torch.long)
+    same = [torch.equal(process.degrade(basis, level(s)), process.degrade(basis, level(s - 1))) for s in range(1, 21)]
+    assert process.no_op_levels == {s for s in range(1, 21) if same[s - 1]}
+    assert (len(process.no_op_levels) > 0) == (degradation in ("pixelate", "mask"))
+    calls = []
+
+    def restorer(xt, t, y):  # imperfect, and different at every level
+        calls.append(int(t[0]))
+        return torch.tanh(xt * (1 + t.view(-1, 1, 1, 1) / 20) + 0.1)
+    x = x_T = process.degrade(x0, torch.full((3,), 20, dtype=torch.long))
+    for s in range(20, 0, -1):  # Algorithm 2 at every level, as printed
+        level = torch.full((3,), s, dtype=torch.long)
+        x0_hat = restorer(x, level - 1, None).clamp(-1, 1)
+        x = x - process.degrade(x0_hat, level) + process.degrade(x0_hat, level - 1)
+    calls.clear()
+    assert torch.allclose(process.sample(restorer, x_T, progress=False), x, atol=1e-6)
+    assert len(calls) == 20 - len(process.no_op_levels)
 
 
 def test_algorithm_2_cancels_an_error_every_level_keeps_and_algorithm_1_passes_it_on():
