@@ -8,6 +8,7 @@ Run with:  python -m pytest -q tests/test_tools.py
 
 import csv
 import io
+import os
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,21 @@ def test_resize_skips_existing_unless_overwrite(tmp_path, src):
     r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1, "--overwrite")
     assert r.returncode == 0 and "written:  5" in r.stdout
     assert Image.open(marker).size == (8, 8)
+
+
+def test_resize_removes_temp_files_a_killed_run_left(tmp_path, src):
+    """kill -9 mid-save leaves a hidden .NAME.tmpPID; the next run deletes it once PID is gone, and
+    keeps a live writer's temp file and anything that only looks similar."""
+    dst = tmp_path / "out"
+    assert run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1).returncode == 0
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = dst / f"cat/.bands.png.tmp{int(gone.stdout)}"
+    live, lookalike = dst / f"cat/.alpha.png.tmp{os.getpid()}", dst / "dog/.notes.tmpdraft"
+    for path in (stale, live, lookalike):
+        path.write_bytes(b"partial")
+    r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1)
+    assert r.returncode == 0 and "removed 1 partial temp files" in r.stdout
+    assert not stale.exists() and live.exists() and lookalike.exists()
 
 
 def test_resize_parallel_png_and_forced_mode(tmp_path, src):

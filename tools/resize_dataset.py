@@ -30,7 +30,8 @@ Notes:
 - Files that cannot be read are not written and are listed in the summary; nothing
   else happens to them. Nothing in SRC_DIR is ever changed or deleted.
 - Existing output files are skipped unless --overwrite is given, so an interrupted
-  run can simply be started again.
+  run can simply be started again. Each file is written to a hidden temp file and renamed
+  into place; temp files left by a killed run are removed when the next run starts.
 
 This script is deliberately self-contained (standard library, numpy, pillow, tqdm only)
 so it works before the rest of the repository is set up.
@@ -39,6 +40,7 @@ so it works before the rest of the repository is set up.
 import argparse
 import os
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -124,6 +126,36 @@ def save_atomically(img, dst, pil_format, quality):
     finally:
         if tmp.exists():  # only our own partial temp file, never user data
             tmp.unlink()
+
+
+def process_is_running(pid):
+    """Whether a process with this id exists. Signal 0 only asks (POSIX); on Windows os.kill would
+    end the process instead, so there a temp file counts as live for its first 10 minutes."""
+    if os.name == "nt":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(dst):
+    """Delete the hidden temp files (save_atomically) that a killed run (kill -9, a crash, a power cut)
+    left under dst: those whose writer process is gone, or, where that cannot be asked, that are over
+    10 minutes old. They hold only partial copies of our own outputs. Returns how many went."""
+    removed = 0
+    for path in dst.rglob(".*.tmp*") if dst.is_dir() else []:
+        pid = path.name.rsplit(".tmp", 1)[1]
+        if not path.is_file() or not pid.isdigit():
+            continue
+        running = process_is_running(int(pid))
+        if running is False or (running is None and time.time() - path.stat().st_mtime > 600):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def resize_one(job, size, quality, mode, dry_run):
@@ -233,6 +265,8 @@ def main():
     args = parse_args()
     src, dst = check_args(args)
 
+    if not args.dry_run and (removed := remove_stale_temp_files(dst)):
+        print(f"removed {removed} partial temp files that a killed run left in {dst}")
     rels = find_images(src)
     if not rels:
         sys.exit(f"error: no images found in {args.src_dir} (searched recursively for files "
