@@ -115,8 +115,9 @@ class SharedRandomness:
 
 
 def rng_states(randomness, device, world_size):
-    """Every random stream a resumed run needs, as a plain dict: torch's global generator (dropout)
-    on each process, CUDA's on each GPU, and the shared one (SharedRandomness)."""
+    """Every random stream a resumed run needs, as a plain dict: torch's global generator on each
+    process, CUDA's on each GPU (dropout on a GPU draws from it), Apple MPS's (the same, on a Mac: one
+    process), and the shared one (SharedRandomness)."""
     mine = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     everyone = [mine]
     if world_size > 1:
@@ -124,6 +125,7 @@ def rng_states(randomness, device, world_size):
         dist.all_gather_object(everyone, mine)
     return dict(torch=[s["torch"] for s in everyone],
                 cuda=[s["cuda"] for s in everyone] if device.type == "cuda" else [],
+                **({"mps": torch.mps.get_rng_state()} if device.type == "mps" else {}),
                 shared=randomness.generator.get_state())
 
 
@@ -136,6 +138,8 @@ def restore_rng_states(rng, randomness, device, rank, world_size):
     torch.set_rng_state(rng["torch"][rank])
     if device.type == "cuda" and rng["cuda"]:
         torch.cuda.set_rng_state(rng["cuda"][rank], device)
+    if device.type == "mps" and "mps" in rng:  # runs saved before this key resume, drawing other masks
+        torch.mps.set_rng_state(rng["mps"])
     randomness.generator.set_state(rng["shared"])
     return True
 

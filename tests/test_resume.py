@@ -320,6 +320,20 @@ def test_rng_states_put_back_draw_the_same_numbers_again():
     assert not restore_rng_states(dict(torch=torch.get_rng_state(), cuda=[]), randomness, cpu, 0, 1)  # older file
 
 
+def test_an_apple_gpu_run_saves_and_restores_its_dropout_stream(monkeypatch):
+    """On MPS, dropout draws from the MPS generator, not torch's CPU one: it is saved too. (No Mac here:
+    torch.mps's two calls are stood in for; the device object itself needs no Mac.)"""
+    from scaling import SharedRandomness, restore_rng_states, rng_states
+    mps_state, put_back = torch.tensor([1, 2, 3], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: mps_state.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", put_back.append)
+    randomness = SharedRandomness(seed=3, rank=0, world_size=1, device=torch.device("cpu"))
+    saved = rng_states(randomness, torch.device("mps"), world_size=1)
+    assert torch.equal(saved["mps"], mps_state) and "mps" not in rng_states(randomness, torch.device("cpu"), 1)
+    assert restore_rng_states(saved, randomness, torch.device("mps"), rank=0, world_size=1)
+    assert len(put_back) == 1 and torch.equal(put_back[0], mps_state)
+
+
 def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_process_zero(tmp_path):
     from scaling import TrainingLog, log_fields
     log = TrainingLog(str(tmp_path / "run"), timesteps=8, resumed_step=None)
