@@ -37,6 +37,18 @@ def randomise_zero_inits(model):
     return model.eval()
 
 
+def record_step_noise(monkeypatch):
+    """Every torch.randn_like draw from here on (the samplers' per-step z), in a list."""
+    drawn, real_randn_like = [], torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x, **k: drawn.append(real_randn_like(x, **k)) or drawn[-1])
+    return drawn
+
+
+def correlation(a, b):
+    """Pearson correlation of two tensors' values."""
+    return torch.corrcoef(torch.stack([a.flatten().float(), b.flatten().float()]))[0, 1].item()
+
+
 def make_image_folder(root, classes=("cat", "dog"), per_class=6, seed=0):
     """A folder of small random PNG/JPEG images of assorted sizes and modes, one subfolder per class."""
     rng = np.random.default_rng(seed)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+from conftest import (TINY_TRAIN_FLAGS, assert_one_line_error, correlation, make_image_folder, record_step_noise,
+                      run_script)
 
 STEPS = ["--max_steps", "3", "--save_every", "3", "--sample_every", "3"]
 
@@ -158,12 +159,17 @@ def test_image_to_image_from_paired_folders(tmp_path):
     assert_one_line_error(bad, "--cond_path")
 
 
-def test_guidance_sweep_tool_draws_classes_against_scales(trained, tmp_path):
+def test_guidance_sweep_tool_draws_classes_against_scales(trained, tmp_path, monkeypatch):
     ckpt = trained / "checkpoints" / "pets_ema.pt"
+    drawn = record_step_noise(monkeypatch)
     result = run_script("tools/guidance_sweep.py", "--ckpt", ckpt, "--scales", "0", "1", "3", "--per_class", "2",
                         "--show", "2", "--steps", "3", "--out", tmp_path / "cfg.png", cwd=tmp_path)
     assert "columns: scales 0, 1, 3" in result.stdout
     assert Image.open(tmp_path / "cfg.png").size == (2 + 6 * 10, 2 + 3 * 10)   # 3 classes x (3 scales x 2)
+    # x_T comes from --seed 0, the per-step noise from seed + 1: the first z is not x_T again
+    x_T = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert len(drawn) == 3 * 3 and drawn[0].shape == x_T.shape and abs(correlation(drawn[0], x_T)) < 0.2
+    monkeypatch.undo()
     run_script("tools/guidance_sweep.py", "--ckpt", ckpt, "--mode", "classifier", "--classifier_ckpt",
                trained / "checkpoints" / "pets_classifier_ema.pt", "--scales", "0", "5", "--steps", "3",
                "--sampler", "ddim", "--out", tmp_path / "cg.png", cwd=tmp_path)

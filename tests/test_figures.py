@@ -5,7 +5,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, make_image_folder, run_script
+from conftest import (ROOT, TINY_TRAIN_FLAGS, assert_one_line_error, correlation, make_image_folder, record_step_noise,
+                      run_script)
 
 sys.path.insert(0, str(ROOT / "tools"))
 from figures import forward_figure, schedule_curves  # noqa: E402
@@ -52,6 +53,12 @@ def test_figure_commands_write_their_pngs(tmp_path, monkeypatch):
                         "checkpoints/pets_step0000001.pt", "--num_samples", "2", "--sample_steps", "3",
                         "--out", "t.png", cwd=tmp_path)
     assert "steps [1, 2]" in result.stdout  # sorted by step
+    # The per-step noise does not repeat x_T: both come from seed 0 unless the steps take seed + 1.
+    drawn = record_step_noise(monkeypatch)
+    run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_step0000002.pt", "--num_samples", "8",
+               "--sample_steps", "3", "--out", "t1.png", cwd=tmp_path)
+    x_T = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert len(drawn) == 2 * 3 and drawn[0].shape == x_T.shape and abs(correlation(drawn[0], x_T)) < 0.2
     assert Image.open(tmp_path / "t.png").size == (2 + 4 * 18, 2 + 2 * 18)  # 2 raw + 2 EMA per row, 2 rows
     bad = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_step0000002.pt",
                      "--sample_steps", "0", "--out", "t0.png", cwd=tmp_path, check=False)
