@@ -272,6 +272,18 @@ def test_clean_bad_input_is_one_line_error(tmp_path, data):
     assert not (data / "rej").exists()
 
 
+def test_clean_move_to_a_folder_it_cannot_write_stops_before_moving_anything(tmp_path, data, monkeypatch):
+    """The check runs before the scan, so no file is moved before a failure. The tests run as root, for
+    whom every folder is writable: os.access is stood in for, saying no for tmp_path (where
+    data_rejected would be created) and yes elsewhere, inside this process."""
+    before = snapshot(data)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    refused = run_script("tools/clean_dataset.py", data, "--move", cwd=tmp_path, check=False, in_process=True)
+    assert_one_line_error(refused, "cannot create or write the rejected folder", str(tmp_path / "data_rejected"))
+    assert snapshot(data) == before and not (tmp_path / "data_rejected").exists()
+
+
 # --------------------------------------------------------------------------- export_dataset.py
 
 
