@@ -1,6 +1,7 @@
 """tools/classifier.py, tools/sampler_sweep.py and tools/nll.py: the Frechet distance's mathematics and
 each tool end to end on tiny data."""
 import csv
+import shutil
 import sys
 
 import numpy as np
@@ -68,6 +69,22 @@ def test_classifier_checkpoint_describes_itself(trained):
     state = torch.load(root / "classifier.pt", map_location="cpu", weights_only=True)
     assert state["config"] == dict(image_size=16, channels=3, num_classes=2)
     assert state["class_names"] == ["cat", "dog"] and 0.0 <= state["test_accuracy"] <= 1.0 and state["seed"] == 0
+
+
+def test_classifier_out_never_replaces_a_training_run(trained, tmp_path):
+    """--out may replace an earlier classifier of this tool, checked before training; a train.py run
+    (whose --task classifier run is also named <data>_classifier.pt) or a folder is refused."""
+    root, folder = trained
+    common = ["--train_path", folder, "--test_path", folder, "--image_size", "16", "--epochs", "1", "--batch_size", "8"]
+    run_file = root / "checkpoints" / "pets.pt"
+    before = run_file.read_bytes()
+    for out, fragment in ((run_file, "is not a classifier written by this tool"), (tmp_path, "is a folder")):
+        refused = run_script("tools/classifier.py", *common, "--out", out, cwd=root, check=False)
+        assert_one_line_error(refused, f"--out {out}", fragment)
+    assert run_file.read_bytes() == before
+    again = tmp_path / "again.pt"
+    shutil.copy(root / "classifier.pt", again)
+    assert "replacing the earlier classifier" in run_script("tools/classifier.py", *common, "--out", again, cwd=root).stdout
 
 
 def test_sampler_sweep_writes_rows_and_a_plot(trained):

@@ -5,7 +5,7 @@ download, no Inception network): its 64 penultimate features give a dataset-spec
 the class accuracy of class-conditional samples, the usual protocol on MNIST-like data.
 
     python tools/export_dataset.py ../shared/data/mnist.npz data/mnist_test --split test
-    python tools/classifier.py --train_path data/mnist --test_path data/mnist_test --out checkpoints/mnist_classifier.pt
+    python tools/classifier.py --train_path data/mnist --test_path data/mnist_test --out checkpoints/mnist_eval_classifier.pt
 
 The checkpoint stores the weights, its configuration, the class names, the seed and the accuracy on the
 test folder. Numbers from different classifiers are not comparable, and they are not FID: they rank
@@ -98,6 +98,22 @@ def load_folder(path, image_size, channels, limit=0, seed=0, flag="--dataset_pat
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), list(dataset.class_names)
 
 
+def check_out_path(path):
+    """Before any training: --out may replace an earlier classifier of this tool, never anything else
+    (train.py's --task classifier run is also named <data>_classifier.pt, and holds a resumable run)."""
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a folder; pass a file path such as {os.path.join(path, 'classifier.pt')}")
+    if os.path.exists(path):
+        try:
+            earlier = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            earlier = None
+        if not (isinstance(earlier, dict) and {"classifier", "test_accuracy"} <= set(earlier)):
+            raise UsageError(f"--out {path} exists and is not a classifier written by this tool (a train.py run?); "
+                             "pick another path, such as checkpoints/<data>_eval_classifier.pt")
+        print(f"note: replacing the earlier classifier in {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train the small offline classifier used for sample-quality numbers.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -114,6 +130,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch_size must be at least 1")
+    check_out_path(args.out)
 
     seed_everything(args.seed)
     device = pick_device(args.device)

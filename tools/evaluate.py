@@ -4,7 +4,7 @@ Sample-quality metrics: a folder of generated images scored against a folder of 
     python tools/evaluate.py --samples samples/cars_individual --reference data/cars_test \
         --classifier checkpoints/cars_classifier.pt
     python tools/evaluate.py --samples samples/x --reference data/mnist_test \
-        --classifier checkpoints/mnist_classifier.pt --json results.json
+        --classifier checkpoints/mnist_eval_classifier.pt --json results.json
 
 Four numbers, each computed from features of the images (one function each below):
 

@@ -4,7 +4,7 @@ by Improved DDPM eq. 19 below T steps) and DDIM (eq. 12), measured with the offl
 tools/classifier.py: the Frechet distance of its features to a reference folder ("FD", lower is
 better) and, for class-conditional models, the fraction of samples classified as the class asked for.
 
-    python tools/sampler_sweep.py --ckpt checkpoints/mnist_ema.pt --classifier checkpoints/mnist_classifier.pt \
+    python tools/sampler_sweep.py --ckpt checkpoints/mnist_ema.pt --classifier checkpoints/mnist_eval_classifier.pt \
         --reference_path data/mnist_test --samplers ddpm ddim --steps 10 20 50 100 1000 --num_samples 200 \
         --csv images/mnist_steps.csv --plot images/mnist_steps.png
 

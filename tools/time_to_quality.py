@@ -5,7 +5,7 @@ the peers, scored the same way. What a user feels is the minutes until the sampl
     python train.py --dataset_path data/mnist.npz ... --max_minutes 20 --save_every 500 --keep_last 100
     python tools/time_to_quality.py --ckpt checkpoints/mnist_ema_step*.pt \
         --peer lucidrains=peer_lucid.npz --peer diffusers=peer_diffusers.npz \
-        --classifier checkpoints/mnist_classifier.pt --reference_path data/mnist_test \
+        --classifier checkpoints/mnist_eval_classifier.pt --reference_path data/mnist_test \
         --csv images/mnist_time_to_quality.csv --plot images/mnist_time_to_quality.png --grids images/ttq
 
 Each --ckpt is one point: its training minutes come from the checkpoint itself (train.py stores the

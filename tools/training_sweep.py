@@ -12,7 +12,7 @@ The choices swept are the ones a reader of ddpm.py meets first:
     --predictions   what the network predicts: eps (DDPM eq. 14), x0, or v (Salimans & Ho 2022)
     --min_snr_gammas  Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = off, the paper uses 5
 
-    python tools/training_sweep.py --dataset_path mnist.npz --classifier checkpoints/mnist_classifier.pt \\
+    python tools/training_sweep.py --dataset_path mnist.npz --classifier checkpoints/mnist_eval_classifier.pt \\
         --reference_path data/mnist_test --timesteps 1000 250 --schedules linear cosine \\
         --losses l2 l1 huber vlb_l2 --max_steps 2000 --out_dir runs/mnist_sweep \\
         -- --base_channels 16 --num_res_blocks 1 --dropout 0
