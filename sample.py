@@ -74,7 +74,7 @@ def parse_args(argv=None):
                    "images to --invert or --cond_images to use (default: all, at most 16)")
     p.add_argument("--batch_size", type=int, default=64, help="images denoised at once (lower it if memory is short)")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and every step's noise")
-    p.add_argument("--out", default=None, help="grid PNG; default samples/<checkpoint name>[_interpolation|_inversion].png")
+    p.add_argument("--out", default=None, help="grid PNG; default samples/<checkpoint name>[_interpolation|_inversion|_outputs|_restored].png")
     p.add_argument("--individual_dir", default=None, help="also write one PNG per sample into this folder")
     p.add_argument("--gif", default=None, help="also write the reverse process of the first batch as a GIF "
                    "(x_t on the left, the predicted x_0 on the right)")

@@ -523,12 +523,17 @@ def sample_grid(args, ema_model, diffusion, grid_diffusion, fixed, path):
 def load_resumed_run(args, parser, full_path):
     """--resume: the stopped run's checkpoint, and its settings as this run's args. Run-control flags
     given on this command line (RUN_CONTROL_FLAGS) win; every other setting is the saved run's, so the
-    run continues unchanged. Returns (args, the checkpoint dict)."""
+    run continues unchanged. Returns (args, the checkpoint dict, the other flags given on this command
+    line that differ from the saved run's, which are ignored: the caller says so)."""
     if not os.path.isfile(full_path):
         raise UsageError(f"--resume: no checkpoint {full_path} to resume from; train without --resume first, "
                          "or pass the --run_name / --checkpoint_dir it was saved under")
     resumed = load_checkpoint(full_path, required=("config", "model", "ema", "optimizer", "step"), flag="--resume:")
     saved = resumed["config"]
+    ignored = [f"--{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
+               f" (the run's: {saved[name]})" for name, value in vars(args).items()
+               if name not in RUN_CONTROL_FLAGS and name in saved and value != parser.get_default(name)
+               and value != saved[name]]
     for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
         if getattr(args, name) != parser.get_default(name) and name in saved:
             saved[name] = getattr(args, name)
@@ -536,7 +541,7 @@ def load_resumed_run(args, parser, full_path):
     if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
         args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
     args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
-    return args, resumed
+    return args, resumed, ignored
 
 
 def dataset_name(args):
@@ -552,9 +557,9 @@ def main(argv=None):
     full_path = os.path.join(args.checkpoint_dir, f"{run_name}.pt")
     ema_path = os.path.join(args.checkpoint_dir, f"{run_name}_ema.pt")
 
-    resumed = None
+    resumed, ignored = None, []
     if args.resume:
-        args, resumed = load_resumed_run(args, parser, full_path)
+        args, resumed, ignored = load_resumed_run(args, parser, full_path)
     data_name = dataset_name(args)  # after --resume: `--run_name X --resume` alone names no data on the command line
     resolve_process_defaults(args)
     check_args(args)
@@ -576,6 +581,9 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(args.device)
     keep_freed_memory()  # glibc: stop handing the step's big buffers back to the OS (utils.py; README: Speed)
     say = print if rank == 0 else (lambda *a, **k: None)  # one process speaks, logs, draws and saves
+    if ignored:
+        say(f"note: --resume continues the run with its saved settings, so these flags are ignored: {'; '.join(ignored)}. "
+            "Only the run-control flags (README: Train on your own images) change on resume")
     seed_everything(args.seed)  # the same seed everywhere: every process builds the same initial weights
     # Diffusion before data: it checks that the loss, prediction and variance settings fit together.
     if args.process == "cold":  # Cold Diffusion (cold.py): a deterministic degradation, a restoration loss

@@ -302,6 +302,22 @@ def test_checkpoints_from_before_exact_resume_still_resume(tmp_path, monkeypatch
     assert resumed["step"] == 3 and resumed["config"]["amp"] == "off"
 
 
+def test_resume_says_which_given_flags_it_ignores(tmp_path, monkeypatch, capsys):
+    """A run continues with its saved settings; a setting given again with another value is named in a
+    note instead of being dropped silently. Run-control flags and unchanged values are not named."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "2", "--sample_every", "0")
+    capsys.readouterr()
+    train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "3", "--lr", "0.5", "--amp", "bf16",
+               "--channel_mults", "1", "2")
+    out = capsys.readouterr().out
+    assert "these flags are ignored: --lr 0.5 (the run's: 0.0002); --amp bf16 (the run's: off)." in out
+    assert "--max_steps" not in out.split("ignored")[1].split("\n")[0] and "--channel_mults" not in out
+    resumed = load("checkpoints/pets.pt")
+    assert resumed["step"] == 3 and resumed["config"]["lr"] == 2e-4 and resumed["config"]["amp"] == "off"
+
+
 def test_rng_states_put_back_draw_the_same_numbers_again():
     """What makes a resumed run exact: every stream saved (scaling.rng_states) and put back
     (restore_rng_states) draws what it would have drawn; states from another number of processes are

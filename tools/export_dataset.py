@@ -47,7 +47,8 @@ def main(argv=None):
     p.add_argument("--dry_run", action="store_true", help="print what would be written, write nothing")
     args = p.parse_args(argv)
     if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
-        raise UsageError(f"{args.out_dir} exists and is not an empty folder; pick a new folder")  # before any download
+        raise UsageError(f"{args.out_dir} exists and is not an empty folder; if an earlier export wrote it, use it as "
+                         "it is, else pick a new folder")  # before any download
 
     if args.source in BUILTIN:
         images, classes = read_builtin(args.source, args.image_size)
