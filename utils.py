@@ -246,6 +246,12 @@ def list_images(folder):
 def fit_image(img, image_size, channels):
     """A PIL image -> uint8 [C x S x S]: converted to RGB (channels=3) or L (channels=1), its shorter
     side resized to image_size and centre-cropped to a square. Every image source goes through this."""
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16/32-bit greyscale (16-bit PNG or TIFF, often scientific or medical images): Pillow's convert
+        # clips every value above 255 to white, so scale 0..65535 down to 0..255 first (65535 / 257 =
+        # 255), as tools/resize_dataset.py does. Float images have no standard range: clipped to 0..255.
+        values = np.asarray(img, dtype=np.float64) / (1.0 if img.mode == "F" else 257.0)
+        img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))  # mode "L"
     img = img.convert("RGB" if channels == 3 else "L")
     # ImageOps.fit = resize keeping the aspect ratio so the square is filled, then centre-crop.
     img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)
@@ -318,7 +324,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             load_image(path, self.image_size, self.channels), label), name=lambda path, label: path)
 
 
-GREY_MODES = ("L", "1", "I", "I;16", "F", "LA")  # Pillow modes without colour
+GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA")  # Pillow modes without colour
 
 
 def header_mode(path):

@@ -2,6 +2,7 @@
 import mmap
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +21,18 @@ def test_folder_dataset_labels_sizes_and_modes(tmp_path):
     assert image.dtype == torch.uint8 and image.shape == (3, 16, 16) and label == 1
     gray = ImageFolderDataset(folder, image_size=8, channels=1)
     assert gray[0][0].shape == (1, 8, 8)
+
+
+def test_16_bit_greyscale_images_are_scaled_not_clipped_to_white(tmp_path):
+    """A 16-bit PNG holds 0..65535; Pillow's convert("L") alone would turn everything above 255 white."""
+    (tmp_path / "scans" / "a").mkdir(parents=True)
+    levels = np.repeat(np.array([0, 4000, 32768, 65535], dtype=np.uint16), 2)      # 8 columns
+    Image.fromarray(np.tile(levels, (8, 1))).save(tmp_path / "scans" / "a" / "x.png")
+    assert Image.open(tmp_path / "scans" / "a" / "x.png").mode == "I;16"
+    dataset = ImageFolderDataset(str(tmp_path / "scans"), 8)
+    x, _ = dataset[0]
+    assert dataset.channels == 1
+    assert x[0, 0].tolist() == np.round(levels / 257).astype(int).tolist()  # 0 16 128 255, each twice
 
 
 def test_resize_keeps_aspect_and_crops_the_centre(tmp_path):
