@@ -51,6 +51,19 @@ def test_frechet_distance_of_images_is_near_zero_for_the_same_set_and_grows_with
     assert 0 < distances[0] < distances[1] < distances[2], distances
 
 
+def test_features_take_uint8_images_and_fewer_images_than_features_are_flagged():
+    """Float images in [0, 1] would read as near-black; N <= D leaves a singular covariance."""
+    import warnings
+    classifier = build_classifier(dict(image_size=8, channels=1, num_classes=2))
+    with pytest.raises(TypeError, match="uint8"):
+        features_and_logits(classifier, torch.rand(2, 1, 8, 8))
+    with pytest.warns(UserWarning, match="64 images of 64 features"):
+        feature_statistics(torch.randn(64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        feature_statistics(torch.randn(65, 64))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny diffusion checkpoint and a tiny classifier on the same generated folder (16x16, 2 classes)."""
@@ -293,7 +306,13 @@ def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     assert seen[0].shape == (8,) and 0 <= seen[0].min() and seen[0].max() < 2 and seen[1] is None
     # --amp bf16: our network under autocast, and the row says so; the floor and a peer's saved samples do not
     rows = time_to_quality.main(["--ckpt", str(ckpt), "--peer", f"noise={peer}", "--amp", "bf16", *map(str, args)])
-    assert [r["sampler"] for r in rows] == ["ddim", "ddim (bf16)", "ddim"] and float(rows[1]["fd"]) >= -1e-6
+    assert [r["sampler"] for r in rows] == ["", "ddim (bf16)", ""] and float(rows[1]["fd"]) >= -1e-6
+    assert [r["steps"] for r in rows] == ["", 3, ""]  # the real and peer rows were not drawn by our sampler
+    time_to_quality.plot(csv_path, plot_path)  # the last row, a peer's, names no sampler for the title
+    # A peer with fewer images than --num_samples would be scored at another count, where FD is larger.
+    np.savez(root / "few.npz", x=np.zeros((5, 16, 16, 3), dtype=np.uint8), train_s=1.0)
+    result = run_script("tools/time_to_quality.py", "--peer", f"few={root / 'few.npz'}", *args, cwd=root, check=False)
+    assert_one_line_error(result, "5 images, fewer than --num_samples 8")
     result = run_script("tools/time_to_quality.py", "--peer", "noise", *args, cwd=root, check=False)
     assert_one_line_error(result, "--peer noise: expected NAME=PATH")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ def build_classifier(config):
 @torch.no_grad()
 def features_and_logits(classifier, images_uint8, batch_size=256, device="cpu"):
     """uint8 images [N x C x S x S] -> (features float64 [N x 64], logits [N x classes]), on the CPU."""
+    if images_uint8.dtype != torch.uint8:  # to_model_range reads 0..255: [0, 1] floats would be near-black
+        raise TypeError(f"features_and_logits takes uint8 images (0..255), got {images_uint8.dtype}")
     classifier.eval()
     feats, logits = [], []
     for start in range(0, len(images_uint8), batch_size):
@@ -74,7 +77,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def feature_statistics(features):
-    """features [N x D] -> (mean [D], covariance [D x D]) as float64 numpy arrays."""
+    """features [N x D] -> (mean [D], covariance [D x D]) as float64 numpy arrays. With N <= D the
+    covariance is singular and FD is mostly its small-sample bias: a warning says so."""
+    if len(features) <= features.shape[1]:
+        warnings.warn(f"Frechet distance from {len(features)} images of {features.shape[1]} features: the covariance "
+                      "is singular and the distance is dominated by its small-sample bias; use more images than "
+                      "features, and compare only at equal counts")
     f = features.double().numpy()
     return f.mean(axis=0), np.cov(f, rowvar=False)
 

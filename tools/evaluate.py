@@ -40,8 +40,10 @@ The features come from one of two networks:
         hub cache (torch.hub.get_dir()/checkpoints/, where pytorch-fid and torchvision keep them);
         pytorch-fid's file is preferred when both are there.
 
-All four are biased by the number of images (FD and IS strongly, KID not at all), so compare numbers
-only at equal counts; every printed line says how many images it used. The reference features are
+FD, IS and precision/recall depend on the number of images (FD strongly; precision and recall on both
+sets' counts, so 200 samples against 10,000 reference images differ from equal counts), and KID's
+expectation does not, although its spread does; compare numbers only at equal counts. Every printed
+line says how many images it used. The reference features are
 cached (--cache_dir, default beside the classifier) and reused when the same folder, network, count
 and seed come back; --no_cache recomputes them.
 """

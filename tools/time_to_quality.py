@@ -22,12 +22,15 @@ are compared like with like; padding them instead would draw every digit smaller
 which by itself puts real test digits far from the reference (README: Time to quality).
 
 Every set is scored by the offline classifier of tools/classifier.py: the Frechet distance of its
-features to --num_reference held-out images ("FD": the FID recipe with that classifier in place of
+features to the held-out images ("FD": --num_reference + --num_samples are drawn from
+--reference_path, and those left after the floor's --num_samples below are the reference; fewer when
+the folder holds fewer, and the count is printed; the FID recipe with that classifier in place of
 Inception; lower is better; comparable only at equal image counts), the fraction of samples
 classified as the label asked for (conditional models), and the share of the rarest class among the
 classifier's predictions ("rarest class": 0.1 when all ten digits are equally common, 0 when one is
 missing). The first row, "real", is --num_samples held-out images scored the same way: FD's floor
-for that many images.
+for that many images. The real and peer rows leave sampler and steps empty: the peers sample their
+own way (quality_peers.py), and every set is scored at the same count.
 """
 import argparse
 import os
@@ -112,16 +115,17 @@ def plot(csv_path, png_path):
     for run in dict.fromkeys(r["run"] for r in rows):
         mine = sorted((float(r["minutes"]), float(r["fd"])) for r in rows if r["run"] == run)
         if run == "real":
-            ax.axhline(mine[0][1], color="gray", linestyle="--", label=f"real test images ({rows[0]['num_samples']})")
+            floor = min((r for r in rows if r["run"] == "real"), key=lambda r: float(r["fd"]))
+            ax.axhline(float(floor["fd"]), color="gray", linestyle="--", label=f"real test images ({floor['num_samples']})")
         else:
             ax.plot(*zip(*mine), marker="o" if len(mine) > 1 else "s", markersize=5 if len(mine) > 1 else 9,
                     label=run)
     ax.set_yscale("log")
     ax.set_xlabel("training minutes (wall clock)")
     ax.set_ylabel("FD of classifier features (log scale; lower is better)")
-    steps = rows[-1]
-    sampler = steps["sampler"].split()[0].upper()  # "ddim (bf16)" -> "DDIM"
-    ax.set_title(f"Time to quality: {steps['num_samples']} samples each, {sampler} {steps['steps']} steps")
+    ours = [r for r in rows if r["sampler"]] or rows  # the real and peer rows name no sampler
+    sampler = (ours[-1]["sampler"].split() or ["?"])[0].upper()  # "ddim (bf16)" -> "DDIM"
+    ax.set_title(f"Time to quality: {ours[-1]['num_samples']} samples each, {sampler} {ours[-1]['steps']} steps")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -162,13 +166,13 @@ def main(argv=None):
 
     rows = []
 
-    def score(run, images, minutes, step, labels=None, seconds=0.0, source="", sampler=args.sampler):
+    def score(run, images, minutes, step, labels=None, seconds=0.0, source="", sampler="", steps=""):
         features, logits = features_and_logits(classifier, images, device=device)
         fd = frechet_distance(*feature_statistics(features), ref_mu, ref_sigma)
         accuracy = (logits.argmax(1).cpu() == labels).float().mean().item() if labels is not None else float("nan")
         rarest = rarest_class_share(logits, num_classes)
         rows.append(dict(run=run, minutes=f"{minutes:.2f}", step=step, num_samples=len(images), sampler=sampler,
-                         steps=args.steps, fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}",
+                         steps=steps, fd=f"{fd:.3f}", class_accuracy=f"{accuracy:.4f}",
                          rarest_class=f"{rarest:.3f}", sample_seconds=f"{seconds:.1f}", source=source))
         print(f"{run} at {minutes:.1f} min (step {step}): FD {fd:.3f}, class accuracy {accuracy:.4f}, "
               f"rarest class {rarest:.3f} ({seconds:.0f} s to sample)", flush=True)
@@ -198,9 +202,13 @@ def main(argv=None):
             raise UsageError(f"--ckpt {path}: --labels none needs a model trained with label dropout (--p_uncond > 0)")
         images, seconds = draw_samples(diffusion, model, args.sampler, args.steps, noise, labels, args.batch_size,
                                        args.seed)
-        score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path, sampler_name)
+        score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path, sampler_name,
+              args.steps)
     for spec in args.peer:
         name, images, train_seconds, steps = read_peer(spec, size, channels)
+        if len(images) < args.num_samples:  # FD grows as the count falls: only equal counts compare
+            raise UsageError(f"--peer {spec}: {len(images)} images, fewer than --num_samples {args.num_samples}; "
+                             "draw more with quality_peers.py or lower --num_samples")
         score(name, images[:args.num_samples], train_seconds / 60, steps, source=spec.partition("=")[2])
 
     append_csv_rows(args.csv, FIELDS, rows)
