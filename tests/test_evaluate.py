@@ -212,23 +212,31 @@ def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeyp
                           "pt_inception-2015-12-05-6726825d.pth", "1008x2048")
 
 
+@pytest.mark.filterwarnings("ignore:skipping unreadable image")
 def test_class_accuracy_reads_the_class_from_sample_py_file_names(tmp_path):
     """sample.py names files sample_<i>_<class>.png; a stand-in classifier that calls dark images 'cat'
-    and bright ones 'dog' reads 3 of these 4 as named (the bright 'cat' is the miss)."""
-    from evaluate import class_accuracy
-    files = []
-    for i, (name, value) in enumerate([("cat", 0), ("dog", 255), ("dog", 250), ("cat", 255)]):
-        files.append(str(tmp_path / f"sample_{i:05d}_{name}.png"))
-        Image.new("L", (8, 8), value).save(files[-1])
-
-    def brightness_classifier(images, desc=None):
-        brightness = images.float().mean(dim=(1, 2, 3))
-        return None, torch.stack([128 - brightness, brightness - 128], dim=1)  # logits for [cat, dog]
-
-    assert class_accuracy(files, ["cat", "dog"], brightness_classifier, 8, 1) == (0.75, 4)
-    assert class_accuracy(files, ["bird", "dog"], brightness_classifier, 8, 1) is None  # 'cat' unknown
-    Image.new("L", (8, 8), 0).save(tmp_path / "sample_00009.png")  # an unconditional sample
-    assert class_accuracy(files + [str(tmp_path / "sample_00009.png")], ["cat", "dog"], brightness_classifier, 8, 1) is None
+    and bright ones 'dog' reads 4 of these 5 as named (the bright 'cat' is the miss). The labels must
+    line up with the logits of the images load_images drew, also when --num_samples takes a random
+    subset and an unreadable file sits in the folder (which the loader skips)."""
+    from evaluate import class_accuracy, load_images
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    drawn_as = {0: "cat", 255: "dog", 250: "dog", 245: "cat", 10: "cat"}  # each image's grey level -> its name
+    for i, (value, name) in enumerate(drawn_as.items()):
+        Image.new("L", (8, 8), value).save(folder / f"sample_{i:05d}_{name}.png")
+    (folder / "sample_00002_bad.png").write_bytes(b"not a png")
+    brightness = lambda images: images.float().mean(dim=(1, 2, 3))
+    read_as = lambda images: torch.stack([128 - brightness(images), brightness(images) - 128], dim=1)  # [cat, dog]
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        everything = load_images(folder, "--samples", 8, 1, 0, seed=0)
+    assert class_accuracy(folder, ["cat", "dog"], read_as(everything)) == (0.8, 5)
+    assert class_accuracy(folder, ["bird", "dog"], read_as(everything)) is None  # 'cat' unknown
+    for seed in range(4):  # 3 of the 5, drawn as load_images draws them
+        subset = load_images(folder, "--samples", 8, 1, 3, seed=seed)
+        right = [("dog" if level > 128 else "cat") == drawn_as[int(level)] for level in brightness(subset).tolist()]
+        assert class_accuracy(folder, ["cat", "dog"], read_as(subset), 3, seed) == (sum(right) / 3, 3)
+    Image.new("L", (8, 8), 0).save(folder / "sample_00009.png")  # an unconditional sample
+    assert class_accuracy(folder, ["cat", "dog"], read_as(load_images(folder, "--samples", 8, 1, 0, 0))) is None
 
 
 def test_fid_inception_pools_like_the_tensorflow_graph_and_reads_pytorch_fid_weight_files(tiny, tmp_path):

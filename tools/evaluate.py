@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
-from utils import (UsageError, append_csv_rows, list_images, load_image, pick_device, save_checkpoint,  # noqa: E402
+from utils import (ImageFolderDataset, UsageError, append_csv_rows, list_images, pick_device, save_checkpoint,  # noqa: E402
                    seed_everything, write_json)
 
 # The two Inception weight files (see the docstring): file name -> the note printed beside every result.
@@ -462,23 +462,25 @@ def reference_features(args, extract, extractor_key, image_size, channels, files
     return features, mu, sigma, path
 
 
-def class_accuracy(files, class_names, extract, image_size, channels, limit=0, seed=0):
+def class_accuracy(folder, class_names, logits, limit=0, seed=0):
     """The usual protocol for class-conditional samples on MNIST-like data: the fraction the classifier
     reads as the class they were drawn for. sample.py --individual_dir names each file
     sample_<index>_<class name>.png; files without a known class name make this None (an
-    unconditional model, or classes the classifier does not know). Returns (accuracy, count) or None."""
+    unconditional model, or classes the classifier does not know). logits [N x classes] are the
+    classifier's for the images load_images(folder, ..., limit, seed) returned: the files are listed
+    and drawn here the same way (load_folder), so that row i of logits is file i. Returns (accuracy,
+    count) or None."""
+    files = [path for path, _ in ImageFolderDataset(folder, 1, flag="--samples").samples]
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
+    order = order[:limit] if limit else order
     labels = []
-    for path in files:
-        match = re.fullmatch(r"sample_\d+_(.+)\.png", os.path.basename(path))
+    for i in order.tolist():
+        match = re.fullmatch(r"sample_\d+_(.+)\.png", os.path.basename(files[i]))
         if not match or match.group(1) not in class_names:
             return None
         labels.append(class_names.index(match.group(1)))
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
-    order = order[:limit] if limit else order
-    images = torch.stack([load_image(files[i], image_size, channels) for i in order.tolist()])
-    _, logits = extract(images, desc="class accuracy")
     predicted = logits.argmax(dim=1)
-    return (predicted == torch.tensor(labels)[order]).double().mean().item(), len(order)
+    return (predicted == torch.tensor(labels)).double().mean().item(), len(order)
 
 
 def summary_table(result):
@@ -549,8 +551,8 @@ def main(argv=None):
                               is_splits=args.is_splits, seed=args.seed)
     accuracy = None
     if args.features == "classifier":
-        accuracy = class_accuracy(sample_files, classifier_state["class_names"], extract, image_size, channels,
-                                  args.num_samples, args.seed)
+        accuracy = class_accuracy(args.samples, classifier_state["class_names"], sample_logits, args.num_samples,
+                                  args.seed)
     metrics["class_accuracy"] = accuracy[0] if accuracy else None
     result = dict(samples=args.samples, reference=args.reference, features=args.features,
                   extractor=extractor_text, classifier=args.classifier,
