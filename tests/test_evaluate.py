@@ -167,6 +167,11 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
         rows = list(csv.DictReader(f))
     assert [(r["num_samples"], r["num_reference"]) for r in rows] == [("12", "15"), ("8", "15")]
     assert float(rows[0]["fd"]) == pytest.approx(result["fd"], rel=1e-4)
+    # Features cached from images read the old way (before 16-bit grayscale was scaled) are computed again.
+    cached = torch.load(result["reference_cache"], weights_only=True)
+    cached["key"]["preprocessing"] = "fit_image 1"
+    torch.save(cached, result["reference_cache"])
+    assert "reference features cached in" in run_script("tools/evaluate.py", *args, cwd=root).stdout
     third = run_script("tools/evaluate.py", *args, "--no_cache", "--kid_features", "raw", "--json",
                        root / "raw.json", cwd=root)
     assert "cache" not in third.stdout and "raw features" in third.stdout

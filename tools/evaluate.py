@@ -422,6 +422,11 @@ def file_digest(path):
         return hashlib.sha1(f.read()).hexdigest()[:12]
 
 
+# How utils.fit_image reads an image file. Change it when fit_image changes, so that cached reference
+# features computed the old way are not reused (2: 16-bit grayscale scaled to 8 bits, no longer clipped).
+PREPROCESSING = "fit_image 2"
+
+
 def cache_path(args, extractor_name, image_size):
     """<cache_dir>/<reference folder>-<hash of its full path>_<extractor>_<count>_seed<seed>_<size>px.pt"""
     folder = args.cache_dir or (os.path.dirname(os.path.abspath(args.classifier)) if args.classifier
@@ -442,7 +447,8 @@ def folder_fingerprint(files):
 def reference_features(args, extract, extractor_key, image_size, channels, files):
     """The reference features and their (mu, sigma), from the cache when it matches, else computed and cached."""
     key = dict(extractor=extractor_key, reference=os.path.abspath(args.reference), folder=folder_fingerprint(files),
-               num_reference=args.num_reference, seed=args.seed, image_size=image_size)
+               num_reference=args.num_reference, seed=args.seed, image_size=image_size,
+               preprocessing=PREPROCESSING, device=pick_device(args.device).type)  # GPUs round differently (TF32)
     path = None if args.no_cache else cache_path(args, extractor_key.split(":")[0], image_size)
     if path and os.path.isfile(path):
         try:
