@@ -266,6 +266,7 @@ def test_draw_samples_adds_noise_independent_of_the_starting_noise(monkeypatch, 
     assert abs(correlation(drawn[0], x_T)) < 0.2  # 192 values
 
 
+@pytest.mark.filterwarnings("ignore:Frechet distance from", "ignore:Data has no positive values")  # tiny counts
 def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     """tools/time_to_quality.py: a checkpoint's minutes come from the train_seconds it records, a peer's from
     its .npz; every set is scored against the same reference, and one-line errors name the bad input."""
