@@ -246,12 +246,20 @@ def list_images(folder):
 def fit_image(img, image_size, channels):
     """A PIL image -> uint8 [C x S x S]: converted to RGB (channels=3) or L (channels=1), its shorter
     side resized to image_size and centre-cropped to a square. Every image source goes through this."""
+    # Phone photos store their rotation as an EXIF tag: apply it, so the image is the one a viewer shows
+    # (and the one tools/resize_dataset.py writes), not the sensor's sideways copy.
+    img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I") or img.mode == "F":
         # 16/32-bit greyscale (16-bit PNG or TIFF, often scientific or medical images): Pillow's convert
         # clips every value above 255 to white, so scale 0..65535 down to 0..255 first (65535 / 257 =
         # 255), as tools/resize_dataset.py does. Float images have no standard range: clipped to 0..255.
         values = np.asarray(img, dtype=np.float64) / (1.0 if img.mode == "F" else 257.0)
         img = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))  # mode "L"
+    if "A" in img.getbands() or "transparency" in img.info:
+        # Transparent pixels (icons, sprites, glyphs) go onto white, as a viewer shows them. Dropping the
+        # alpha would keep whatever colour they happen to store: often black, so dark ink on a
+        # transparent grayscale (LA) image would vanish into a black square.
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
     img = img.convert("RGB" if channels == 3 else "L")
     # ImageOps.fit = resize keeping the aspect ratio so the square is filled, then centre-crop.
     img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.BICUBIC)

@@ -35,6 +35,29 @@ def test_16_bit_greyscale_images_are_scaled_not_clipped_to_white(tmp_path):
     assert x[0, 0].tolist() == np.round(levels / 257).astype(int).tolist()  # 0 16 128 255, each twice
 
 
+def test_images_are_read_as_a_viewer_shows_them_upright_and_on_white(tmp_path):
+    """EXIF orientation is applied (a phone photo tagged 'rotate 90' is not read lying on its side), and
+    transparent pixels become white, not the colour they happen to store (often black)."""
+    from utils import load_image
+    sideways = np.zeros((20, 40), dtype=np.uint8)
+    sideways[:, 20:] = 255                                   # stored: black left half, white right half
+    exif = Image.Exif()
+    exif[0x0112] = 6                                         # Orientation: rotate 90 clockwise to view
+    Image.fromarray(sideways).save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    upright = load_image(tmp_path / "phone.jpg", 8, 1)[0].float()  # viewed: black top half, white bottom
+    assert upright[:3].mean() < 20 and upright[5:].mean() > 235
+    ink = np.zeros((8, 8, 2), dtype=np.uint8)
+    ink[..., 0], ink[2:6, 2:6, 1] = 20, 255                  # dark grey everywhere, opaque only in the centre
+    Image.fromarray(ink, "LA").save(tmp_path / "glyph.png")
+    glyph = load_image(tmp_path / "glyph.png", 8, 1)[0]
+    assert glyph[0].tolist() == [255] * 8 and glyph[4].tolist() == [255, 255, 20, 20, 20, 20, 255, 255]
+    icon = np.zeros((8, 8, 4), dtype=np.uint8)               # transparent black, with one opaque red pixel
+    icon[4, 4] = [255, 0, 0, 255]
+    Image.fromarray(icon, "RGBA").save(tmp_path / "icon.png")
+    assert load_image(tmp_path / "icon.png", 8, 3)[:, 0, 0].tolist() == [255, 255, 255]
+    assert load_image(tmp_path / "icon.png", 8, 3)[:, 4, 4].tolist() == [255, 0, 0]
+
+
 def test_resize_keeps_aspect_and_crops_the_centre(tmp_path):
     """An 80x20 image, black with a white middle half, becomes all white at 8x8: the shorter side
     is resized to 8 (the width to 32) and only the centre 8 columns are kept."""

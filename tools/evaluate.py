@@ -423,8 +423,9 @@ def file_digest(path):
 
 
 # How utils.fit_image reads an image file. Change it when fit_image changes, so that cached reference
-# features computed the old way are not reused (2: 16-bit grayscale scaled to 8 bits, no longer clipped).
-PREPROCESSING = "fit_image 2"
+# features computed the old way are not reused (2: 16-bit grayscale scaled to 8 bits, no longer clipped;
+# 3: EXIF orientation applied, transparent pixels on white).
+PREPROCESSING = "fit_image 3"
 
 
 def cache_path(args, extractor_name, image_size):

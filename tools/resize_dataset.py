@@ -103,12 +103,12 @@ def convert_mode(img, mode):
         img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))  # mode "L"
         if mode == "L":
             return img
-    if img.mode in ("P", "PA"):
-        # palettes may carry transparency; going through RGBA handles it properly
-        # (and avoids Pillow's warning about palette transparency)
-        img = img.convert("RGBA")
-    # note: dropping alpha keeps whatever colour transparent pixels store (often black),
-    # exactly like a training loader's img.convert("RGB") would, so data looks the same
+    if "A" in img.getbands() or "transparency" in img.info:
+        # transparent pixels go onto white, as a viewer shows them and as the training loader
+        # (utils.fit_image) does; dropping the alpha would keep whatever colour they store,
+        # often black. Going through RGBA also handles palette transparency properly.
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA"))
     return img.convert(mode)
 
 
