@@ -489,6 +489,14 @@ def read_npz_arrays(path, split="train", flag=""):
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels) or len(images) == 0:
         raise UsageError(f"{flag}{path}: expected uint8 x_{split} [N x H x W (x C)] and N labels, got "
                          f"{images.dtype} {images.shape} and {labels.shape}")
+    if images.ndim == 4 and images.shape[-1] not in (1, 2, 3, 4):  # [N x C x H x W] would read C as a width
+        raise UsageError(f"{flag}{path}: x_{split} {images.shape} has {images.shape[-1]} channels last; store "
+                         f"images as [N x H x W x C] with C = 1 or 3 (np.moveaxis(x, 1, -1) from [N x C x H x W])")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels.reshape(-1)                               # [N x 1] column of labels
+    if labels.ndim != 1:  # one-hot [N x K] rows would each become a "label" value of its own
+        raise UsageError(f"{flag}{path}: y_{split} {labels.shape} must hold one label per image, [N]; "
+                         f"for one-hot labels store y.argmax(1)")
     return images, labels
 
 
@@ -496,8 +504,8 @@ def fit_images(images, image_size, channels=None, desc="fitting images"):
     """uint8 images [N x H x W] or [N x H x W x C] (NumPy) -> uint8 [N x C x S x S], each through
     fit_image exactly as an image file would be read: 28x28 digits are resized to 32, not padded.
     Arrays that are compared with image folders (an .npz, a peer's samples) must come this way.
-    channels None: 3 for colour arrays, else 1."""
-    channels = channels or (3 if images.ndim == 4 and images.shape[-1] == 3 else 1)
+    channels None: 3 for colour arrays (RGB, or RGBA put on white as fit_image does), else 1."""
+    channels = channels or (3 if images.ndim == 4 and images.shape[-1] in (3, 4) else 1)
     return torch.stack([fit_image(Image.fromarray(image.squeeze()), image_size, channels)
                         for image in tqdm(images, desc=desc, leave=False, disable=len(images) < 5000)])
 

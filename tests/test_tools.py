@@ -9,6 +9,7 @@ Run with:  python -m pytest -q tests/test_tools.py
 import csv
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script
+from utils import UsageError
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
@@ -313,6 +315,28 @@ def test_export_npz_writes_one_folder_per_label(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "digits.npz").read_bytes()[:200])  # a half-copied file
     assert_one_line_error(run_tool("export_dataset.py", tmp_path / "cut.npz", tmp_path / "o3"),
                           "cut.npz: cannot read arrays x_train and y_train")
+
+
+def test_npz_label_columns_and_rgba_arrays_train_as_their_export_does(tmp_path):
+    """Labels stored as a column [N x 1] are labels; one-hot rows and channels-first images are refused;
+    an RGBA array is colour (on white), in the .npz and in its export alike."""
+    from utils import ImageFolderDataset, load_npz_dataset
+    x = np.zeros((3, 8, 8, 4), dtype=np.uint8)
+    x[:, 2:6, 2:6] = [200, 30, 30, 255]                      # an opaque red square on transparent black
+    np.savez(tmp_path / "icons.npz", x_train=x, y_train=np.array([[7], [3], [7]]))
+    assert run_tool("export_dataset.py", tmp_path / "icons.npz", tmp_path / "out").returncode == 0
+    from_npz, from_folder = load_npz_dataset(str(tmp_path / "icons.npz"), 8), ImageFolderDataset(str(tmp_path / "out"), 8)
+    assert from_npz.class_names == from_folder.class_names == ["3", "7"] and from_npz.labels.tolist() == [1, 0, 1]
+    assert from_npz.channels == from_folder.channels == 3
+    assert from_npz[0][0][:, 0, 0].tolist() == [255, 255, 255] and from_npz[0][0][:, 4, 4].tolist() == [200, 30, 30]
+    assert torch.equal(from_folder[from_folder.samples.index((str(tmp_path / "out" / "7" / "0.png"), 1))][0],
+                       from_npz[0][0])
+    np.savez(tmp_path / "onehot.npz", x_train=x[..., 0], y_train=np.eye(3)[[2, 0, 1]])
+    np.savez(tmp_path / "chw.npz", x_train=np.zeros((3, 3, 8, 8), dtype=np.uint8), y_train=np.arange(3))
+    for name, fragment in (("onehot", "one label per image"), ("chw", "[N x H x W x C]")):
+        assert_one_line_error(run_tool("export_dataset.py", tmp_path / f"{name}.npz", tmp_path / name), fragment)
+        with pytest.raises(UsageError, match=re.escape(fragment)):
+            load_npz_dataset(str(tmp_path / f"{name}.npz"), 8)
 
 
 def test_export_a_builtin_dataset_as_the_folder_train_py_reads(tmp_path):
