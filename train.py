@@ -599,6 +599,15 @@ def main(argv=None):
         raise UsageError("--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
+    if resumed and "class_names" in resumed and list(resumed["class_names"]) != class_names:
+        # Label i must mean the class the weights learned as i: a class folder added, removed or renamed (or
+        # a copy whose names sort differently) would swap them silently when the count stays the same.
+        saved = list(resumed["class_names"])
+        differ = next((i for i, pair in enumerate(zip(saved, class_names)) if pair[0] != pair[1]), None)
+        raise UsageError(f"--resume: the data's classes differ from the run's ("
+                         + (f"{len(class_names)} now, {len(saved)} saved" if differ is None else
+                            f"label {differ} is {class_names[differ]!r} now, {saved[differ]!r} saved")
+                         + "); resume on the same class folders, or start a new run")
     if args.process == "cold":  # where generation starts: a mixture over the data's channel means (cold.py)
         if resumed:
             diffusion.start_mixture = resumed["cold_config"]["start_mixture"]

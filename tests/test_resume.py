@@ -318,6 +318,17 @@ def test_resume_says_which_given_flags_it_ignores(tmp_path, monkeypatch, capsys)
     assert resumed["step"] == 3 and resumed["config"]["lr"] == 2e-4 and resumed["config"]["amp"] == "off"
 
 
+def test_resume_refuses_data_whose_classes_changed(tmp_path, monkeypatch):
+    """Labels are indices into the class list: a renamed class folder (same count) would swap them."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0")
+    os.rename(tmp_path / "pets" / "cat", tmp_path / "pets" / "tiger")      # now dog, tiger: 'dog' moved to label 0
+    with pytest.raises(UsageError, match=r"label 0 is 'dog' now, 'cat' saved"):
+        train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "2")
+    assert load("checkpoints/pets.pt")["step"] == 1
+
+
 def test_rng_states_put_back_draw_the_same_numbers_again():
     """What makes a resumed run exact: every stream saved (scaling.rng_states) and put back
     (restore_rng_states) draws what it would have drawn; states from another number of processes are
