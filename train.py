@@ -99,7 +99,8 @@ def parse_args(argv=None):
     data.add_argument("--channels", type=int, default=None, choices=(1, 3),
                       help="1 = grayscale, 3 = RGB; default: 3 if any image in the folder has colour")
     data.add_argument("--hflip", default="auto", choices=("auto", "on", "off"),
-                      help="random horizontal flips; auto = on except for digits (data named like mnist)")
+                      help="random horizontal flips; auto = on except for digits and letters (data or its folder named "
+                           "like mnist, svhn, usps, digit, letter, glyph, font)")
     data.add_argument("--num_workers", type=int, default=None,
                       help="data-loading processes; default 0 on CPU (the model needs both cores), 4 on GPU")
 
@@ -551,6 +552,22 @@ def dataset_name(args):
     return args.dataset or "shapes"
 
 
+# Words in a dataset's name (or its folder's) that mean digits or letters, where a mirror image is another
+# symbol: --hflip auto leaves flips off for them (mnist also covers emnist, kmnist and fashion_mnist).
+TEXT_LIKE_NAMES = ("mnist", "svhn", "usps", "digit", "letter", "glyph", "font")
+
+
+def looks_like_text(args):
+    """Whether --hflip auto should leave flips off: the data's name or its parent folder's names digits or
+    letters (data/mnist/train and data/mnist_png/training count, not only data/mnist)."""
+    if not args.dataset_path:
+        names = [dataset_name(args)]
+    else:
+        path = os.path.normpath(os.path.abspath(args.dataset_path))
+        names = [os.path.basename(path), os.path.basename(os.path.dirname(path))]
+    return any(word in name.lower() for name in names for word in TEXT_LIKE_NAMES)
+
+
 def main(argv=None):
     args, parser = parse_args(argv)
     run_name = args.run_name or dataset_name(args) + RUN_SUFFIX[args.task]
@@ -560,7 +577,6 @@ def main(argv=None):
     resumed, ignored = None, []
     if args.resume:
         args, resumed, ignored = load_resumed_run(args, parser, full_path)
-    data_name = dataset_name(args)  # after --resume: `--run_name X --resume` alone names no data on the command line
     resolve_process_defaults(args)
     check_args(args)
     earlier = [] if args.resume else run_files(args.checkpoint_dir, run_name)
@@ -604,7 +620,7 @@ def main(argv=None):
         # a copy whose names sort differently) would swap them silently when the count stays the same.
         saved = list(resumed["class_names"])
         differ = next((i for i, pair in enumerate(zip(saved, class_names)) if pair[0] != pair[1]), None)
-        raise UsageError(f"--resume: the data's classes differ from the run's ("
+        raise UsageError("--resume: the data's classes differ from the run's ("
                          + (f"{len(class_names)} now, {len(saved)} saved" if differ is None else
                             f"label {differ} is {class_names[differ]!r} now, {saved[differ]!r} saved")
                          + "); resume on the same class folders, or start a new run")
@@ -615,8 +631,8 @@ def main(argv=None):
             picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:2000]
             means = cold.channel_means(torch.stack([dataset[i][0] for i in picks.tolist()]))
             diffusion.start_mixture = cold.fit_start_mixture(means, seed=args.seed)
-    # Flipped digits are not digits: auto leaves flips off for anything named like MNIST.
-    hflip = args.hflip == "on" or (args.hflip == "auto" and "mnist" not in data_name.lower())
+    # After --resume, args hold the saved run's data: `--run_name X --resume` alone names none on the command line.
+    hflip = args.hflip == "on" or (args.hflip == "auto" and not looks_like_text(args))
     if len(dataset) // world_size < args.batch_size:
         per_process = len(dataset) // world_size
         if per_process < 1:

@@ -139,3 +139,18 @@ def test_the_sample_grid_adds_noise_independent_of_its_fixed_starting_noise(tmp_
     grid_noise = [z for z in drawn if z.shape == x_T.shape]
     assert len(grid_noise) >= 19                                                   # T = 20: a z per step but the last
     assert abs(torch.corrcoef(torch.stack([grid_noise[0].flatten(), x_T.flatten()]))[0, 1]) < 0.2  # 3072 values
+
+
+def test_hflip_auto_stays_off_for_digits_and_letters_by_the_data_or_its_folder_name():
+    """A mirrored digit or letter is another symbol (or none): --hflip auto turns flips on only for data
+    whose name, and its parent folder's, name no such data."""
+    import argparse
+    from train import looks_like_text
+    data = lambda path=None, builtin=None: argparse.Namespace(dataset_path=path, dataset=builtin)
+    for path in ("data/mnist", "data/mnist/train", "data/mnist_png/training", "data/svhn", "usps.npz",
+                 "data/EMNIST_letters", "fonts/glyphs"):
+        assert looks_like_text(data(path)), path
+    assert looks_like_text(data(builtin="fashion_mnist"))
+    for path in ("data/cars", "data/faces/train", "data/mnistake/../cats"):
+        assert not looks_like_text(data(path)), path
+    assert not looks_like_text(data()) and not looks_like_text(data(builtin="cifar10"))  # shapes, cifar10
