@@ -293,6 +293,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                              "(class subfolders become labels)")
         subfolders = sorted(d for d in os.listdir(folder)
                             if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+        if subfolders and all(d.isdigit() for d in subfolders):
+            # Numbered classes (an exported .npz: 0, 1, ..., 11) in number order, as load_npz_dataset has
+            # them, so label i is class i in both; as strings 10 and 11 would come before 2.
+            subfolders.sort(key=int)
         per_class = [(d, list_images(os.path.join(folder, d))) for d in subfolders]
         per_class = [(d, files) for d, files in per_class if files]
         loose = [os.path.join(folder, f) for f in sorted(os.listdir(folder))

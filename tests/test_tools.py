@@ -317,6 +317,18 @@ def test_export_npz_writes_one_folder_per_label(tmp_path):
                           "cut.npz: cannot read arrays x_train and y_train")
 
 
+def test_npz_with_more_than_ten_classes_keeps_its_label_order_in_the_export(tmp_path):
+    """Labels 0..11: the .npz orders them as numbers, and so does its exported folder (not 0, 1, 10, 11, 2)."""
+    from utils import ImageFolderDataset, load_npz_dataset
+    x = np.arange(12, dtype=np.uint8)[:, None, None].repeat(4, 1).repeat(4, 2) * 20   # image i has grey 20 i
+    np.savez(tmp_path / "twelve.npz", x_train=x, y_train=np.arange(12))
+    assert run_tool("export_dataset.py", tmp_path / "twelve.npz", tmp_path / "out").returncode == 0
+    from_npz, from_folder = load_npz_dataset(str(tmp_path / "twelve.npz"), 4), ImageFolderDataset(str(tmp_path / "out"), 4)
+    assert from_npz.class_names == from_folder.class_names == [str(i) for i in range(12)]
+    for image, label in (from_folder[i] for i in range(12)):
+        assert image.flatten()[0].item() == 20 * label  # label i is the image of class i in both
+
+
 def test_npz_label_columns_and_rgba_arrays_train_as_their_export_does(tmp_path):
     """Labels stored as a column [N x 1] are labels; one-hot rows and channels-first images are refused;
     an RGBA array is colour (on white), in the .npz and in its export alike."""
