@@ -236,8 +236,14 @@ def is_image_file(path):
 
 def list_images(folder):
     """Every image file under folder (recursively, sorted, hidden files and folders skipped)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
+    found, seen = [], set()
+    # followlinks: a class folder that gathers other folders by symbolic links keeps their images; each real
+    # folder is walked once, so a link back up the tree cannot loop.
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            dirs[:] = []
+            continue
+        seen.add(os.path.realpath(root))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".") and is_image_file(f)]
     return found
@@ -325,6 +331,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if not self.samples:
             raise UsageError(f"{flag} {folder}: none of the {len(candidates)} image files could be read; "
                              "check them with python tools/clean_dataset.py " + folder)
+        present = sorted({label for _, label in self.samples})
+        if self.class_names and len(present) < len(self.class_names):  # a class with no readable image
+            gone = [name for i, name in enumerate(self.class_names) if i not in present]
+            warnings.warn(f"{folder}: no readable image in class folder(s) {', '.join(gone)}; left out, so that "
+                          "no label is trained on nothing")
+            renumber = {old: new for new, old in enumerate(present)}
+            self.class_names = [self.class_names[i] for i in present]
+            self.samples = [(path, renumber[label]) for path, label in self.samples]
         self.channels = channels or (3 if any_colour else 1)
         self.image_size = image_size
 
@@ -340,10 +354,14 @@ GREY_MODES = ("L", "1", "I", "I;16", "I;16B", "I;16L", "F", "LA")  # Pillow mode
 
 
 def header_mode(path):
-    """The image's Pillow mode, read from its header only (cheap), or None with a warning naming the file
-    when Pillow cannot read it (not an image, or a broken header): such files are left out, not fatal."""
+    """The image's Pillow mode ("L" for a palette of greys), read from its header only (cheap), or None
+    with a warning naming the file when Pillow cannot read it (not an image, or a broken header): such
+    files are left out, not fatal."""
     try:
         with Image.open(path) as img:
+            palette = img.getpalette() if img.mode in ("P", "PA") else None  # read with the header
+            if palette and palette[0::3] == palette[1::3] == palette[2::3]:
+                return "L"  # a palette of greys (a grayscale GIF, say) has no colour
             return img.mode
     except (UnidentifiedImageError, OSError) as error:
         warnings.warn(f"skipping unreadable image {path}: {error}")
@@ -376,8 +394,15 @@ class PairedImageDataset(torch.utils.data.Dataset):
                 raise UsageError(f"{flag} {folder}: no such folder; image-to-image needs a folder of targets "
                                  "(--dataset_path) and one of inputs with the same file names (--cond_path)")
 
-        def by_name(folder):  # "sub/001.jpg" -> "sub/001"
-            return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in list_images(folder)}
+        def by_name(folder):  # "sub/001.jpg" -> "sub/001"; the first of 001.jpg and 001.png, with a warning
+            found = {}
+            for path in list_images(folder):
+                found.setdefault(os.path.splitext(os.path.relpath(path, folder))[0], []).append(path)
+            several = [paths for paths in found.values() if len(paths) > 1]
+            if several:
+                warnings.warn(f"{folder}: {len(several)} names have several files ({', '.join(several[0])}); "
+                              "only the first of each pairs up, so rename the others to use them")
+            return {name: paths[0] for name, paths in found.items()}
         targets, inputs = by_name(target_folder), by_name(input_folder)
         names = sorted(set(targets) & set(inputs))
         if not names:

@@ -58,6 +58,41 @@ def test_images_are_read_as_a_viewer_shows_them_upright_and_on_white(tmp_path):
     assert load_image(tmp_path / "icon.png", 8, 3)[:, 4, 4].tolist() == [255, 0, 0]
 
 
+def test_folder_edge_cases_keep_every_readable_image_and_every_label_meaningful(tmp_path):
+    """A linked subfolder inside a class is read (a link loop is walked once); a class whose files are all
+    unreadable is left out and the labels renumbered; a palette of greys counts as grayscale."""
+    root = tmp_path / "data"
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir(parents=True)
+    Image.new("L", (8, 8), 10).save(root / "a" / "1.png")
+    (root / "b" / "1.png").write_bytes(b"not an image")
+    grey_gif = Image.new("P", (8, 8), 1)
+    grey_gif.putpalette([0, 0, 0, 128, 128, 128, 255, 255, 255])
+    grey_gif.save(root / "c" / "1.gif")
+    (tmp_path / "more").mkdir()
+    Image.new("L", (8, 8), 200).save(tmp_path / "more" / "2.png")
+    os.symlink(tmp_path / "more", root / "c" / "batch2")
+    os.symlink(root / "c", root / "c" / "batch2" / "loop")                # a link back up the tree
+    with pytest.warns(UserWarning) as caught:
+        dataset = ImageFolderDataset(str(root), 8)
+    assert any("class folder(s) b; left out" in str(w.message) for w in caught)
+    assert dataset.class_names == ["a", "c"] and dataset.channels == 1
+    assert sorted((os.path.basename(p), label) for p, label in dataset.samples) == [("1.gif", 1), ("1.png", 0),
+                                                                                    ("2.png", 1)]
+
+
+def test_paired_folders_warn_about_two_files_of_one_name(tmp_path):
+    from utils import PairedImageDataset
+    for folder in ("targets", "inputs"):
+        (tmp_path / folder).mkdir()
+    Image.new("L", (8, 8), 10).save(tmp_path / "targets" / "001.jpg")
+    Image.new("L", (8, 8), 20).save(tmp_path / "targets" / "001.png")
+    Image.new("L", (8, 8), 30).save(tmp_path / "inputs" / "001.png")
+    with pytest.warns(UserWarning, match="1 names have several files"):
+        data = PairedImageDataset(str(tmp_path / "targets"), str(tmp_path / "inputs"), 8)
+    assert [os.path.basename(t) for t, _ in data.pairs] == ["001.jpg"]
+
+
 def test_resize_keeps_aspect_and_crops_the_centre(tmp_path):
     """An 80x20 image, black with a white middle half, becomes all white at 8x8: the shorter side
     is resized to 8 (the width to 32) and only the centre 8 columns are kept."""
