@@ -621,9 +621,10 @@ def main(argv=None):
         saved = list(resumed["class_names"])
         differ = next((i for i, pair in enumerate(zip(saved, class_names)) if pair[0] != pair[1]), None)
         raise UsageError("--resume: the data's classes differ from the run's ("
-                         + (f"{len(class_names)} now, {len(saved)} saved" if differ is None else
-                            f"label {differ} is {class_names[differ]!r} now, {saved[differ]!r} saved")
-                         + "); resume on the same class folders, or start a new run")
+                         + (f"label {differ} is {class_names[differ]!r} now, {saved[differ]!r} saved; "
+                            if differ is not None else "")
+                         + f"{len(class_names)} classes now, {len(saved)} saved); resume on the same class "
+                         "folders, or start a new run")
     if args.process == "cold":  # where generation starts: a mixture over the data's channel means (cold.py)
         if resumed:
             diffusion.start_mixture = resumed["cold_config"]["start_mixture"]
