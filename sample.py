@@ -72,7 +72,8 @@ def parse_args(argv=None):
                    help="images to draw (default 16), or for a class-conditional model images per class "
                    "(default 4, one row per class); rows of the --interpolate strip (default 4); "
                    "images to --invert or --cond_images to use (default: all, at most 16)")
-    p.add_argument("--batch_size", type=int, default=64, help="images denoised at once (lower it if memory is short)")
+    p.add_argument("--batch_size", type=int, default=64, help="images denoised at once (lower it if memory is short); the per-step noise is drawn batch by "
+                        "batch, so with the same --seed another batch size gives other DDPM samples")
     p.add_argument("--seed", type=int, default=0, help="seed for the starting noise and every step's noise")
     p.add_argument("--out", default=None, help="grid PNG; default samples/<checkpoint name>[_interpolation|_inversion|_outputs|_restored].png")
     p.add_argument("--individual_dir", default=None, help="also write one PNG per sample into this folder")
@@ -307,6 +308,9 @@ def sample_cold(args, path, state, device):
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
     if args.cold_restore:
+        if args.individual_dir or args.gif:
+            raise UsageError("--cold_restore writes one grid of degraded / restored / original rows (--out); "
+                             "leave out --individual_dir and --gif")
         if not os.path.exists(args.cold_restore):
             raise UsageError(f"--cold_restore {args.cold_restore}: no such file or folder")
         level = args.cold_level if args.cold_level is not None else max(1, process.timesteps // 2)
@@ -489,7 +493,6 @@ def main(argv=None):
     args.ckpt = " + ".join(paths)  # for the messages below
     state, diffusion, model = load_model_or_experts(paths, device, args.variance, args.weights, first, args.amp)
     check_args(args, diffusion.timesteps)
-    seed_everything(args.seed)
     task = state.get("task", "diffusion")
     class_names = state.get("class_names") or []
     size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
@@ -504,6 +507,15 @@ def main(argv=None):
           f"{steps} of {diffusion.timesteps} steps ({args.spacing} spacing)")
     generate = make_generate(args, diffusion, use_ddim, steps, eta)
     network, cond_fn, class_names = guided_network(args, state, diffusion, model, class_names, device)
+    if task in ("super_resolution", "image_to_image") and (args.class_name or args.class_label or args.gif
+                                                          or args.interpolate or args.invert):
+        raise UsageError(f"--ckpt {args.ckpt}: a {task} model's outputs follow --cond_images; leave out "
+                         "--class_name, --class_label, --gif, --interpolate and --invert")
+    # The cascade's SR model, checked before the long sampling.
+    sr = load_sr_model(args, channels, size, device) if args.sr_ckpt else None
+    # Seeded once every network is built: building one (a classifier, the SR model) draws its initial
+    # weights from the same generator, so seeding earlier made --classifier_ckpt or --sr_ckpt change x_T.
+    seed_everything(args.seed)
 
     def decode(noise, labels, cond=None, cond_t=None, clip=True):
         """Decode x_T [N x C x S x S] batch by batch (with labels [N] and conditioning images [N x ...]);
@@ -527,11 +539,14 @@ def main(argv=None):
         return interpolation_grid(args, decode, class_names, size, channels, name)
     if args.invert:
         return inversion_grid(args, state, diffusion, network, decode, steps, name, device)
-    sr = load_sr_model(args, channels, device) if args.sr_ckpt else None  # checked before the long sampling
     images, out_path, nrow = sample_images(args, generate, network, cond_fn, class_names, size, channels,
                                            steps, name, device)
     if args.sr_ckpt or args.upscale or args.upscale_mode:
-        sr_generate = make_generate(args, sr[1], use_ddim, steps, eta) if sr else None
+        sr_generate = None
+        if sr:  # the SR model's own T unless --steps is given (checked against it in load_sr_model)
+            sr_steps = args.steps or (min(50, sr[1].timesteps) if use_ddim else sr[1].timesteps)
+            print(f"SR stage: {sr_steps} of {sr[1].timesteps} steps")
+            sr_generate = make_generate(args, sr[1], use_ddim, sr_steps, eta)
         upscale_samples(args, images, out_path, nrow, sr, sr_generate)
 
 
@@ -661,15 +676,18 @@ def sample_images(args, generate, network, cond_fn, class_names, size, channels,
     return images, out_path, nrow
 
 
-def load_sr_model(args, channels, device):
-    """The --sr_ckpt of a cascade, checked before any sampling: (state, diffusion, model)."""
+def load_sr_model(args, channels, size, device):
+    """The --sr_ckpt of a cascade, checked before any sampling: (state, diffusion, model). size: the base
+    model's samples, which the cascade enlarges to the SR model's output size."""
     state, sr_diffusion, sr_model = load_diffusion_model(args.sr_ckpt, "--sr_ckpt", device, amp=args.amp)
     if state.get("task") != "super_resolution":
         raise UsageError(f"--sr_ckpt {args.sr_ckpt}: not a super-resolution model (train.py --task super_resolution)")
-    low_res, out_size = state["conditioning"]["low_res"], state["model_config"]["image_size"]
-    if args.upscale and args.upscale * low_res != out_size:
-        raise UsageError(f"--upscale {args.upscale}: {args.sr_ckpt} turns {low_res}x{low_res} into "
-                         f"{out_size}x{out_size} (x{out_size // low_res}); leave out --upscale")
+    out_size = state["model_config"]["image_size"]
+    if args.upscale and args.upscale * size != out_size:  # the base samples' enlargement, whatever low_res is
+        raise UsageError(f"--upscale {args.upscale}: this cascade turns the {size}x{size} samples into "
+                         f"{out_size}x{out_size} (x{out_size / size:g}); leave out --upscale")
+    if args.steps is not None and args.steps > sr_diffusion.timesteps:
+        raise UsageError(f"--steps {args.steps}: the SR model has T = {sr_diffusion.timesteps}; give at most that")
     if state["model_config"]["in_channels"] != channels:
         raise UsageError(f"--sr_ckpt {args.sr_ckpt}: made for {state['model_config']['in_channels']}-channel "
                          f"images, the base model's have {channels}")

@@ -1,6 +1,7 @@
 """Classes, guidance, super-resolution, cascades, image-to-image and upscaling through the CLI, on tiny data."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -67,6 +68,11 @@ def test_classifier_guidance_with_both_samplers(trained, tmp_path):
                             "--num_samples", "2", "--out", tmp_path / "cg.png", *sampler, cwd=tmp_path)
         assert "classifier guidance: scale 5" in result.stdout
         assert Image.open(tmp_path / "cg.png").size == (2 + 2 * 10, 2 + 3 * 10)
+    # Scale 0 is no guidance: the same samples as without the classifier (loading it draws no noise).
+    for flags, out in (([], "plain.png"), (["--classifier_ckpt", clf, "--classifier_scale", "0"], "scale0.png")):
+        run_script("sample.py", "--ckpt", ckpt, *flags, "--num_samples", "2", "--steps", "4", "--out", tmp_path / out,
+                   cwd=tmp_path)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png")), np.asarray(Image.open(tmp_path / "scale0.png")))
     bad = run_script("sample.py", "--ckpt", clf, cwd=tmp_path, check=False)
     assert_one_line_error(bad, "noisy classifier", "--classifier_ckpt")
     bad = run_script("sample.py", "--ckpt", ckpt, "--classifier_ckpt", ckpt, cwd=tmp_path, check=False)
@@ -80,6 +86,15 @@ def test_cascade_base_then_super_resolution(trained, tmp_path):
     assert "upscaled x2 to 16x16 by the SR model" in result.stdout
     assert Image.open(tmp_path / "base.png").size == (2 + 2 * 10, 2 + 3 * 10)      # 8x8 base samples
     assert Image.open(tmp_path / "base_x2.png").size == (2 + 2 * 18, 2 + 3 * 18)   # 16x16 from the SR model
+    # The base grid is the one the base model draws alone with this seed: loading the SR model draws no noise.
+    run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--num_samples", "2", "--steps", "4",
+               "--out", tmp_path / "alone.png", cwd=tmp_path)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "base.png")), np.asarray(Image.open(tmp_path / "alone.png")))
+    for flags, fragments in ((["--upscale", "3"], ("--upscale 3", "8x8 samples into 16x16 (x2)")),
+                             (["--steps", "50"], ("--steps 50",))):
+        bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--sr_ckpt",
+                         trained / "checkpoints" / "pets_sr_ema.pt", *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(bad, *fragments)
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--sr_ckpt",
                      trained / "checkpoints" / "pets_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--sr_ckpt", "not a super-resolution model")
@@ -102,6 +117,10 @@ def test_super_resolution_of_your_own_images(trained, tmp_path):
     assert Image.open(tmp_path / "sr_big.png").size == (2 + 3 * 18, 2 + 4 * 18)
     bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "needs input images", "--cond_images")
+    for flags in (["--interpolate", "4"], ["--class_label", "0"], ["--gif", "g.gif"]):  # each was ignored
+        bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--cond_images",
+                         tmp_path / "small", *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(bad, "super_resolution model's outputs follow --cond_images", flags[0])
     # The tools that sample from noise alone refuse it by name, rather than fail inside the network.
     bad = run_script("tools/nll.py", "--ckpt", trained / "checkpoints" / "pets_sr_ema.pt", "--dataset_path",
                      tmp_path / "big", cwd=tmp_path, check=False)
