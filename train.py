@@ -145,7 +145,7 @@ def parse_args(argv=None):
                           "low-res input to a random level 0..this; default T/10; 0 = off")
     guidance.add_argument("--sample_aug_t", type=int, default=None,
                           help="super_resolution: the fixed level used at sampling, saved in the checkpoint; "
-                          "default T/50")
+                          "default T/50 (at most --aug_max_t)")
     guidance.add_argument("--cond_path", default=None,
                           help="image_to_image: folder of input images, named like their targets in --dataset_path")
 
@@ -584,8 +584,15 @@ def main(argv=None):
         raise UsageError(f"{earlier[0]} already holds a run named {run_name!r}: add --resume to continue it, "
                          "--run_name NAME to start another beside it, or --overwrite to replace it")
     if args.task == "super_resolution":  # the defaults scale with T (see cascade.py)
+        given = args.sample_aug_t is not None and not args.resume
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
-        args.sample_aug_t = args.timesteps // 50 if args.sample_aug_t is None else args.sample_aug_t
+        args.sample_aug_t = min(args.timesteps // 50, args.aug_max_t) if args.sample_aug_t is None else args.sample_aug_t
+        if given and args.aug_max_t == 0:  # cascade.sampling_level would ignore it
+            raise UsageError(f"--sample_aug_t {args.sample_aug_t}: with --aug_max_t 0 the model is trained and sampled "
+                             "without conditioning augmentation; leave out --sample_aug_t")
+        if given and args.sample_aug_t > args.aug_max_t:
+            raise UsageError(f"--sample_aug_t {args.sample_aug_t}: above --aug_max_t {args.aug_max_t}, a level the "
+                             "model would never see in training")
     writer_class = None
     if args.tensorboard:  # an optional extra: imported only when asked for, and checked before any work
         try:
