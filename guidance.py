@@ -56,7 +56,8 @@ def classifier_free_guidance(model, guidance_scale, null_label):
     affine function of what the network predicts (eps itself, x_0 or v; ddpm.py), and eq. 6's weights
     (1 + w) and -w sum to 1, so guiding the output and then converting equals converting then guiding.
     With learned variances (2C output channels) only the first C are guided; the variances are the
-    conditional model's, as in GLIDE's and ADM's code."""
+    conditional model's, as in GLIDE's and ADM's code, except at s = 0, which is the unconditional model
+    itself (variances included), as sample.py and guidance_sweep.py describe it."""
     def guided(x, t, y=None):
         if y is None:
             raise ValueError("classifier-free guidance needs labels y")
@@ -65,7 +66,8 @@ def classifier_free_guidance(model, guidance_scale, null_label):
         conditional, unconditional = out.chunk(2)                                # each [B x C_out x H x W]
         c = x.shape[1]
         guided_prediction = unconditional[:, :c] + guidance_scale * (conditional[:, :c] - unconditional[:, :c])
-        return torch.cat([guided_prediction, conditional[:, c:]], dim=1)         # eq. 6 (+ variances)
+        variances = (unconditional if guidance_scale == 0 else conditional)[:, c:]  # [B x C x H x W] or empty
+        return torch.cat([guided_prediction, variances], dim=1)                  # eq. 6 (+ variances)
     return guided
 
 

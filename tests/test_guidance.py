@@ -54,6 +54,8 @@ def test_guidance_with_learned_variances_guides_only_the_prediction_channels():
     assert out.shape == (2, 6, 16, 16)
     assert torch.allclose(out[:, 3:], conditional[:, 3:], atol=1e-6)          # variances: the conditional's
     assert torch.allclose(out[:, :3], unconditional[:, :3] + 4 * (conditional[:, :3] - unconditional[:, :3]), atol=1e-5)
+    with torch.no_grad():  # s = 0 is the unconditional model, its variances too
+        assert torch.allclose(classifier_free_guidance(model, 0.0, 2)(x, t, y), unconditional, atol=1e-6)
 
 
 def test_classifier_gradient_is_each_samples_own_gradient_of_log_p():
