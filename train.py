@@ -219,7 +219,12 @@ def parse_args(argv=None):
                      help="start afresh even though <checkpoint_dir>/<run>.pt exists: that run's checkpoints (the "
                      "--keep_last ones too) are deleted and its loss log restarted (without it such a run is refused)")
     args = p.parse_args(argv)
-    return args, p
+    # Which flags were typed, whatever their value: --resume --max_steps 10000 must win even though
+    # 10000 is the default. A copy of the parser without defaults leaves out every flag not given.
+    typed = copy.deepcopy(p)
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    return args, set(vars(typed.parse_args(argv)))
 
 
 def resolve_process_defaults(args):
@@ -521,11 +526,12 @@ def sample_grid(args, ema_model, diffusion, grid_diffusion, fixed, path):
 # The run
 # ---------------------------------------------------------------------------------------------
 
-def load_resumed_run(args, parser, full_path):
+def load_resumed_run(args, typed, full_path):
     """--resume: the stopped run's checkpoint, and its settings as this run's args. Run-control flags
     given on this command line (RUN_CONTROL_FLAGS) win; every other setting is the saved run's, so the
-    run continues unchanged. Returns (args, the checkpoint dict, the other flags given on this command
-    line that differ from the saved run's, which are ignored: the caller says so)."""
+    run continues unchanged. typed: the flags given on this command line (parse_args). Returns (args, the
+    checkpoint dict, the other flags given that differ from the saved run's, which are ignored: the caller
+    says so)."""
     if not os.path.isfile(full_path):
         raise UsageError(f"--resume: no checkpoint {full_path} to resume from; train without --resume first, "
                          "or pass the --run_name / --checkpoint_dir it was saved under")
@@ -533,10 +539,9 @@ def load_resumed_run(args, parser, full_path):
     saved = resumed["config"]
     ignored = [f"--{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
                f" (the run's: {saved[name]})" for name, value in vars(args).items()
-               if name not in RUN_CONTROL_FLAGS and name in saved and value != parser.get_default(name)
-               and value != saved[name]]
+               if name not in RUN_CONTROL_FLAGS and name in saved and name in typed and value != saved[name]]
     for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
-        if getattr(args, name) != parser.get_default(name) and name in saved:
+        if name in typed and name in saved:
             saved[name] = getattr(args, name)
     args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
     if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
@@ -569,14 +574,14 @@ def looks_like_text(args):
 
 
 def main(argv=None):
-    args, parser = parse_args(argv)
+    args, typed = parse_args(argv)
     run_name = args.run_name or dataset_name(args) + RUN_SUFFIX[args.task]
     full_path = os.path.join(args.checkpoint_dir, f"{run_name}.pt")
     ema_path = os.path.join(args.checkpoint_dir, f"{run_name}_ema.pt")
 
     resumed, ignored = None, []
     if args.resume:
-        args, resumed, ignored = load_resumed_run(args, parser, full_path)
+        args, resumed, ignored = load_resumed_run(args, typed, full_path)
     resolve_process_defaults(args)
     check_args(args)
     earlier = [] if args.resume else run_files(args.checkpoint_dir, run_name)

@@ -307,15 +307,18 @@ def test_resume_says_which_given_flags_it_ignores(tmp_path, monkeypatch, capsys)
     note instead of being dropped silently. Run-control flags and unchanged values are not named."""
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "pets")
-    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "2", "--sample_every", "0")
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "2", "--sample_every", "0",
+               "--lr", "1e-3")
     capsys.readouterr()
-    train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "3", "--lr", "0.5", "--amp", "bf16",
-               "--channel_mults", "1", "2")
+    # --lr and --sample_every are typed with their default values: typed is what counts, not the value.
+    train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "3", "--lr", "2e-4", "--amp", "bf16",
+               "--channel_mults", "1", "2", "--sample_every", "1000")
     out = capsys.readouterr().out
-    assert "these flags are ignored: --lr 0.5 (the run's: 0.0002); --amp bf16 (the run's: off)." in out
+    assert "these flags are ignored: --lr 0.0002 (the run's: 0.001); --amp bf16 (the run's: off)." in out
     assert "--max_steps" not in out.split("ignored")[1].split("\n")[0] and "--channel_mults" not in out
     resumed = load("checkpoints/pets.pt")
-    assert resumed["step"] == 3 and resumed["config"]["lr"] == 2e-4 and resumed["config"]["amp"] == "off"
+    assert resumed["step"] == 3 and resumed["config"]["lr"] == 1e-3 and resumed["config"]["amp"] == "off"
+    assert resumed["config"]["sample_every"] == 1000  # a run-control flag, typed: it wins
 
 
 def test_resume_refuses_data_whose_classes_changed(tmp_path, monkeypatch):
