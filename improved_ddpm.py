@@ -177,6 +177,8 @@ class TimestepSampler:
         if self.kind == "uniform":
             return
         for step, loss in zip(t.tolist(), losses.detach().float().cpu().tolist()):
+            if not math.isfinite(loss):  # a step train.py skips: one inf or NaN would make every p_t NaN
+                continue
             self.loss_history[step] = torch.roll(self.loss_history[step], -1)
             self.loss_history[step, -1] = loss
             self.loss_counts[step] = min(self.loss_counts[step] + 1, self.loss_history.shape[1])

@@ -144,18 +144,21 @@ def restore_rng_states(rng, randomness, device, rank, world_size):
     return True
 
 
-def step_statistics(losses, t, timesteps, stop_requested, world_size, seconds=0.0):
+def step_statistics(losses, t, timesteps, stop_requested, world_size, seconds=0.0, weights=None):
     """This step's per-image losses and t [k*B] -> (mean loss, [mean loss of the images whose t lies in
     each quarter of 0 .. T-1, NaN where none did], whether any process was asked to stop, the training
     seconds so far averaged over processes), over all processes with one all-reduce. The quarters show
     which noise levels are hard (Improved DDPM Fig. 2 makes the same split: the terms at small t
     dominate the variational bound). Every process gets the same seconds, so a time budget
-    (--max_minutes) sets the same learning rate and stops every process at the same step."""
+    (--max_minutes) sets the same learning rate and stops every process at the same step.
+    weights [k*B]: the loss-aware sampler's importance weights w = 1 / (n p_t), already in losses (w L).
+    Each quarter is then sum(w L) / sum(w), the uniform-t mean; dividing by the count would give about
+    the same number in every quarter, since p_t follows the loss."""
     quarter = (t * 4 // timesteps).clamp(max=3)
     stats = torch.zeros(12, device=losses.device)  # float32 keeps a day's seconds to 0.01 s
     stats[0], stats[1] = losses.float().sum(), losses.numel()
     stats[2:6].index_add_(0, quarter, losses.float())
-    stats[6:10].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float))
+    stats[6:10].index_add_(0, quarter, torch.ones_like(losses, dtype=torch.float) if weights is None else weights.float())
     stats[10] = float(stop_requested)
     stats[11] = seconds
     if world_size > 1:
@@ -267,7 +270,7 @@ LOG_FIELDS = ["step", "loss", "lr", "images_per_s", "peak_memory_mb"]
 
 def log_fields(timesteps):
     """loss.csv's columns: the step's mean loss, then its mean over each quarter of the t range."""
-    edges = [q * timesteps // 4 for q in range(5)]
+    edges = [(q * timesteps + 3) // 4 for q in range(5)]  # ceil(q T / 4): where step_statistics' quarters start
     return LOG_FIELDS + [f"loss_t{edges[q]}_{edges[q + 1] - 1}" for q in range(4)]
 
 

@@ -808,6 +808,7 @@ def main(argv=None):
                 losses, t = diffusion.training_loss(network, x0, y, t, noise)   # Algorithm 1
         if timestep_sampler.kind != "uniform":  # every process keeps the same loss history
             timestep_sampler.update(all_t, randomness.gather_rows(losses.detach().float()))
+        step_weights.append(weights)  # for the per-quarter means of the log (step_statistics)
         return losses.float() * weights, t
 
     # Fixed noise, labels, conditioning images or starts for every sample grid, so grids over training
@@ -850,15 +851,17 @@ def main(argv=None):
     model.train()
     reset_peak_memory(device)  # loss.csv's peak_memory_mb: the training's, not the data loading's
     bar = tqdm(total=args.max_steps, initial=step, desc=run_name, dynamic_ncols=True, disable=rank != 0)
-    skipped_in_a_row, stop, out_of_time = 0, False, False
+    skipped_in_a_row, stop, out_of_time, step_weights = 0, False, False, []
     seconds_before, loop_started = train_seconds, time.perf_counter()
     try:
         while step < args.max_steps and not stop and not out_of_time:
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(args.accumulation_iters)]
+            step_weights.clear()
             losses, t = accumulate_gradients(loss_fn, micro_batches, scaler, no_sync)
             loss, by_quarter, stop, train_seconds = step_statistics(
-                losses, t, args.timesteps, signals.requested, world_size, seconds_before + time.perf_counter() - loop_started)
+                losses, t, args.timesteps, signals.requested, world_size, seconds_before + time.perf_counter() - loop_started,
+                torch.cat(step_weights))
             scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             # The same on every process: the gradients were averaged over processes, the loss too.
@@ -869,6 +872,7 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             if budget_s:  # the same on every process (step_statistics)
                 out_of_time = train_seconds >= budget_s
+            lr = scheduler.get_last_lr()[0]  # the rate this step used, for the log
             scheduler.step()
             if finite:
                 update_ema(ema_model, model, args.ema_decay, step)
@@ -877,7 +881,6 @@ def main(argv=None):
                 swa_model.update_parameters(model)
 
             images_per_s = args.batch_size * args.accumulation_iters * world_size / (time.perf_counter() - started)
-            lr = scheduler.get_last_lr()[0]
             log.add([step, loss, lr, images_per_s, peak_memory_mb(device), *by_quarter])
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
@@ -896,11 +899,16 @@ def main(argv=None):
             else:
                 skipped_in_a_row = 0
             finished = step == args.max_steps or out_of_time
+            paused = time.perf_counter()  # saving and grids are not training: --max_minutes leaves them out
             if step % args.save_every == 0 or finished or stop:
                 log.flush()
                 save()
-            if not stop and rank == 0 and args.sample_every and (step % args.sample_every == 0 or finished):
+            grid_now = not stop and args.sample_every and (step % args.sample_every == 0 or finished)
+            if grid_now and rank == 0:
                 bar.write(f"step {step}: {draw_grid()}")
+            if grid_now and world_size > 1:  # process 0 draws it: the others wait here, off the clock too
+                dist.barrier()
+            loop_started += time.perf_counter() - paused
     except KeyboardInterrupt:  # a second signal: quit at once
         bar.close()
         say(f"\nstopped at step {step} without saving; the last checkpoint {full_path} is kept")

@@ -200,6 +200,9 @@ def test_loss_aware_sampler_is_uniform_until_full_then_favours_large_losses_with
     again = TimestepSampler(10, "loss-aware")
     again.load_state_dict(sampler.state_dict())
     assert torch.equal(again.probabilities(), p)
+    # A non-finite loss (a step train.py skips) is not recorded: one would turn every p_t into NaN.
+    sampler.update(torch.tensor([0, 3]), torch.tensor([float("nan"), float("inf")]))
+    assert torch.equal(sampler.probabilities(), p)
     uniform = TimestepSampler(10)
     uniform.update(torch.arange(10), losses_at)
     t, weights = uniform.sample(5, "cpu")

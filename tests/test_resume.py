@@ -364,6 +364,37 @@ def test_an_apple_gpu_run_saves_and_restores_its_dropout_stream(monkeypatch):
     assert len(put_back) == 1 and torch.equal(put_back[0], mps_state)
 
 
+def test_the_log_s_quarters_are_named_as_they_are_binned_and_undo_importance_weights():
+    """Quarter q holds the t with 4t // T == q; its column name says which t those are, for any T. With the
+    loss-aware sampler the losses arrive as w L: a quarter's mean is sum(w L) / sum(w), the uniform-t mean."""
+    from scaling import log_fields, step_statistics
+    for timesteps in (8, 50, 250, 1000):
+        for q, name in enumerate(log_fields(timesteps)[-4:]):
+            first, last = map(int, name.removeprefix("loss_t").split("_"))
+            assert [t for t in range(timesteps) if min(4 * t // timesteps, 3) == q] == list(range(first, last + 1))
+    assert log_fields(50)[-4:] == ["loss_t0_12", "loss_t13_24", "loss_t25_37", "loss_t38_49"]
+    t = torch.tensor([0, 1, 1, 7])                    # T = 8: quarter 0 holds t = 0, 1
+    raw, weights = torch.tensor([4.0, 1.0, 1.0, 2.0]), torch.tensor([0.5, 2.0, 2.0, 1.0])
+    loss, by_quarter, _, _ = step_statistics(raw * weights, t, 8, False, 1, weights=weights)
+    assert loss == pytest.approx((raw * weights).mean().item())
+    assert by_quarter[0] == pytest.approx((0.5 * 4 + 2 * 1 + 2 * 1) / (0.5 + 2 + 2)) and by_quarter[3] == 2.0
+
+
+def test_the_log_records_the_rate_each_step_used_and_grids_are_not_training_time(tmp_path, monkeypatch):
+    """loss.csv's lr is the rate the step's update used (lr_lambda of the step before it counts); and a
+    --max_minutes budget counts training steps, not the time spent drawing grids or saving."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    monkeypatch.setattr(train, "sample_grid", lambda *a, **k: (time.sleep(0.6), ("slow grid", None))[1])
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "4", "--sample_every", "1",
+               "--max_minutes", "0.02")                   # 1.2 s of training; the grids alone take 2.4 s
+    state = load("checkpoints/pets.pt")
+    assert state["step"] == 4 and state["train_seconds"] < 1.2
+    with open("samples/pets/loss.csv") as f:
+        rates = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert rates[:2] == pytest.approx([1e-4, 2e-4])    # warm-up over 2 steps: (k + 1) / 2 of the peak
+
+
 def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_process_zero(tmp_path):
     from scaling import TrainingLog, log_fields
     log = TrainingLog(str(tmp_path / "run"), timesteps=8, resumed_step=None)
