@@ -172,7 +172,8 @@ def parse_args(argv=None):
                        help="also stop (and save) after this many minutes of training, and let the learning-rate "
                             "cosine follow whichever of steps and minutes runs out first (README: Speed)")
     train.add_argument("--ema_decay", type=float, default=0.999,
-                       help="EMA decay (with warm-up); 0.9999 as in DDPM suits runs of 100k+ steps")
+                       help="EMA decay; the decay used warms up as min(this, (1 + step) / (10 + step)), reaching 0.999 "
+                            "near step 9000; 0.9999 as in DDPM suits runs of 100k+ steps")
     train.add_argument("--amp", nargs="?", const="auto", default="off", choices=("off", "auto", "bf16", "fp16"),
                        help="mixed precision (autocast; weights, EMA and optimizer state stay fp32): bf16, or fp16 "
                        "with loss scaling (CUDA only); --amp alone = auto: on CUDA bf16 where supported, else fp16; on a "
