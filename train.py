@@ -282,6 +282,18 @@ def check_args(args):
             raise UsageError(f"--process cold --loss {args.loss}: the restoration loss is l1 or l2")
     if args.task == "classifier" and (args.t_min is not None or args.t_max is not None):
         raise UsageError("--t_min/--t_max train an expert denoiser (experts.py); a --task classifier sees every t")
+    if args.task == "classifier":  # its loss is cross-entropy at uniform t (guidance.classifier_training_loss)
+        denoiser_only = [flag for flag, used in (
+            ("--loss " + str(args.loss), args.loss not in (None, "l2")),
+            ("--prediction " + args.prediction, args.prediction != "eps"), ("--learn_sigma", args.learn_sigma),
+            ("--min_snr_gamma", bool(args.min_snr_gamma)),
+            ("--timestep_sampler " + args.timestep_sampler, args.timestep_sampler != "uniform")) if used]
+        if denoiser_only and not args.resume:
+            raise UsageError(f"--task classifier: {denoiser_only[0]} shapes a denoiser's loss; the classifier is trained "
+                             "with cross-entropy at uniform t, so leave it out")
+    if args.loss == "kl" and args.min_snr_gamma and not args.resume:
+        raise UsageError("--loss kl --min_snr_gamma: L_vlb keeps the bound's own weights per t and ignores Min-SNR; "
+                         "use --loss hybrid (its L_simple part is weighted) or leave out --min_snr_gamma")
     if args.task == "super_resolution":
         if args.low_res is None or not 1 <= args.low_res < args.image_size:
             raise UsageError(f"--task super_resolution needs --low_res smaller than --image_size {args.image_size} "
@@ -862,7 +874,7 @@ def main(argv=None):
             losses, t = accumulate_gradients(loss_fn, micro_batches, scaler, no_sync)
             loss, by_quarter, stop, train_seconds = step_statistics(
                 losses, t, args.timesteps, signals.requested, world_size, seconds_before + time.perf_counter() - loop_started,
-                torch.cat(step_weights))
+                torch.cat(step_weights) if step_weights else None)  # none for the classifier and Cold Diffusion
             scaler.unscale_(optimizer)  # clip the true gradient, not the loss-scaled one
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             # The same on every process: the gradients were averaged over processes, the loss too.

@@ -142,6 +142,8 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
     (["--num_workers", "-1"], ("--num_workers -1",)),
     (["--channel_mults", "1", "0"], ("--channel_mults 1 0", "at least 1")),  # a convolution with 0 channels
     (["--attention_resolutions", "4"], ("--attention_resolutions 4", "16 8")),  # 16x16, 2 levels: never used
+    (["--task", "classifier", "--prediction", "v"], ("--task classifier: --prediction v", "cross-entropy")),
+    (["--loss", "kl", "--learn_sigma", "--min_snr_gamma", "5"], ("--loss kl --min_snr_gamma", "ignores")),
     (["--task", "super_resolution", "--low_res", "8", "--aug_max_t", "0", "--sample_aug_t", "2"],
      ("--sample_aug_t 2", "--aug_max_t 0")),  # was ignored
     (["--task", "super_resolution", "--low_res", "8", "--aug_max_t", "3", "--sample_aug_t", "5"],
