@@ -372,9 +372,12 @@ def load_dataset(args):
 def lr_lambda(step, warmup_steps, max_steps, time_used=0.0):
     """Learning-rate factor: linear warm-up to 1 over warmup_steps, then half a cosine down to 0. With a
     time budget (--max_minutes), time_used is the fraction of it spent, and the cosine follows whichever
-    of steps and time is further along, so a run cut short by the clock still ends at a low rate."""
+    of steps and time is further along, so a run cut short by the clock still ends at a low rate. The
+    warm-up is capped by the time cosine too: a budget that runs out during warm-up ends low, and the
+    factor does not jump down when warm-up ends late in the budget (time_used is 0 without a budget)."""
+    by_time = 0.5 * (1.0 + math.cos(math.pi * min(1.0, time_used)))
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return min((step + 1) / warmup_steps, by_time)
     progress = max((step - warmup_steps) / max(1, max_steps - warmup_steps), time_used)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -681,6 +684,9 @@ def main(argv=None):
     amp = resolve_amp(args.amp, device)
     if args.amp == "auto" and device.type == "cpu":  # bf16 pays only where the CPU has bf16 matrix hardware
         say(f"--amp auto: {'bf16 (this CPU has AMX or AVX-512 BF16)' if amp == 'bf16' else 'fp32 (this CPU has no bf16 matrix hardware, where bf16 is slower)'}")
+    if args.warmup_steps >= args.max_steps and not resumed:
+        say(f"note: --warmup_steps {args.warmup_steps} is not below --max_steps {args.max_steps}: the learning rate "
+            "rises for the whole run and never decays; lower --warmup_steps")
     if note := emulated_bf16_note(args.amp, amp, device):
         say(note)
     if amp == "fp16" and device.type != "cuda":

@@ -1,6 +1,7 @@
 """The training aids around Algorithm 1: accumulation, EMA, learning-rate schedule, and that it learns."""
 import contextlib
 import copy
+import math
 
 import pytest
 import torch
@@ -95,7 +96,12 @@ def test_a_time_budget_moves_the_cosine_along_when_time_runs_out_before_the_step
     assert lr_lambda(20, 10, 110, time_used=0.5) == pytest.approx(0.5, abs=1e-6)  # time ahead of the steps
     assert lr_lambda(60, 10, 110, time_used=0.1) == pytest.approx(0.5, abs=1e-6)  # the steps ahead of time
     assert lr_lambda(20, 10, 110, time_used=1.0) == pytest.approx(0.0, abs=1e-9)
-    assert lr_lambda(5, 10, 110, time_used=0.9) == pytest.approx(0.6)  # warm-up is by steps only
+    # Warm-up is capped by the time cosine: a budget spent during warm-up ends at a low rate, and the end of a
+    # late warm-up does not jump down (both sides of step 10 follow the time cosine there).
+    assert lr_lambda(5, 10, 110, time_used=0.9) == pytest.approx(0.5 * (1 + math.cos(0.9 * math.pi)))
+    assert lr_lambda(9, 10, 110, time_used=1.0) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda(9, 10, 110, time_used=0.65) == pytest.approx(lr_lambda(10, 10, 110, time_used=0.65))
+    assert lr_lambda(5, 10, 110, time_used=0.01) == pytest.approx(0.6)  # early on, warm-up rules
 
 
 def test_a_tiny_model_overfits_one_batch():
