@@ -392,7 +392,8 @@ def test_the_log_records_the_rate_each_step_used_and_grids_are_not_training_time
     assert state["step"] == 4 and state["train_seconds"] < 1.2
     with open("samples/pets/loss.csv") as f:
         rates = [float(row["lr"]) for row in csv.DictReader(f)]
-    assert rates[:2] == pytest.approx([1e-4, 2e-4])    # warm-up over 2 steps: (k + 1) / 2 of the peak
+    # Warm-up over 2 steps: (k + 1) / 2 of the peak, capped by the time budget's cosine (a hair below 1 here).
+    assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(2e-4, rel=1e-2)
 
 
 def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_process_zero(tmp_path):
