@@ -129,6 +129,14 @@ def rng_states(randomness, device, world_size):
                 shared=randomness.generator.get_state())
 
 
+def forked_rng(device):
+    """A copy of torch's random state for a side task (a sample grid), put back afterwards: CPU's, and the
+    device's own on CUDA or Apple MPS, where dropout draws from it. Drawing a grid, or not, then changes
+    nothing in the training that follows."""
+    accelerator = device.type in ("cuda", "mps")
+    return torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else None)
+
+
 def restore_rng_states(rng, randomness, device, rank, world_size):
     """Put back what rng_states saved, so the resumed run draws what an uninterrupted one would.
     Returns False, restoring nothing, when the states were saved by an older train.py or by another

@@ -61,7 +61,7 @@ from improved_ddpm import TIMESTEP_SAMPLERS, TimestepSampler
 from model import (build_classifier, build_model, check_network_settings, count_parameters,
                    resolve_classifier_config, resolve_model_config)
 from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLog, compile_or_fallback,
-                     endless_batches, quiet_worker_signals, restore_rng_states, rng_states, setup_distributed,
+                     endless_batches, forked_rng, quiet_worker_signals, restore_rng_states, rng_states, setup_distributed,
                      shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
@@ -855,7 +855,7 @@ def main(argv=None):
         never changes the training that follows. The first stop signal cuts it short."""
         signals.drawing_grid = True
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with forked_rng(device):
                 path = os.path.join(run_sample_dir, f"step_{step:07d}.png")
                 message, path = sample_grid(args, ema_model, diffusion, grid_diffusion, fixed, path)
         except KeyboardInterrupt:

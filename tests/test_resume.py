@@ -396,6 +396,21 @@ def test_the_log_records_the_rate_each_step_used_and_grids_are_not_training_time
     assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(2e-4, rel=1e-2)
 
 
+def test_a_grid_s_random_draws_are_undone_on_cpu_and_on_an_apple_gpu(monkeypatch):
+    """forked_rng puts back the CPU state, and on MPS the MPS generator's too (dropout draws from it)."""
+    from scaling import forked_rng
+    before = torch.get_rng_state()
+    with forked_rng(torch.device("cpu")):
+        torch.rand(100)
+    assert torch.equal(torch.get_rng_state(), before)
+    mps_state, calls = torch.tensor([7, 7], dtype=torch.uint8), []
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": calls.append("get") or mps_state.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": calls.append(state.tolist()))
+    with forked_rng(torch.device("mps")):
+        pass
+    assert calls == ["get", [7, 7]]
+
+
 def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_process_zero(tmp_path):
     from scaling import TrainingLog, log_fields
     log = TrainingLog(str(tmp_path / "run"), timesteps=8, resumed_step=None)
