@@ -336,6 +336,21 @@ def test_nll_tool_reports_bits_per_dim(trained):
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
 
+def test_nll_scores_the_same_images_whatever_the_network(trained, tmp_path, monkeypatch):
+    """Two models of different sizes, the same --seed: the same images (their comparison is paired)."""
+    import utils
+    root, folder = trained
+    flags = [*TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0", "--run_name", "wider"]
+    flags[flags.index("--base_channels") + 1] = "32"
+    run_script("train.py", "--dataset_path", folder, *flags, cwd=tmp_path)
+    seen, real_getitem = [], utils.ImageFolderDataset.__getitem__
+    monkeypatch.setattr(utils.ImageFolderDataset, "__getitem__", lambda self, i: seen.append(i) or real_getitem(self, i))
+    for ckpt in (root / "checkpoints" / "pets_ema.pt", tmp_path / "checkpoints" / "wider_ema.pt"):
+        run_script("tools/nll.py", "--ckpt", ckpt, "--dataset_path", folder, "--num_images", "4", "--batch_size", "4",
+                   "--device", "cpu", cwd=tmp_path)
+    assert len(seen) == 8 and seen[:4] == seen[4:]
+
+
 def test_memory_benchmark_reports_peak_memory_and_speed_per_setting(tmp_path):
     result = run_script("tools/memory_benchmark.py", "--image_size", "16", "--base_channels", "8", "--channel_mults",
                         "1", "2", "--num_res_blocks", "1", "--batch_size", "4", "--steps", "2", "--device", "cpu",

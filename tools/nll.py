@@ -60,7 +60,9 @@ def main(argv=None):
     diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
 
     count = len(dataset) if args.num_images == 0 else min(args.num_images, len(dataset))
-    chosen = torch.randperm(len(dataset))[:count].tolist()
+    # Its own generator: the global one has drawn the network's initial weights (build_model), so the images
+    # would depend on the network's size and two models would not be scored on the same ones.
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
     print(f"{args.ckpt}: {diffusion.describe()}")
     print(f"{count} images from {args.dataset_path}; {diffusion.timesteps} network calls per batch of "
           f"{args.batch_size}")
