@@ -509,6 +509,13 @@ def test_benchmark_vs_peers_repeats_reports_the_median_of_ratios_taken_within_ea
     assert "| ours-fp32 | small | fp32 | 1.00 M | 60.0 | 2.50x (1.50-3.00) |" in result.stdout
     even = median_over_runs(saved["runs"][:2])  # ratios 3.0 and 1.5
     assert next(r for r in even if r["name"] == "ours-fp32")["train_vs_best_peer"] == pytest.approx(2.25)
+    # A run in which a peer failed has no ratios (its "fastest peer" would be the slower one): they are left
+    # out of the ratios' medians, and the table says from how many runs they come.
+    saved["runs"][1]["models"] = [dict(r, train_vs_best_peer=float("nan"), sample_vs_best_peer=float("nan"))
+                                  for r in saved["runs"][1]["models"]]
+    ours = next(r for r in median_over_runs(saved["runs"]) if r["name"] == "ours-fp32")
+    assert ours["train_vs_best_peer"] == pytest.approx(2.75) and ours["ratio_runs"] == 2 and ours["runs"] == 3
+    assert ours["train_img_s"] == pytest.approx(60.0)  # the speeds themselves still count
     assert_one_line_error(run_script("tools/benchmark.py", *common, "--repeats", "0", cwd=tmp_path, check=False),
                           "--repeats 0")
 

@@ -11,7 +11,9 @@ FLOPs are counted by torch.utils.flop_counter.FlopCounterMode (a multiply-add is
 products and convolutions, which are nearly all of the work). Training FLOPs are those of one
 forward and backward pass, about 3x the forward's. Achieved GFLOP/s = training FLOPs per image x
 images/s: against the device's peak it says how much of the hardware the model uses. Training is
-Algorithm 1 (ddpm.py) with AdamW on random images, as train.py runs it, without data loading.
+Algorithm 1 (ddpm.py) with AdamW on random images, without data loading, the EMA update or gradient
+clipping (train.py's step does those as well; its images/s is a little lower). AdamW is the foreach
+kernel, as train.py runs it on a CPU (train.py uses the fused one on CUDA).
 Sampling images/s are measured by running each sampler for its step count on one batch.
 
     python tools/benchmark.py --vs-peers                               # side by side with the peers (CPU)
@@ -157,8 +159,11 @@ def count_flops(fn):
 def machine_peak(dtype, threads, reps=7):
     """This CPU's achievable GFLOP/s in dtype: the best of a 3x3 convolution (64 -> 64 channels, 32x32,
     batch 64, channels_last, forward) and a 2048 x 2048 matrix product, median of reps runs each. The
-    fp32 figure matches ../shared/bench/machine_peak.py's; bf16 is measured the same way, so each
-    precision's fraction of peak is against its own limit."""
+    bench's ../shared/bench/machine_peak.py tries more candidates (1x1 GEMMs, larger matrix products, the
+    convolution's backward pass), so its fp32 figure can be higher: --vs-peers prints both (on the
+    2-core Zen 4 they agreed within 5% in five runs on 2026-11-29; one run there on 2026-11-27 read 365
+    against its 469). bf16 is measured the same way, so each precision's fraction of peak is against its
+    own limit."""
     torch.set_num_threads(threads)
     x = torch.randn(64, 64, 32, 32, dtype=dtype).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(64, 64, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -201,7 +206,7 @@ def vs_peers(args):
         if args.json:  # after every run, so a stopped series keeps what it measured
             write_json(args.json, result)
     if args.repeats > 1:
-        print_median_table(result["median"], len(runs))
+        print_median_table(result["median"], len(runs), runs[0]["meta"]["batch"])
     if args.json:
         print(f"results: {args.json}")
     return result
@@ -244,14 +249,16 @@ def one_peers_run(args, bench, precisions, fast_bf16):
           + f" (the bench's own fp32: {fp32_bench_peak or float('nan'):.0f}); "
           f"{'AMX or AVX-512 BF16' if fast_bf16 else 'no bf16 hardware'}\n")
     print("| model | size | precision | params | train img/s | vs fastest peer | train GFLOP/s | % of peak | "
-          "sampling evals/s (batch 64) | vs fastest peer | peak RSS in training |")
+          f"sampling batch evals/s (batch {meta['batch']}) | vs fastest peer | peak RSS in training |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     shown = []  # the models in the table's order: by size, peers first
     for size in args.sizes:
         mine = [r for r in models if r["name"].startswith("ours") and ("medium" in r["name"]) == (size == "medium")]
         theirs = [r for r in models if r["name"] in PEERS[size]]
-        best_train = max((r["train_img_s"] for r in theirs), default=float("nan"))
-        best_sample = max((r["sample_evals_s"] for r in theirs), default=float("nan"))
+        # Ratios only against every peer of the size: with one failed, "the fastest" would be the other.
+        complete = {r["name"] for r in theirs} == set(PEERS[size])
+        best_train = max((r["train_img_s"] for r in theirs), default=float("nan")) if complete else float("nan")
+        best_sample = max((r["sample_evals_s"] for r in theirs), default=float("nan")) if complete else float("nan")
         for r in theirs + mine:
             precision = "bf16" if r["name"].endswith("bf16") else "fp32"
             r.update(precision=precision, size=size, train_vs_best_peer=r["train_img_s"] / best_train,
@@ -259,7 +266,7 @@ def one_peers_run(args, bench, precisions, fast_bf16):
                      fraction_of_peak=r["train_gflops_3x"] / peaks[precision][0])
             print(f"| {r['name']} | {size} | {precision} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
                   f"{r['train_vs_best_peer']:.2f}x | {r['train_gflops_3x']:.0f} | {100 * r['fraction_of_peak']:.0f}% | "
-                  f"{r['sample_evals_s']:.2f} | {r['sample_vs_best_peer']:.2f}x | {r['peak_rss_train_mb'] / 1024:.1f} GB |")
+                  f"{r['sample_evals_s']:.2f} | {r['sample_vs_best_peer']:.2f}x | {r['peak_rss_train_mb'] / 1024:.1f} GiB |")
             shown.append(r)
     result["models"] = shown
     return result
@@ -273,7 +280,8 @@ MEDIAN_KEYS = ("train_img_s", "train_vs_best_peer", "fraction_of_peak", "sample_
 def median_over_runs(runs):
     """Each model's median and range of MEDIAN_KEYS over the runs it appears in. Ratios to the fastest peer
     are taken within each run first (peers and ours timed minutes apart on the same machine), then their
-    median: a ratio of medians would mix runs made at different speeds of the machine."""
+    median: a ratio of medians would mix runs made at different speeds of the machine. A run whose ratio
+    is NaN (a peer of that size failed in it) is left out of that ratio's median; ratio_runs counts the rest."""
     by_name = {}
     for run in runs:
         for r in run["models"]:
@@ -283,25 +291,33 @@ def median_over_runs(runs):
         entry = dict(name=name, size=rows[0]["size"], precision=rows[0]["precision"], params=rows[0]["params"],
                      runs=len(rows))
         for key in MEDIAN_KEYS:
-            values = sorted(r[key] for r in rows)
+            values = sorted(r[key] for r in rows if r[key] == r[key])  # x != x only for NaN
+            if not values:
+                entry[key], entry[key + "_range"] = float("nan"), [float("nan"), float("nan")]
+                continue
             middle = len(values) // 2
             entry[key] = values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
             entry[key + "_range"] = [values[0], values[-1]]
+        entry["ratio_runs"] = sum(r["train_vs_best_peer"] == r["train_vs_best_peer"] for r in rows)
         summary.append(entry)
     return summary
 
 
-def print_median_table(summary, n):
-    """The --repeats table: each model's median over the n runs, with the lowest and highest ratio."""
+def print_median_table(summary, n, batch):
+    """The --repeats table: each model's median over the n runs, with the lowest and highest ratio. A model
+    whose numbers come from fewer runs (it failed in some, or a peer did) says from how many."""
     print(f"\nmedian of {n} runs (lowest-highest):\n")
-    print("| model | size | precision | params | train img/s | vs fastest peer | % of peak | sampling evals/s "
-          "(batch 64) | vs fastest peer | peak RSS in training |")
+    print("| model | size | precision | params | train img/s | vs fastest peer | % of peak | sampling batch evals/s "
+          f"(batch {batch}) | vs fastest peer | peak RSS in training |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in summary:
         spread = (lambda key: f"{r[key]:.2f}x ({r[key + '_range'][0]:.2f}-{r[key + '_range'][1]:.2f})")
-        print(f"| {r['name']} | {r['size']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
+        fewer = [f"{r['runs']} runs"] if r["runs"] < n else []
+        fewer += [f"ratios from {r['ratio_runs']}"] if r["ratio_runs"] < r["runs"] else []
+        name = r["name"] + (f" ({', '.join(fewer)})" if fewer else "")
+        print(f"| {name} | {r['size']} | {r['precision']} | {r['params'] / 1e6:.2f} M | {r['train_img_s']:.1f} | "
               f"{spread('train_vs_best_peer')} | {100 * r['fraction_of_peak']:.0f}% | {r['sample_evals_s']:.2f} | "
-              f"{spread('sample_vs_best_peer')} | {r['peak_rss_train_mb'] / 1024:.1f} GB |")
+              f"{spread('sample_vs_best_peer')} | {r['peak_rss_train_mb'] / 1024:.1f} GiB |")
 
 
 def vs_lucidrains(args):
@@ -461,6 +477,9 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     config, diffusion = network(args)
+    too_many = [steps for steps in args.steps if not 1 <= steps <= diffusion.timesteps]
+    if too_many:  # respace would run all T steps and the row would name another count
+        raise UsageError(f"--steps {too_many[0]}: must be between 1 and the model's T = {diffusion.timesteps}")
     diffusion = diffusion.to(device)
     model = build_network(config).to(device)
     args.amp = resolve_amp(args.amp, device)  # auto: as train.py --amp decides it

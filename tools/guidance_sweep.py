@@ -136,6 +136,8 @@ def main(argv=None):
                                  cond_fn=cond_fn)
         else:
             images = sampling.sample(network, noise.shape, labels, noise, cond_fn=cond_fn)
+        if device.type == "cuda":  # the GPU's queued work belongs to this column's time
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         images = from_model_range(images)
         columns.append(images)

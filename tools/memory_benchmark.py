@@ -79,7 +79,7 @@ def run_setting(args, flags, folder):
 def main(argv=None):
     args = parse_args(argv)
     settings = [(name, flags) for name, flags in SETTINGS if args.settings is None or name in args.settings]
-    settings += ([("compile", ["--compile"])] if args.compile else []) + (
+    settings += ([("compile", ["--channels_last", "off", "--compile"])] if args.compile else []) + (
         [("fp16", ["--amp", "fp16"])] if args.fp16 else [])
     rows = []
     print(f"{args.image_size}x{args.image_size}, base {args.base_channels}, mults {args.channel_mults}, "
