@@ -149,19 +149,23 @@ def run_name(T, schedule, loss, prediction="eps", min_snr_gamma=0.0):
             + (f"_minsnr{min_snr_gamma:g}" if min_snr_gamma else ""))
 
 
-def trained_step(path):
-    """The step a checkpoint was saved at, or None when there is none (or it cannot be read)."""
+def trained_step(path, key="step"):
+    """The step a checkpoint was saved at (or another number it records, such as train_seconds), or None
+    when there is none (or it cannot be read)."""
     if not os.path.isfile(path):
         return None
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True).get("step", 0))
+        value = torch.load(path, map_location="cpu", weights_only=True).get(key)
+        return None if value is None else (int(value) if key == "step" else float(value))
     except Exception:
         return None
 
 
 def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
     """Run train.py for one configuration (or resume it, or skip it when it is finished).
-    Returns the seconds spent training, summed over every attempt (kept in logs/<run>.json)."""
+    Returns the seconds spent training: the checkpoint's train_seconds (train.py's clock of training steps,
+    over every resumed part; sample grids, saving and start-up left out, which would favour small T),
+    or, for a checkpoint without it, the wall time of every attempt (kept in logs/<run>.json)."""
     folders = {flag: os.path.join(args.out_dir, sub) for flag, sub in
                (("checkpoints", "checkpoints"), ("samples", "samples"), ("logs", "logs"))}
     os.makedirs(folders["logs"], exist_ok=True)
@@ -174,7 +178,7 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
     step = trained_step(checkpoint)
     if step is not None and step >= args.max_steps:
         print(f"{name}: already trained ({step} steps), not training again")
-        return record["train_seconds"]
+        return trained_step(checkpoint, "train_seconds") or record["train_seconds"]
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset_path", args.dataset_path,
                "--timesteps", str(T), "--schedule", schedule, "--loss", loss, "--prediction", prediction,
                "--min_snr_gamma", f"{min_snr_gamma:g}", "--max_steps", str(args.max_steps),
@@ -216,7 +220,7 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
             last = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
         reason = last[-1] if last else f"exit status {returncode}"
         raise UsageError(f"run {name}: train.py stopped: {reason} (whole log: {log_path})")
-    return record["train_seconds"]
+    return trained_step(checkpoint, "train_seconds") or record["train_seconds"]
 
 
 def stop_sweep(signum, frame):
