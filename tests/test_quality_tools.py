@@ -162,7 +162,10 @@ def test_guidance_sweep_scores_each_scale_with_the_offline_classifier(trained, t
         rows = list(csv.DictReader(f))
     assert [r["scale"] for r in rows] == ["0", "2"] and all(float(r["fd"]) >= -1e-6 for r in rows)
     assert all(0.0 <= float(r["class_accuracy"]) <= 1.0 and r["num_samples"] == "4" for r in rows)
-    import shutil
+    # One class drawn: the reference keeps only that class's real images (the other class would count as missing).
+    one = run_script("tools/guidance_sweep.py", *common, "--classes", "1", "--per_class", "4", "--show", "2",
+                     "--csv", tmp_path / "g1.csv", cwd=tmp_path)
+    assert "real images whose classes are drawn here" in one.stdout
     shutil.copytree(folder, tmp_path / "more")
     (tmp_path / "more" / "zebra").mkdir()
     shutil.copy(next((tmp_path / "more" / "cat").iterdir()), tmp_path / "more" / "zebra" / "z.png")

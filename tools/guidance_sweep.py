@@ -106,9 +106,16 @@ def main(argv=None):
         scorer, scorer_state = load_classifier(args.eval_classifier, "--eval_classifier")
         check_classifier_fits(scorer_state, state["model_config"], class_names, "--eval_classifier")
         scorer = scorer.to(device)
-        real, _, real_classes = load_folder(args.reference_path, size, channels, args.num_reference, seed=args.seed,
-                                            flag="--reference_path")
+        real, real_labels, real_classes = load_folder(args.reference_path, size, channels, args.num_reference,
+                                                      seed=args.seed, flag="--reference_path")
         check_reference_classes(real_classes, class_names, f"--reference_path {args.reference_path}")
+        drawn = torch.isin(real_labels, torch.tensor(classes))  # FD against the classes drawn, not the others
+        if not bool(drawn.all()):
+            real = real[drawn]
+            print(f"reference: the {len(real)} of {len(drawn)} real images whose classes are drawn here")
+        if len(real) < 2:
+            raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images of the classes drawn; "
+                             "raise --num_reference")
         ref_mu, ref_sigma = feature_statistics(features_and_logits(scorer, real, device=device)[0])
 
     def unconditional(x, t, y):  # the network with every label replaced by "no label"
