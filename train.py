@@ -486,6 +486,7 @@ def fixed_grid_inputs(args, dataset, diffusion, class_names, device):
         picks = torch.randperm(len(dataset), generator=generator)[:args.num_samples].tolist()
         fixed["pairs"] = [torch.stack(items) if isinstance(items[0], torch.Tensor) else torch.tensor(items)
                           for items in zip(*(dataset[i] for i in picks))]
+        fixed["noise"] = fixed["noise"][:len(picks)]  # a folder smaller than --num_samples: one x_T per pair
     if args.process == "cold" and args.degradation not in cold.GENERATES:  # a mask model cannot generate
         real = to_model_range(torch.stack([dataset[i][0] for i in range(min(args.num_samples, len(dataset)))]))
         half = torch.full((len(real),), args.timesteps // 2, dtype=torch.long)

@@ -166,8 +166,8 @@ def test_image_to_image_from_paired_folders(tmp_path):
         image.save(tmp_path / "photos" / f"{i}.png")
         image.convert("L").save(tmp_path / "sketches" / f"{i}.jpg")   # same name, other extension
     result = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", "--cond_path", "sketches",
-                        *TINY_TRAIN_FLAGS, *STEPS, cwd=tmp_path)
-    assert "run photos_i2i: 6 images" in result.stdout
+                        *TINY_TRAIN_FLAGS, *STEPS, "--num_samples", "16", cwd=tmp_path)  # more than the 6 pairs
+    assert "run photos_i2i: 6 images" in result.stdout and "input / sample / target rows" in result.stdout
     ema = torch.load(tmp_path / "checkpoints" / "photos_i2i_ema.pt", map_location="cpu", weights_only=True)
     assert ema["task"] == "image_to_image" and ema["model_config"]["cond_channels"] == 1
     run_script("sample.py", "--ckpt", "checkpoints/photos_i2i_ema.pt", "--cond_images", "sketches", "--steps", "3",
