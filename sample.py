@@ -207,7 +207,7 @@ def load_labelled_images(path, limit, size, channels, class_names, flag="--inver
         raise UsageError(f"{flag} {path}: not an image file")
     if not paths:
         raise UsageError(f"{flag} {path}: no images found in this folder")
-    paths = paths[:limit]
+    paths = readable_images(paths, limit, f"{flag} {path}")
     images = torch.stack([load_image(p, size, channels) for p in paths])
     if not class_names:
         return images, None
@@ -410,10 +410,30 @@ def cond_image_paths(path, limit):
     """The image files of --cond_images (a file or a folder), at most limit."""
     if os.path.isfile(path) and not is_image_file(path):
         raise UsageError(f"--cond_images {path}: not an image file")
-    paths = ([path] if os.path.isfile(path) else list_images(path))[:limit]
+    paths = [path] if os.path.isfile(path) else list_images(path)
     if not paths:
         raise UsageError(f"--cond_images {path}: no images found in this folder")
-    return paths
+    return readable_images(paths, limit, f"--cond_images {path}")
+
+
+def readable_images(paths, limit, where):
+    """The first `limit` of paths that decode, each broken one (truncated, not an image) skipped with a
+    warning that names it, as training skips them; a one-line error when none does."""
+    kept = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img.load()
+        except (OSError, SyntaxError, ValueError) as error:  # UnidentifiedImageError is an OSError
+            print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
+            continue
+        kept.append(path)
+        if len(kept) == limit:
+            break
+    if not kept:
+        raise UsageError(f"{where}: none of its {len(paths)} image files could be read; check them with "
+                         "python tools/clean_dataset.py")
+    return kept
 
 
 def shorter_side(path):

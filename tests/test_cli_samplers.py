@@ -1,5 +1,7 @@
 """Issue 3 end to end through the command line: learned variances, the hybrid loss, v-prediction,
 importance sampling of t, and every sampler of sample.py (DDIM, respaced DDPM, interpolation, inversion)."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -104,6 +106,13 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--invert", loose / "x.png",
                         cwd=tmp_path, check=False)
     assert_one_line_error(result, "--invert", "not one of its classes")
+    # A broken file among the images is skipped with a warning naming it, as training does.
+    shutil.copytree(folder, tmp_path / "with_bad")
+    (tmp_path / "with_bad" / "cat" / "00_broken.png").write_bytes(b"not a png")
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--invert", tmp_path / "with_bad",
+                        "--num_samples", "3", "--steps", "5", "--out", tmp_path / "inv.png", cwd=tmp_path)
+    assert "skipping unreadable image" in result.stderr and "00_broken.png" in result.stderr
+    assert "3 images -> x_T -> images" in result.stdout
 
 
 @pytest.mark.parametrize("flags,fragments", [
