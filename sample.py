@@ -184,6 +184,12 @@ def check_args(args, timesteps):
                              "from an earlier run; pick a new folder (or move those away)")
     if args.out and os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out {args.out}: name an image file (.png, .jpg or .webp), checked before any sampling")
+    if args.gif and os.path.splitext(args.gif)[1].lower() != ".gif":  # another name would save one still frame
+        raise UsageError(f"--gif {args.gif}: name a .gif file")
+    for flag in ("out", "gif", "individual_dir"):  # now, not after minutes of sampling
+        path = getattr(args, flag)
+        if path:
+            check_writable_place(f"--{flag} {path}", path if flag == "individual_dir" else os.path.dirname(path))
     if args.invert and args.classifier_ckpt:
         raise UsageError("--invert runs DDIM's ODE both ways without a classifier (ddim_invert); leave out --classifier_ckpt")
     if args.upscale is not None and args.upscale < 2:
@@ -196,6 +202,19 @@ def check_args(args, timesteps):
     if (args.interpolate or args.invert or args.cond_images) and (args.sr_ckpt or args.upscale or args.upscale_mode):
         raise UsageError("--sr_ckpt, --upscale and --upscale_mode apply to drawn samples; leave out "
                          "--interpolate, --invert and --cond_images")
+
+
+def check_writable_place(what, folder):
+    """A one-line error unless folder exists as a writable folder or can be made (its nearest existing
+    ancestor is a writable folder)."""
+    folder = os.path.abspath(folder or ".")
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{what}: {existing} is a file, so no folder can be made there; pick another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{what}: {existing} is not writable; pick another path")
 
 
 def load_labelled_images(path, limit, size, channels, class_names, flag="--invert"):

@@ -113,6 +113,12 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
                         "--num_samples", "3", "--steps", "5", "--out", tmp_path / "inv.png", cwd=tmp_path)
     assert "skipping unreadable image" in result.stderr and "00_broken.png" in result.stderr
     assert "3 images -> x_T -> images" in result.stdout
+    # An output under a file cannot be written: said before any sampling, not after it.
+    for flag in ("--out", "--gif", "--individual_dir"):
+        target = loose / "x.png" / ("grid.png" if flag == "--out" else "r.gif" if flag == "--gif" else "each")
+        result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", flag, target,
+                            cwd=tmp_path, check=False)
+        assert_one_line_error(result, f"{flag} {target}", "is a file")
 
 
 @pytest.mark.parametrize("flags,fragments", [
@@ -125,6 +131,7 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--guidance_scale", "nan"], ("--guidance_scale", "finite")),
     (["--sampler", "ddim", "--variance", "beta"], ("--variance", "--eta")),  # DDIM would ignore it
     (["--out", "grid"], ("--out grid", "image file")),  # before the sampling, not after it
+    (["--gif", "reverse.png"], ("--gif reverse.png", ".gif")),  # it saved one still frame
     (["--interpolate", "4", "--individual_dir", "each"], ("--interpolate", "--individual_dir")),
     (["--invert", ".", "--class_label", "0"], ("--invert", "--class_label")),
     (["--invert", "no/such/folder"], ("--invert no/such/folder",)),
