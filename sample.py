@@ -546,6 +546,9 @@ def main(argv=None):
           f"{steps} of {diffusion.timesteps} steps ({args.spacing} spacing)")
     generate = make_generate(args, diffusion, use_ddim, steps, eta)
     network, cond_fn, class_names = guided_network(args, state, diffusion, model, class_names, device)
+    if task == "diffusion" and args.cond_images:
+        raise UsageError(f"--cond_images: {args.ckpt} draws from noise and takes no input images; --cond_images is "
+                         "for super_resolution and image_to_image models (to encode images into x_T, use --invert)")
     if task in ("super_resolution", "image_to_image") and (args.class_name or args.class_label or args.gif
                                                           or args.interpolate or args.invert):
         raise UsageError(f"--ckpt {args.ckpt}: a {task} model's outputs follow --cond_images; leave out "

@@ -640,6 +640,8 @@ def main(argv=None):
     timestep_sampler = TimestepSampler(args.timesteps, args.timestep_sampler, t_range=t_range)
     dataset = load_dataset(args)
     class_names = list(dataset.class_names) if len(dataset.class_names) > 1 else []
+    if len(dataset.class_names) == 1:  # class folders were made, but a label that never varies teaches nothing
+        say(f"note: only one class folder ({dataset.class_names[0]}) holds images, so the model is unconditional")
     if args.task == "classifier" and not class_names:
         raise UsageError("--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
@@ -867,6 +869,9 @@ def main(argv=None):
             log.add_image(path, step)
         return message
 
+    if resumed and step >= args.max_steps:
+        say(f"note: the run is already at step {step}, not below --max_steps {args.max_steps}: nothing to train; "
+            "pass a larger --max_steps to continue it")
     signals = StopSignals()
     model.train()
     reset_peak_memory(device)  # loss.csv's peak_memory_mb: the training's, not the data loading's
@@ -941,7 +946,8 @@ def main(argv=None):
     if stop and step < args.max_steps:
         say(f"\ninterrupted at step {step}: saved {full_path} and {ema_path}; continue with --resume")
         sys.exit(130)
-    use = {"diffusion": f"python sample.py --ckpt {ema_path}",
+    restores_only = args.process == "cold" and args.degradation not in cold.GENERATES  # mask: cannot generate
+    use = {"diffusion": f"python sample.py --ckpt {ema_path}" + (" --cold_restore <images>" if restores_only else ""),
            "classifier": f"python sample.py --ckpt <a diffusion model's _ema.pt> --classifier_ckpt {ema_path}",
            "super_resolution": f"python sample.py --ckpt <base _ema.pt> --sr_ckpt {ema_path}, or "
                                f"--ckpt {ema_path} --cond_images <low-res images>",

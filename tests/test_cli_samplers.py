@@ -132,6 +132,7 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--sampler", "ddim", "--variance", "beta"], ("--variance", "--eta")),  # DDIM would ignore it
     (["--out", "grid"], ("--out grid", "image file")),  # before the sampling, not after it
     (["--gif", "reverse.png"], ("--gif reverse.png", ".gif")),  # it saved one still frame
+    (["--cond_images", "."], ("--cond_images", "takes no input images")),  # was ignored
     (["--interpolate", "4", "--individual_dir", "each"], ("--interpolate", "--individual_dir")),
     (["--invert", ".", "--class_label", "0"], ("--invert", "--class_label")),
     (["--invert", "no/such/folder"], ("--invert no/such/folder",)),

@@ -156,6 +156,7 @@ def test_train_and_sample_a_cold_model_end_to_end(tmp_path, image_folder):
     masked = run_script("train.py", "--dataset_path", image_folder, *common, "--degradation", "mask", "--run_name",
                         "masked", cwd=tmp_path)
     assert "degraded / restored / original rows" in masked.stdout
+    assert "sample.py --ckpt checkpoints/masked_ema.pt --cold_restore <images>" in masked.stdout  # it cannot generate
 
     def fails(*args, script="sample.py"):
         return run_script(script, *args, cwd=tmp_path, check=False)

@@ -578,7 +578,7 @@ def test_training_sweep_trains_each_configuration_scores_it_and_picks_up_where_i
         config = state["diffusion_config"]
         assert (config["schedule"], config["loss"], config["prediction"]) == (r["schedule"], r["loss"], r["prediction"])
         assert config["min_snr_gamma"] == 0 and r["min_snr_gamma"] == "0"
-        assert float(r["fd"]) >= -1e-6 and r["num_samples"] == "4" and float(r["train_seconds"]) > 0
+        assert float(r["fd"]) >= -1e-6 and r["num_samples"] == "4" and float(r["train_seconds"]) >= 0
         # train time is train.py's clock of training steps, not the process's (start-up, grids, saving)
         assert float(r["train_seconds"]) == pytest.approx(state["train_seconds"], abs=0.05)
     assert (out / "results.png").is_file() and "| T20_linear_vlb_l2 | 20 | linear | vlb_l2 |" in first.stdout

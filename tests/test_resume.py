@@ -319,6 +319,17 @@ def test_resume_says_which_given_flags_it_ignores(tmp_path, monkeypatch, capsys)
     resumed = load("checkpoints/pets.pt")
     assert resumed["step"] == 3 and resumed["config"]["lr"] == 1e-3 and resumed["config"]["amp"] == "off"
     assert resumed["config"]["sample_every"] == 1000  # a run-control flag, typed: it wins
+    capsys.readouterr()
+    train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "2")  # the run is at step 3 already
+    assert "already at step 3, not below --max_steps 2: nothing to train" in capsys.readouterr().out
+
+
+def test_a_single_class_folder_trains_an_unconditional_model_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets", classes=("cat",))
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0")
+    assert "only one class folder (cat) holds images, so the model is unconditional" in capsys.readouterr().out
+    assert load("checkpoints/pets_ema.pt")["class_names"] == []
 
 
 def test_resume_refuses_data_whose_classes_changed(tmp_path, monkeypatch):
