@@ -182,8 +182,9 @@ def test_evaluate_script_writes_json_and_csv_and_reuses_the_reference_cache(tiny
     # A CSV written by another layout (an older version's) is refused rather than appended to misaligned.
     with open(root / "old.csv", "w") as f:
         f.write("samples,reference,fd\nx,y,1.0\n")
-    assert_one_line_error(run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False),
-                          str(root / "old.csv"), "new file name")
+    refused = run_script("tools/evaluate.py", *args, "--csv", root / "old.csv", cwd=root, check=False)
+    assert_one_line_error(refused, str(root / "old.csv"), "new file name")
+    assert "FD" not in refused.stdout  # refused before any measuring
 
 
 def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeypatch):
@@ -200,6 +201,12 @@ def test_evaluate_script_bad_input_gives_one_line_errors(tiny, tmp_path, monkeyp
                           "--reference", "no image files")
     assert_one_line_error(run("--samples", samples, "--reference", reference, "--classifier", tmp_path / "no.pt"),
                           "--classifier", "no such file")
+    # train.py's checkpoints are not the offline classifier: each is named for what it is.
+    torch.save(dict(model_config={}, task="classifier", ema={}), tmp_path / "noisy.pt")
+    torch.save(dict(model_config={}, task="diffusion", ema={}), tmp_path / "model.pt")
+    for path, kind in ((tmp_path / "noisy.pt", "a noisy classifier"), (tmp_path / "model.pt", "a diffusion model")):
+        assert_one_line_error(run("--samples", samples, "--reference", reference, "--classifier", path),
+                              f"--classifier {path}: {kind}", "tools/classifier.py")
     big = make_flat_folder(tmp_path / "big", 4, size=24)
     assert_one_line_error(run("--samples", big, "--reference", reference, "--classifier", classifier),
                           "--samples", "24x24", "16x16")

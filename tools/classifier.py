@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import (ImageFolderDataset, UsageError, load_checkpoint, load_weights, pick_device,  # noqa: E402
+from utils import (ImageFolderDataset, UsageError, check_keys, load_checkpoint, load_weights, pick_device,  # noqa: E402
                    save_checkpoint, seed_everything, to_model_range)
 
 FEATURE_DIM = 64
@@ -89,7 +89,13 @@ def feature_statistics(features):
 
 def load_classifier(path, flag="--classifier"):
     """A checkpoint written by this script -> (classifier in eval mode, the checkpoint's dict)."""
-    state = load_checkpoint(path, required=("classifier", "config", "class_names", "test_accuracy"), flag=flag)
+    state = load_checkpoint(path, required=(), flag=flag)
+    if isinstance(state, dict) and "model_config" in state and "classifier" not in state:  # a train.py checkpoint
+        kind = ("a noisy classifier (train.py --task classifier), made for classifier guidance"
+                if state.get("task") == "classifier" else "a diffusion model (train.py)")
+        raise UsageError(f"{flag} {path}: {kind}; the scores need the offline classifier of tools/classifier.py "
+                         "(python tools/classifier.py --train_path ... --test_path ... --out ...)")
+    check_keys(state, path, ("classifier", "config", "class_names", "test_accuracy"), flag)
     classifier = build_classifier(state["config"])
     load_weights(classifier, state["classifier"], path, flag)
     return classifier.eval(), state

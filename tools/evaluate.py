@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
-from utils import (ImageFolderDataset, UsageError, append_csv_rows, list_images, pick_device, save_checkpoint,  # noqa: E402
+from utils import (ImageFolderDataset, UsageError, append_csv_rows, check_csv_table, list_images, pick_device, save_checkpoint,  # noqa: E402
                    seed_everything, write_json)
 
 # The two Inception weight files (see the docstring): file name -> the note printed beside every result.
@@ -519,6 +519,8 @@ def main(argv=None):
     reference_files = check_folder(args.reference, "--reference")
     seed_everything(args.seed)
     device = pick_device(args.device)
+    if args.csv:
+        check_csv_table(args.csv, CSV_FIELDS)  # now, not after the features are computed
 
     image_size = channels = None
     if args.classifier:
