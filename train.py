@@ -316,10 +316,13 @@ def expert_t_range(args):
             args.t_max if args.t_max is not None else args.timesteps - 1)
 
 
-def init_weights_from(model, path, model_config, diffusion_config):
+def init_weights_from(model, path, model_config, diffusion_config, task="diffusion"):
     """--init_from: copy a checkpoint's EMA weights into model, after checking that its network and its
     diffusion are this run's (a fine-tuned expert must speak the same t and predict the same thing)."""
     state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), flag="--init_from")
+    if state.get("task", "diffusion") != task:  # another kind of network: say so, not which weight is missing
+        raise UsageError(f"--init_from {path}: a --task {state.get('task', 'diffusion')} checkpoint; this run trains "
+                         f"--task {task}, so start from a checkpoint of that task")
     saved = resolve_model_config(**state["model_config"])
     differ = [k for k in model_config if saved.get(k) != model_config[k]]
     for key in ("timesteps", "schedule", "prediction", "learn_sigma"):
@@ -678,7 +681,7 @@ def main(argv=None):
     model_config = resolve_config(**network_settings(args, dataset, class_names))
     model = build(model_config).to(device)
     if args.init_from and not resumed:  # fine-tuning: the EMA copy below starts from the same weights
-        init_step = init_weights_from(model, args.init_from, model_config, diffusion.config())
+        init_step = init_weights_from(model, args.init_from, model_config, diffusion.config(), args.task)
         say(f"starting from {args.init_from} (its EMA weights at step {init_step})")
     if args.grad_checkpointing:
         model.grad_checkpointing = True  # model.py: blocks recompute their activations in backward

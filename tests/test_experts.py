@@ -139,5 +139,11 @@ def test_train_two_experts_and_sample_with_both(tmp_path, image_folder):
     assert_one_line_error(fails("--dataset_path", image_folder, *common, "--run_name", "x", "--init_from",
                                 "checkpoints/base_ema.pt", "--base_channels", "8", script="train.py"),
                           "--init_from checkpoints/base_ema.pt", "base_channels")
+    noisy = torch.load(tmp_path / "checkpoints" / "base_ema.pt", weights_only=True)
+    noisy["task"] = "classifier"  # as a noisy classifier's checkpoint says of itself
+    torch.save(noisy, tmp_path / "checkpoints" / "noisy_ema.pt")
+    assert_one_line_error(fails("--dataset_path", image_folder, *common, "--run_name", "y", "--init_from",
+                                "checkpoints/noisy_ema.pt", script="train.py"),
+                          "--init_from checkpoints/noisy_ema.pt: a --task classifier checkpoint", "--task diffusion")
     assert_one_line_error(fails("--dataset_path", image_folder, *common, "--run_name", "x", "--t_min", "12",
                                 "--t_max", "3", script="train.py"), "--t_min 12 --t_max 3")
