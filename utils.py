@@ -566,7 +566,11 @@ def load_builtin_dataset(name, image_size, root="data", seed=0):
     try:
         data = constructors[name](root=os.path.join(root, name), train=True, download=True)
     except Exception as error:  # no network, a proxy, a half-written file: all end the same way
-        raise UsageError(f"--dataset {name}: could not download it into {os.path.join(root, name)} ({error}); "
+        for folder, _, _ in sorted(os.walk(os.path.join(root, name)), reverse=True):  # deepest first
+            if not os.listdir(folder):  # the empty folders the attempt made; never a file
+                os.rmdir(folder)
+        reason = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        raise UsageError(f"--dataset {name}: could not download it into {os.path.join(root, name)} ({reason[-1]}); "
                          "connect to the internet once, or use --dataset_path with a folder of images") from None
     return TensorImageDataset(to_image_size(data.data, image_size), torch.as_tensor(np.asarray(data.targets)),
                               list(data.classes))

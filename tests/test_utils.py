@@ -140,11 +140,15 @@ def test_shapes_dataset_is_deterministic_and_labelled():
 def test_downloadable_dataset_offline_is_one_clear_error(monkeypatch, tmp_path):
     import torchvision
 
-    def offline(*args, **kwargs):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+    def offline(root, **kwargs):  # as torchvision fails: empty folders made, a message of several lines
+        os.makedirs(os.path.join(root, "MNIST", "raw"))
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://example/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(UsageError, match="--dataset mnist: could not download"):
+    with pytest.raises(UsageError, match="--dataset mnist: could not download") as caught:
         load_builtin_dataset("mnist", 32, root=str(tmp_path))
+    assert "\n" not in str(caught.value) and "Name or service not known" in str(caught.value)
+    assert not (tmp_path / "mnist").exists()  # no empty folders left behind
     with pytest.raises(UsageError, match="--dataset imagenet: unknown"):
         load_builtin_dataset("imagenet", 32)
 
