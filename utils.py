@@ -294,9 +294,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder, image_size, channels=None, flag="--dataset_path"):
         # flag: the option that named the folder, so that every error below names it
+        if os.path.isfile(folder):  # a single image, or an .npz misspelt (train.py reads *.npz as arrays)
+            raise UsageError(f"{flag} {folder}: a file, not a folder; point it at the folder that holds the images "
+                             "(class subfolders become labels), or at an .npz file of arrays")
         if not os.path.isdir(folder):
             raise UsageError(f"{flag} {folder}: no such folder; point it at a folder of images "
-                             "(class subfolders become labels)")
+                             "(class subfolders become labels)"
+                             + (", or at an existing .npz file" if os.path.splitext(folder)[1] else ""))
         subfolders = sorted(d for d in os.listdir(folder)
                             if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
         if subfolders and all(d.isdigit() for d in subfolders):
@@ -675,7 +679,8 @@ def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="-
     task: the train.py --task the caller can use ("diffusion": models that draw from noise alone; a
     super-resolution or image-to-image model needs input images that only sample.py gives it)."""
     if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file; train one first (python train.py ...) or check the path")
+        what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such file"
+        raise UsageError(f"{flag} {path}: {what}; train one first (python train.py ...) or check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

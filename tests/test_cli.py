@@ -239,6 +239,11 @@ def test_resume_without_a_checkpoint(tmp_path, image_folder):
 def test_bad_checkpoints(tmp_path, image_folder):
     assert_one_line_error(run_script("sample.py", "--ckpt", "missing.pt", cwd=tmp_path, check=False),
                           "--ckpt missing.pt", "no such file")
+    (tmp_path / "runs").mkdir()
+    assert_one_line_error(run_script("sample.py", "--ckpt", "runs", cwd=tmp_path, check=False),
+                          "--ckpt runs", "a folder, not a checkpoint file")
+    assert_one_line_error(run_script("train.py", "--dataset_path", image_folder / "cat" / "0.png", cwd=tmp_path,
+                                     check=False), "a file, not a folder")
     (tmp_path / "junk.pt").write_bytes(os.urandom(1000))
     assert_one_line_error(run_script("sample.py", "--ckpt", "junk.pt", cwd=tmp_path, check=False),
                           "not a checkpoint")
