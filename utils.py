@@ -32,6 +32,15 @@ class UsageError(Exception):
     """Bad input the user can fix (a wrong path, flag or file). Entry points print it as one line."""
 
 
+def one_line_warning(message, category, filename, lineno, line=None):
+    """Warnings as the scripts' other messages are: 'warning: ...' on one line, not Python's file, line
+    number, class name and a line of source below."""
+    return f"warning: {message}\n"
+
+
+warnings.formatwarning = one_line_warning  # every script imports utils.py
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, except None: those flags' help says what happens then."""
 

@@ -329,3 +329,10 @@ def test_start_up_clean_up_removes_only_this_runs_leftover_temporaries(tmp_path)
         (tmp_path / name).write_bytes(b"x")
     remove_stale_temporaries(str(tmp_path), "cars")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(others)
+
+
+def test_warnings_print_as_one_line_like_the_other_messages():
+    import warnings
+    import utils  # noqa: F401  (importing it sets the format)
+    assert warnings.formatwarning("skipping unreadable image x.png", UserWarning, "utils.py", 3) == \
+        "warning: skipping unreadable image x.png\n"
