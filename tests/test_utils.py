@@ -333,6 +333,5 @@ def test_start_up_clean_up_removes_only_this_runs_leftover_temporaries(tmp_path)
 
 def test_warnings_print_as_one_line_like_the_other_messages():
     import warnings
-    import utils  # noqa: F401  (importing it sets the format)
     assert warnings.formatwarning("skipping unreadable image x.png", UserWarning, "utils.py", 3) == \
         "warning: skipping unreadable image x.png\n"
