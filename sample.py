@@ -170,7 +170,8 @@ def check_args(args, timesteps):
     if args.class_name and args.class_label:
         raise UsageError("give --class_name or --class_label, not both")
     if not all(math.isfinite(s) and s >= 0 for s in (args.guidance_scale, args.classifier_scale)):
-        raise UsageError("--guidance_scale and --classifier_scale must be finite and >= 0 (1 and 0 mean no guidance)")
+        raise UsageError("--guidance_scale and --classifier_scale must be finite and >= 0 (--guidance_scale 1 is no "
+                         "guidance and 0 the unconditional model; --classifier_scale 0 is no guidance)")
     if deterministic_mode and (args.individual_dir or args.gif or args.class_name or args.class_label):
         raise UsageError("--interpolate and --invert write one grid (--out): leave out --individual_dir and --gif; "
                          "their classes come from the images (--invert) or in turn (--interpolate), so leave out "

@@ -129,6 +129,9 @@ def test_resize_skips_existing_unless_overwrite(tmp_path, src):
     r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1, "--overwrite")
     assert r.returncode == 0 and "written:  5" in r.stdout
     assert Image.open(marker).size == (8, 8)
+    # Another --size into the same folder would skip every file and leave 8x8 images: said, not done.
+    assert_one_line_error(run_tool("resize_dataset.py", src, dst, "--size", 6, "--workers", 1),
+                          "already holds 8x8 images", "--overwrite")
 
 
 def test_resize_removes_temp_files_a_killed_run_left(tmp_path, src):

@@ -286,6 +286,17 @@ def main():
         else:
             jobs.append((src / rel, out, pil_format))
 
+    if skipped and not args.dry_run:  # skipped outputs of another --size would mix two sizes in one folder
+        try:
+            with Image.open(output_path_and_format(skipped[0], dst, args.format)[0]) as earlier:
+                earlier_size = earlier.size
+        except OSError:  # not an image: nothing to compare
+            earlier_size = (args.size, args.size)
+        if earlier_size != (args.size, args.size):
+            sys.exit(f"error: {args.dst_dir} already holds {earlier_size[0]}x{earlier_size[1]} images from an "
+                     f"earlier run (e.g. {skipped[0]}); with --size {args.size} they would be skipped and left "
+                     "as they are: pick a new folder, or add --overwrite")
+
     # do the work: in-process for 1 worker (simple, debuggable), else a process pool,
     # since decoding and Lanczos resizing are CPU-bound and the GIL would serialise threads
     work = partial(resize_one, size=args.size, quality=args.quality, mode=args.mode,

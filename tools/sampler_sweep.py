@@ -157,8 +157,9 @@ def check_classifier_fits(classifier_state, model_config, class_names, flag="--c
     made_for = (classifier_state["config"]["image_size"], classifier_state["config"]["channels"])
     size, channels = model_config["image_size"], model_config["in_channels"]
     if made_for != (size, channels):
-        raise UsageError(f"{flag}: made for {made_for[0]}px, {made_for[1]} channels; the model makes {size}px, "
-                         f"{channels}; train one with tools/classifier.py --image_size {size}")
+        raise UsageError(f"{flag}: made for {made_for[0]}px, {made_for[1]}-channel images; the model makes {size}px, "
+                         f"{channels}-channel ones; train one with tools/classifier.py --image_size {size} "
+                         f"--channels {channels}")
     if class_names and class_names != classifier_state["class_names"]:
         raise UsageError(f"{flag}: its classes differ from the model's")
 
