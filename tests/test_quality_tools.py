@@ -64,6 +64,20 @@ def test_features_take_uint8_images_and_fewer_images_than_features_are_flagged()
         feature_statistics(torch.randn(65, 64))
 
 
+def test_a_classifier_near_chance_is_flagged(tmp_path):
+    from classifier import load_classifier
+    config = dict(image_size=8, channels=1, num_classes=3)
+    state = dict(classifier=build_classifier(config).state_dict(), config=config, class_names=["a", "b", "c"])
+    torch.save(dict(state, test_accuracy=0.4), tmp_path / "weak.pt")
+    with pytest.warns(UserWarning, match="test accuracy 0.40, near chance"):
+        load_classifier(str(tmp_path / "weak.pt"))
+    torch.save(dict(state, test_accuracy=0.9), tmp_path / "good.pt")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_classifier(str(tmp_path / "good.pt"))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny diffusion checkpoint and a tiny classifier on the same generated folder (16x16, 2 classes)."""
@@ -269,7 +283,8 @@ def test_draw_samples_adds_noise_independent_of_the_starting_noise(monkeypatch, 
     assert abs(correlation(drawn[0], x_T)) < 0.2  # 192 values
 
 
-@pytest.mark.filterwarnings("ignore:Frechet distance from", "ignore:Data has no positive values")  # tiny counts
+@pytest.mark.filterwarnings("ignore:Frechet distance from", "ignore:Data has no positive values",
+                            "ignore:.*near chance")  # tiny counts, a one-epoch classifier
 def test_time_to_quality_scores_checkpoints_and_peers_on_one_time_axis(trained):
     """tools/time_to_quality.py: a checkpoint's minutes come from the train_seconds it records, a peer's from
     its .npz; every set is scored against the same reference, and one-line errors name the bad input."""

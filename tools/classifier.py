@@ -96,6 +96,10 @@ def load_classifier(path, flag="--classifier"):
         raise UsageError(f"{flag} {path}: {kind}; the scores need the offline classifier of tools/classifier.py "
                          "(python tools/classifier.py --train_path ... --test_path ... --out ...)")
     check_keys(state, path, ("classifier", "config", "class_names", "test_accuracy"), flag)
+    chance = 1 / max(1, len(state["class_names"]))
+    if state["test_accuracy"] < 1.5 * chance:  # its features then carry little, and FD or KID mean little
+        warnings.warn(f"{flag} {path}: test accuracy {state['test_accuracy']:.2f}, near chance ({chance:.2f}); scores "
+                      "from its features mean little: train it longer (--epochs) or on more images")
     classifier = build_classifier(state["config"])
     load_weights(classifier, state["classifier"], path, flag)
     return classifier.eval(), state
