@@ -15,6 +15,7 @@ processes, with which random numbers, and what survives when the run is stopped.
 
 See the README, "Scaling up". Imports only utils.py and torch.
 """
+import contextlib
 import csv
 import itertools
 import math
@@ -129,12 +130,19 @@ def rng_states(randomness, device, world_size):
                 shared=randomness.generator.get_state())
 
 
+@contextlib.contextmanager
 def forked_rng(device):
     """A copy of torch's random state for a side task (a sample grid), put back afterwards: CPU's, and the
     device's own on CUDA or Apple MPS, where dropout draws from it. Drawing a grid, or not, then changes
-    nothing in the training that follows."""
-    accelerator = device.type in ("cuda", "mps")
-    return torch.random.fork_rng(devices=[device] if accelerator else [], device_type=device.type if accelerator else None)
+    nothing in the training that follows. fork_rng's own device handling differs across torch versions
+    (its default device type was CUDA), so MPS's state is kept by hand."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        mps_state = torch.mps.get_rng_state() if device.type == "mps" else None
+        try:
+            yield
+        finally:
+            if mps_state is not None:
+                torch.mps.set_rng_state(mps_state)
 
 
 def restore_rng_states(rng, randomness, device, rank, world_size):

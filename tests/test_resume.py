@@ -415,11 +415,11 @@ def test_a_grid_s_random_draws_are_undone_on_cpu_and_on_an_apple_gpu(monkeypatch
         torch.rand(100)
     assert torch.equal(torch.get_rng_state(), before)
     mps_state, calls = torch.tensor([7, 7], dtype=torch.uint8), []
-    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": calls.append("get") or mps_state.clone())
-    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": calls.append(state.tolist()))
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: calls.append("get") or mps_state.clone())  # older torch:
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state: calls.append(state.tolist()))      # no device
     with forked_rng(torch.device("mps")):
-        pass
-    assert calls == ["get", [7, 7]]
+        torch.rand(3)
+    assert calls == ["get", [7, 7]] and torch.equal(torch.get_rng_state(), before)
 
 
 def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_process_zero(tmp_path):
