@@ -65,8 +65,9 @@ from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLo
                      shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
-                   load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries, reset_peak_memory,
-                   resolve_amp, resolve_channels_last, run_files, save_grid, seed_everything, to_model_range)
+                   load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries, reorder_classes,
+                   reset_peak_memory, resolve_amp, resolve_channels_last, run_files, save_grid, seed_everything,
+                   to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -649,9 +650,17 @@ def main(argv=None):
         raise UsageError("--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
+    if resumed and "class_names" in resumed and sorted(resumed["class_names"]) == sorted(class_names) \
+            and list(resumed["class_names"]) != class_names:
+        # The same classes in another order (numbered folders were ordered as text before this version):
+        # label i keeps meaning the class the weights learned as i, by name.
+        reorder_classes(dataset, list(resumed["class_names"]))
+        class_names = list(dataset.class_names)
+        say("note: the run numbered these classes in another order (an older version sorted numbered folders as "
+            "text); it keeps its own order")
     if resumed and "class_names" in resumed and list(resumed["class_names"]) != class_names:
-        # Label i must mean the class the weights learned as i: a class folder added, removed or renamed (or
-        # a copy whose names sort differently) would swap them silently when the count stays the same.
+        # Label i must mean the class the weights learned as i: a class folder added, removed or renamed
+        # would swap them silently when the count stays the same.
         saved = list(resumed["class_names"])
         differ = next((i for i, pair in enumerate(zip(saved, class_names)) if pair[0] != pair[1]), None)
         raise UsageError("--resume: the data's classes differ from the run's ("

@@ -312,7 +312,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                              + (", or at an existing .npz file" if os.path.splitext(folder)[1] else ""))
         subfolders = sorted(d for d in os.listdir(folder)
                             if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
-        if subfolders and all(d.isdigit() for d in subfolders):
+        if subfolders and all(d.isdecimal() for d in subfolders):
             # Numbered classes (an exported .npz: 0, 1, ..., 11) in number order, as load_npz_dataset has
             # them, so label i is class i in both; as strings 10 and 11 would come before 2.
             subfolders.sort(key=int)
@@ -486,6 +486,17 @@ def make_shapes_dataset(num_images=10000, image_size=32, seed=0):
         chunk = np.where(masks[:, None], colour[part], background)
         images[part] = torch.from_numpy((chunk * 255).round().astype(np.uint8))
     return images, torch.from_numpy(labels), list(SHAPE_NAMES)
+
+
+def reorder_classes(dataset, names):
+    """Number an ImageFolderDataset's or TensorImageDataset's classes in the order of names (the same
+    names, in another order), relabelling every image by its class name."""
+    new_index = torch.tensor([names.index(name) for name in dataset.class_names])   # old label -> new label
+    if hasattr(dataset, "samples"):
+        dataset.samples = [(path, int(new_index[label])) for path, label in dataset.samples]
+    else:
+        dataset.labels = new_index[dataset.labels]
+    dataset.class_names = list(names)
 
 
 class TensorImageDataset(torch.utils.data.Dataset):

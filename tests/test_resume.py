@@ -324,6 +324,31 @@ def test_resume_says_which_given_flags_it_ignores(tmp_path, monkeypatch, capsys)
     assert "already at step 3, not below --max_steps 2: nothing to train" in capsys.readouterr().out
 
 
+def test_resume_keeps_the_run_s_class_order_when_only_the_order_differs(tmp_path, monkeypatch, capsys):
+    """Numbered folders 0..11 were ordered as text by older versions (0, 1, 10, 11, 2, ...): such a run
+    resumes with its own order, every image labelled by its class name."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "nums", classes=[str(i) for i in range(12)], per_class=1)
+    train_here(".", "--dataset_path", "nums", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0")
+    state = load("checkpoints/nums.pt")
+    text_order = sorted(state["class_names"])                       # what an older version saved
+    assert text_order[:4] == ["0", "1", "10", "11"]
+    state["class_names"] = text_order
+    torch.save(state, "checkpoints/nums.pt")
+    capsys.readouterr()
+    train_here(".", "--dataset_path", "nums", "--resume", "--max_steps", "2")
+    assert "it keeps its own order" in capsys.readouterr().out
+    assert load("checkpoints/nums.pt")["class_names"] == text_order
+    from utils import ImageFolderDataset, reorder_classes
+    dataset = ImageFolderDataset(str(tmp_path / "nums"), 8)
+    reorder_classes(dataset, text_order)
+    assert all(text_order[label] == os.path.basename(os.path.dirname(path)) for path, label in dataset.samples)
+    from utils import TensorImageDataset
+    arrays = TensorImageDataset(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2]), ["a", "b", "c"])
+    reorder_classes(arrays, ["c", "a", "b"])
+    assert arrays.labels.tolist() == [1, 2, 0] and arrays.class_names == ["c", "a", "b"]
+
+
 def test_a_single_class_folder_trains_an_unconditional_model_and_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "pets", classes=("cat",))
