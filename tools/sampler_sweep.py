@@ -170,6 +170,10 @@ def check_reference_classes(found, expected, flag):
     and every class accuracy go quietly wrong."""
     if expected and found != expected:
         shown = (lambda names: ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""))
+        if sorted(found) == sorted(expected):  # numbered folders, which versions before 2026-11-29 sorted as text
+            raise UsageError(f"{flag}: the same classes as the model's, in another order ({shown(found)} against "
+                             f"{shown(expected)}): the model was made by an older version that sorted numbered class "
+                             "folders as text; retrain it (or its offline classifier) with this version")
         raise UsageError(f"{flag}: its class folders ({shown(found) or 'none'}) are not the model's classes "
                          f"({shown(expected)}); point it at held-out images with the same class folders")
 
