@@ -41,6 +41,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 import sys
 import time
 
@@ -579,8 +580,9 @@ def dataset_name(args):
 
 
 # Words in a dataset's name (or its folder's) that mean digits or letters, where a mirror image is another
-# symbol: --hflip auto leaves flips off for them (mnist also covers emnist, kmnist and fashion_mnist).
-TEXT_LIKE_NAMES = ("mnist", "svhn", "usps", "digit", "letter", "glyph", "font")
+# symbol: --hflip auto leaves flips off for them, and for any word ending in mnist (emnist, kmnist,
+# fashion_mnist). Whole words: data/digital_art is not digits.
+TEXT_LIKE_NAMES = ("svhn", "usps", "digit", "digits", "letter", "letters", "glyph", "glyphs", "font", "fonts")
 
 
 def looks_like_text(args):
@@ -591,7 +593,8 @@ def looks_like_text(args):
     else:
         path = os.path.normpath(os.path.abspath(args.dataset_path))
         names = [os.path.basename(path), os.path.basename(os.path.dirname(path))]
-    return any(word in name.lower() for name in names for word in TEXT_LIKE_NAMES)
+    words = [word for name in names for word in re.split(r"[^a-z0-9]+", name.lower())]
+    return any(word.endswith("mnist") or word in TEXT_LIKE_NAMES for word in words)
 
 
 def main(argv=None):
@@ -676,7 +679,11 @@ def main(argv=None):
             means = cold.channel_means(torch.stack([dataset[i][0] for i in picks.tolist()]))
             diffusion.start_mixture = cold.fit_start_mixture(means, seed=args.seed)
     # After --resume, args hold the saved run's data: `--run_name X --resume` alone names none on the command line.
-    hflip = args.hflip == "on" or (args.hflip == "auto" and not looks_like_text(args))
+    if args.hflip == "auto":  # decided once and saved as on/off, so that a resumed run keeps it
+        # A run saved as "auto" by an older version keeps that version's rule: "mnist" in the data's name.
+        text_like = "mnist" in dataset_name(args).lower() if resumed else looks_like_text(args)
+        args.hflip = "off" if text_like else "on"
+    hflip = args.hflip == "on"
     if len(dataset) // world_size < args.batch_size:
         per_process = len(dataset) // world_size
         if per_process < 1:

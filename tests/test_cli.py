@@ -293,6 +293,7 @@ def test_train_reads_an_mnist_style_npz_file(tmp_path):
     assert "run tiny_mnist: 10 images (1-channel, 32x32), 2 classes, no flips" in result.stdout
     ema = torch.load(tmp_path / "checkpoints" / "tiny_mnist_ema.pt", weights_only=True)
     assert ema["class_names"] == ["5", "7"] and ema["model_config"]["in_channels"] == 1
+    assert torch.load(tmp_path / "checkpoints" / "tiny_mnist.pt", weights_only=True)["config"]["hflip"] == "off"  # saved as decided
     # Resumed by its name alone, the run still knows its data is digits: no flips, as before.
     resumed = run_script("train.py", "--run_name", "tiny_mnist", "--resume", "--max_steps", "2", cwd=tmp_path)
     assert "run tiny_mnist: 10 images (1-channel, 32x32), 2 classes, no flips" in resumed.stdout

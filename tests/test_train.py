@@ -157,6 +157,7 @@ def test_hflip_auto_stays_off_for_digits_and_letters_by_the_data_or_its_folder_n
                  "data/EMNIST_letters", "fonts/glyphs"):
         assert looks_like_text(data(path)), path
     assert looks_like_text(data(builtin="fashion_mnist"))
-    for path in ("data/cars", "data/faces/train", "data/mnistake/../cats"):
+    for path in ("data/cars", "data/faces/train", "data/mnistake/../cats", "data/digital_art",
+                 "photos/digital_camera/cats", "data/typefonts_kittens"):  # whole words only
         assert not looks_like_text(data(path)), path
     assert not looks_like_text(data()) and not looks_like_text(data(builtin="cifar10"))  # shapes, cifar10
