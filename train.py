@@ -429,7 +429,8 @@ def checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, s
     low_res and augmentation levels; p_uncond tells sample.py whether the "no label" input was trained
     (classifier-free guidance). swa (with swa_count, the number of weights averaged) appears once
     --swa_start is reached; rng holds every random stream, so that a resumed run is exact; train_seconds
-    is the wall-clock time spent training so far, over every resumed part (tools/time_to_quality.py)."""
+    is the time spent in training steps so far (not grids or saving), over every resumed part
+    (tools/time_to_quality.py)."""
     task = config["task"]
     # A Cold Diffusion model stores its degradation under cold_config, so that the tools made for Gaussian
     # diffusion, which read diffusion_config, refuse it with a clear message (utils.load_checkpoint).
@@ -733,7 +734,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                                   **({"fused": True} if device.type == "cuda" else {"foreach": True}))
     # --max_minutes: the cosine also follows the fraction of the time budget used so far (lr_lambda).
-    # train_seconds: wall-clock time spent training, over every resumed part; each step updates it.
+    # train_seconds: time spent in training steps (grids and saving left out), over every resumed part.
     budget_s, train_seconds = (args.max_minutes * 60 if args.max_minutes else None), 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_lambda(
         step, args.warmup_steps, args.max_steps, train_seconds / budget_s if budget_s else 0.0))

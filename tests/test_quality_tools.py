@@ -363,10 +363,13 @@ def test_nll_scores_the_same_images_whatever_the_network(trained, tmp_path, monk
     run_script("train.py", "--dataset_path", folder, *flags, cwd=tmp_path)
     seen, real_getitem = [], utils.ImageFolderDataset.__getitem__
     monkeypatch.setattr(utils.ImageFolderDataset, "__getitem__", lambda self, i: seen.append(i) or real_getitem(self, i))
+    noise = record_step_noise(monkeypatch)  # the x_t noise of every term
     for ckpt in (root / "checkpoints" / "pets_ema.pt", tmp_path / "checkpoints" / "wider_ema.pt"):
         run_script("tools/nll.py", "--ckpt", ckpt, "--dataset_path", folder, "--num_images", "4", "--batch_size", "4",
                    "--device", "cpu", cwd=tmp_path)
     assert len(seen) == 8 and seen[:4] == seen[4:]
+    half = len(noise) // 2
+    assert half > 0 and all(torch.equal(a, b) for a, b in zip(noise[:half], noise[half:]))  # the same noise too
 
 
 def test_memory_benchmark_reports_peak_memory_and_speed_per_setting(tmp_path):

@@ -477,7 +477,7 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     config, diffusion = network(args)
-    too_many = [steps for steps in args.steps if not 1 <= steps <= diffusion.timesteps]
+    too_many = [steps for steps in args.steps if not 1 <= steps <= diffusion.timesteps] if args.samplers else []
     if too_many:  # respace would run all T steps and the row would name another count
         raise UsageError(f"--steps {too_many[0]}: must be between 1 and the model's T = {diffusion.timesteps}")
     diffusion = diffusion.to(device)

@@ -53,9 +53,9 @@ def main(argv=None):
                          f"{class_names[:5]}...; the folder has {list(dataset.class_names)[:5]}...; "
                          "use held-out images in folders with the same names")
     device = pick_device(args.device)
-    seed_everything(args.seed)
     model = build_model(config)
     load_weights(model, state["ema"], args.ckpt)
+    seed_everything(args.seed)  # after the network is built: its initial weights draw from the same generator
     model = model.to(device).eval()
     diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
 

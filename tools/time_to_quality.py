@@ -9,8 +9,9 @@ the peers, scored the same way. What a user feels is the minutes until the sampl
         --csv images/mnist_time_to_quality.csv --plot images/mnist_time_to_quality.png --grids images/ttq
 
 Each --ckpt is one point: its training minutes come from the checkpoint itself (train.py stores the
-wall-clock seconds spent training, train_seconds, in every checkpoint; --keep_last keeps a numbered one
-at every --save_every). --num_samples images are drawn from each with DDIM (Song et al. 2020, eq. 12,
+seconds spent in training steps, train_seconds, in every checkpoint; since 2026-11-29 without the time
+of sample grids and saving, which older checkpoints include; --keep_last keeps a numbered one at every
+--save_every). --num_samples images are drawn from each with DDIM (Song et al. 2020, eq. 12,
 eta 0; ddim.py) in --steps steps. A class-conditional model gets labels drawn at random, uniformly
 (seeded), so that its samples are a draw from p(x) = sum_y p(y) p(x | y) like an unconditional
 model's; --labels none instead gives every sample the "no label" input, which a model trained with
@@ -121,7 +122,7 @@ def plot(csv_path, png_path):
             ax.plot(*zip(*mine), marker="o" if len(mine) > 1 else "s", markersize=5 if len(mine) > 1 else 9,
                     label=run)
     ax.set_yscale("log")
-    ax.set_xlabel("training minutes (wall clock)")
+    ax.set_xlabel("training minutes (train.py's train_seconds)")
     ax.set_ylabel("FD of classifier features (log scale; lower is better)")
     ours = [r for r in rows if r["sampler"]] or rows  # the real and peer rows name no sampler
     sampler = (ours[-1]["sampler"].split() or ["?"])[0].upper()  # "ddim (bf16)" -> "DDIM"
@@ -179,6 +180,11 @@ def main(argv=None):
         if args.grids:
             save_grid(images[:100], os.path.join(args.grids, f"{run}_{step}.png"), nrow=10)
 
+    peers = [read_peer(spec, size, channels) for spec in args.peer]  # checked before the long sampling
+    for spec, (_, images, _, _) in zip(args.peer, peers):
+        if len(images) < args.num_samples:  # FD grows as the count falls: only equal counts compare
+            raise UsageError(f"--peer {spec}: {len(images)} images, fewer than --num_samples {args.num_samples}; "
+                             "draw more with quality_peers.py or lower --num_samples")
     score("real", real[:args.num_samples], 0.0, 0, real_labels[:args.num_samples], source=args.reference_path)
     generator = torch.Generator().manual_seed(args.seed)
     for path in args.ckpt:
@@ -204,11 +210,7 @@ def main(argv=None):
                                        args.seed)
         score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path, sampler_name,
               args.steps)
-    for spec in args.peer:
-        name, images, train_seconds, steps = read_peer(spec, size, channels)
-        if len(images) < args.num_samples:  # FD grows as the count falls: only equal counts compare
-            raise UsageError(f"--peer {spec}: {len(images)} images, fewer than --num_samples {args.num_samples}; "
-                             "draw more with quality_peers.py or lower --num_samples")
+    for spec, (name, images, train_seconds, steps) in zip(args.peer, peers):
         score(name, images[:args.num_samples], train_seconds / 60, steps, source=spec.partition("=")[2])
 
     append_csv_rows(args.csv, FIELDS, rows)
