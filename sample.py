@@ -183,14 +183,7 @@ def check_args(args, timesteps):
         if earlier:  # they would be overwritten, or, with fewer samples now, mixed with these (evaluate.py)
             raise UsageError(f"--individual_dir {args.individual_dir}: already holds {len(earlier)} sample_*.png "
                              "from an earlier run; pick a new folder (or move those away)")
-    if args.out and os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UsageError(f"--out {args.out}: name an image file (.png, .jpg or .webp), checked before any sampling")
-    if args.gif and os.path.splitext(args.gif)[1].lower() != ".gif":  # another name would save one still frame
-        raise UsageError(f"--gif {args.gif}: name a .gif file")
-    for flag in ("out", "gif", "individual_dir"):  # now, not after minutes of sampling
-        path = getattr(args, flag)
-        if path:
-            check_writable_place(f"--{flag} {path}", path if flag == "individual_dir" else os.path.dirname(path))
+    check_outputs(args)
     if args.invert and args.classifier_ckpt:
         raise UsageError("--invert runs DDIM's ODE both ways without a classifier (ddim_invert); leave out --classifier_ckpt")
     if args.upscale is not None and args.upscale < 2:
@@ -203,6 +196,19 @@ def check_args(args, timesteps):
     if (args.interpolate or args.invert or args.cond_images) and (args.sr_ckpt or args.upscale or args.upscale_mode):
         raise UsageError("--sr_ckpt, --upscale and --upscale_mode apply to drawn samples; leave out "
                          "--interpolate, --invert and --cond_images")
+
+
+def check_outputs(args):
+    """--out, --gif and --individual_dir, checked before any sampling (Gaussian and Cold Diffusion alike):
+    the right kind of file name, in a place that can be written."""
+    if args.out and os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UsageError(f"--out {args.out}: name an image file (.png, .jpg or .webp), checked before any sampling")
+    if args.gif and os.path.splitext(args.gif)[1].lower() != ".gif":  # another name would save one still frame
+        raise UsageError(f"--gif {args.gif}: name a .gif file")
+    for flag in ("out", "gif", "individual_dir"):  # now, not after minutes of sampling
+        path = getattr(args, flag)
+        if path:
+            check_writable_place(f"--{flag} {path}", path if flag == "individual_dir" else os.path.dirname(path))
 
 
 def check_writable_place(what, folder):
@@ -315,6 +321,7 @@ def sample_cold(args, path, state, device):
         raise UsageError(f"{gaussian_only[0]}: belongs to Gaussian diffusion; {path} is a Cold Diffusion model "
                          "(its options: --cold_sampler, --cold_restore, --cold_level)")
     check_counts(args)
+    check_outputs(args)
     check_keys(state, path, ("model_config", "cold_config", "ema"))
     process = ColdDiffusion(**state["cold_config"]).to(device)
     model = build_model(state["model_config"])

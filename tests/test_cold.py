@@ -166,6 +166,7 @@ def test_train_and_sample_a_cold_model_end_to_end(tmp_path, image_folder):
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--class_label", "0"),
                           "--class_name/--class_label", "Cold Diffusion")  # it draws every class; was ignored
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--batch_size", "0"), "--batch_size")
+    assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--gif", "g.png"), "--gif g.png", ".gif")
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--cold_restore", image_folder / "cat", "--gif",
                                 "r.gif"), "--cold_restore writes one grid", "--gif")  # was ignored
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--gif", "g.gif", "--gif_frames", "0"),
