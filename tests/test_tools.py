@@ -364,3 +364,25 @@ def test_export_a_builtin_dataset_as_the_folder_train_py_reads(tmp_path):
     # Image 0 lands in its class's folder, losslessly.
     first = [i for i, (path, _) in enumerate(folder.samples) if path.endswith(f"{names[labels[0]]}/00.png")]
     assert len(first) == 1 and torch.equal(folder[first[0]][0], images[0])
+
+
+def test_resize_puts_transparent_pixels_on_white_as_the_loader_does(tmp_path):
+    """Alpha, a palette's transparent index, or an L/RGB image's transparent colour: white in the resized
+    copy, as utils.fit_image reads the original (training on either gives the same pixels)."""
+    from utils import load_image
+    src = tmp_path / "src"
+    src.mkdir()
+    grey = np.zeros((8, 8), dtype=np.uint8)
+    grey[2:6, 2:6] = 100
+    Image.fromarray(grey).save(src / "keyed.png", transparency=0)       # L with a transparent colour, 0
+    icon = np.zeros((8, 8, 4), dtype=np.uint8)
+    icon[2:6, 2:6] = [200, 30, 30, 255]
+    Image.fromarray(icon, "RGBA").save(src / "icon.png")
+    assert run_tool("resize_dataset.py", src, tmp_path / "out", "--size", 8, "--workers", 1).returncode == 0
+    for name, channels in (("keyed.png", 1), ("icon.png", 3)):
+        resized, original = load_image(tmp_path / "out" / name, 8, channels), load_image(src / name, 8, channels)
+        assert torch.equal(resized, original) and resized[:, 0, 0].tolist() == [255] * channels
+    # JPEG keeps no transparency: the white must be in the pixels themselves.
+    assert run_tool("resize_dataset.py", src, tmp_path / "jpg", "--size", 8, "--workers", 1, "--format", "jpg").returncode == 0
+    for name, channels in (("keyed.jpg", 1), ("icon.jpg", 3)):
+        assert load_image(tmp_path / "jpg" / name, 8, channels)[:, 0, 0].min() > 240, name

@@ -87,6 +87,10 @@ def convert_mode(img, mode):
     """Return img in a mode every output format can save and the loader expects.
     mode is "keep", "RGB" or "L". "keep" leaves RGB and L alone and turns the rest
     (palette, RGBA, CMYK, 16-bit, 1-bit, ...) into RGB, or L for grayscale sources."""
+    if "A" not in img.getbands() and "transparency" in img.info and img.mode in ("RGB", "L"):
+        # an RGB or L image with a transparent colour key: on white, as the loader does (below, for the rest)
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img.convert("RGBA")).convert(img.mode)
     if mode == "keep":
         if img.mode in ("RGB", "L"):
             return img
