@@ -372,8 +372,10 @@ def header_mode(path):
     files are left out, not fatal."""
     try:
         with Image.open(path) as img:
-            palette = img.getpalette() if img.mode in ("P", "PA") else None  # read with the header
-            if palette and palette[0::3] == palette[1::3] == palette[2::3]:
+            # img.palette comes with the header (getpalette() would decode the whole image first)
+            palette = img.palette if img.mode in ("P", "PA") else None
+            values = list(palette.palette) if palette is not None and palette.mode == "RGB" else []
+            if values and values[0::3] == values[1::3] == values[2::3]:
                 return "L"  # a palette of greys (a grayscale GIF, say) has no colour
             return img.mode
     except (UnidentifiedImageError, OSError) as error:
