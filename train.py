@@ -617,7 +617,7 @@ def main(argv=None):
         given = args.sample_aug_t is not None and not args.resume
         args.aug_max_t = args.timesteps // 10 if args.aug_max_t is None else args.aug_max_t
         args.sample_aug_t = min(args.timesteps // 50, args.aug_max_t) if args.sample_aug_t is None else args.sample_aug_t
-        if given and args.aug_max_t == 0:  # cascade.sampling_level would ignore it
+        if given and args.aug_max_t == 0 and args.sample_aug_t > 0:  # cascade.sampling_level would ignore it
             raise UsageError(f"--sample_aug_t {args.sample_aug_t}: with --aug_max_t 0 the model is trained and sampled "
                              "without conditioning augmentation; leave out --sample_aug_t")
         if given and args.sample_aug_t > args.aug_max_t:

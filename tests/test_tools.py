@@ -386,3 +386,19 @@ def test_resize_puts_transparent_pixels_on_white_as_the_loader_does(tmp_path):
     assert run_tool("resize_dataset.py", src, tmp_path / "jpg", "--size", 8, "--workers", 1, "--format", "jpg").returncode == 0
     for name, channels in (("keyed.jpg", 1), ("icon.jpg", 3)):
         assert load_image(tmp_path / "jpg" / name, 8, channels)[:, 0, 0].min() > 240, name
+
+
+def test_dataset_tools_follow_linked_folders_as_training_does(tmp_path):
+    """An image in a symbolic-linked subfolder is trained on (utils.list_images), so the tools that clean
+    and resize a dataset see it too; a link back up the tree is walked once."""
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    noise(12, 12, seed=1).save(data / "cat" / "a.png")
+    (tmp_path / "store").mkdir()
+    noise(12, 12, seed=2).save(tmp_path / "store" / "b.png")
+    os.symlink(tmp_path / "store", data / "cat" / "linked")
+    os.symlink(data / "cat", tmp_path / "store" / "loop")
+    r = run_tool("resize_dataset.py", data, tmp_path / "out", "--size", 8, "--workers", 1)
+    assert r.returncode == 0 and (tmp_path / "out" / "cat" / "linked" / "b.png").is_file() and "written:  2" in r.stdout
+    r = run_tool("clean_dataset.py", data, "--dry_run")
+    assert r.returncode == 0 and "2 images" in r.stdout

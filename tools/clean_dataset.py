@@ -81,7 +81,12 @@ def find_images(root):
     Hidden files/folders are skipped (.DS_Store, ._foo.jpg, .ipynb_checkpoints, ...)."""
     exts = image_extensions()
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen = set()  # linked folders are followed, as the training loader does; each real folder once
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if os.path.realpath(dirpath) in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(os.path.realpath(dirpath))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # don't descend into hidden
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:

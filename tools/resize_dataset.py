@@ -65,9 +65,13 @@ def find_images(root):
     they are usually editor/OS droppings (.DS_Store, ._foo.jpg, .ipynb_checkpoints)."""
     exts = image_extensions()
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # pruning dirnames in place stops os.walk from descending into hidden folders
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    seen = set()  # linked folders are followed, as the training loader does; each real folder once
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if os.path.realpath(dirpath) in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # don't descend into hidden
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
                 found.append(Path(dirpath, name).relative_to(root))
