@@ -297,8 +297,10 @@ def start_log(log_path, fields, resumed_step):
     if resumed_step is not None and os.path.isfile(log_path):
         with open(log_path, newline="") as f:
             rows = list(csv.reader(f))
-        if rows and rows[0] == fields:
-            rows = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= resumed_step]
+        # The same columns, or the same with the quarters named by an older rule (T not divisible by 4).
+        if rows and (rows[0] == fields or (len(rows[0]) == len(fields) and rows[0][:len(LOG_FIELDS)] == LOG_FIELDS
+                                           and all(name.startswith("loss_t") for name in rows[0][len(LOG_FIELDS):]))):
+            rows = [fields] + [r for r in rows[1:] if r and int(r[0]) <= resumed_step]
             temporary = log_path + ".tmp"
             with open(temporary, "w", newline="") as f:
                 csv.writer(f).writerows(rows)

@@ -463,6 +463,15 @@ def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_proces
     TrainingLog(str(tmp_path / "run"), timesteps=8, resumed_step=2)
     with open(tmp_path / "run/loss.csv") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
+    # A log whose quarters were named by the older rule (T = 50: loss_t0_11, ...) is kept and renamed.
+    from scaling import LOG_FIELDS
+    older = LOG_FIELDS + ["loss_t0_11", "loss_t12_24", "loss_t25_36", "loss_t37_49"]
+    (tmp_path / "cold").mkdir()
+    (tmp_path / "cold/loss.csv").write_text(",".join(older) + "\n1,0.5,0.0001,10,5,1,1,1,1\n")
+    TrainingLog(str(tmp_path / "cold"), timesteps=50, resumed_step=1)
+    with open(tmp_path / "cold/loss.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == log_fields(50) and rows[1][0] == "1" and not (tmp_path / "cold/loss_before_resume.csv").exists()
     # Process 1 of a torchrun run writes nothing.
     other = TrainingLog(str(tmp_path / "other"), timesteps=8, active=False)
     other.add([1, 1.0, 2e-4, 100.0, 50.0, 0.5, 0.4, 0.3, 0.2])
