@@ -234,6 +234,7 @@ def test_clean_reports_without_changing_anything(tmp_path, data):
     assert snapshot(data) == before
     assert not (tmp_path / "data_rejected").exists()
     assert "--move" in r.stdout
+    assert "BytesIO" not in r.stdout  # Pillow's name for the in-memory copy; the report names the file
 
 
 def test_clean_move_moves_bad_files_beside_dataset(tmp_path, data):

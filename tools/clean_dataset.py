@@ -49,6 +49,7 @@ import csv
 import hashlib
 import io
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -112,8 +113,8 @@ def check_image(path, min_size):
     # struct.error, ...), so each step catches Exception and reports the message
     try:
         img = Image.open(io.BytesIO(data))
-    except Exception as e:
-        return "corrupted", f"cannot open: {e}", digest, None
+    except Exception as e:  # Pillow names the in-memory copy (<_io.BytesIO object at ...>): the report names the file
+        return "corrupted", "cannot open: " + re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)), digest, None
     try:
         # verify() checks structure/checksums without decoding (it catches, e.g., a PNG
         # with bad CRCs). It leaves the image unusable, hence the second open below.
