@@ -40,8 +40,8 @@ An "image" is any file whose extension Pillow can open (searched recursively); h
 and folders (names starting with '.') are skipped. The exit code is 0 whether or not problems
 were found (this is a report); it is non-zero only for bad input.
 
-This script is deliberately self-contained (standard library, pillow, tqdm only) so it
-works before the rest of the repository is set up.
+This script needs only the standard library, pillow, tqdm and its sibling tools/resize_dataset.py
+(which finds the images for both), so it works before the rest of the repository is set up.
 """
 
 import argparse
@@ -58,6 +58,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+import resize_dataset  # its sibling in tools/, on sys.path as the running script's folder
+
 # Note: we deliberately do NOT set ImageFile.LOAD_TRUNCATED_IMAGES = True. It makes Pillow
 # fill the missing part of a truncated file with grey instead of raising, which is exactly
 # the problem we want to find.
@@ -67,32 +69,15 @@ CATEGORIES = ["corrupted", "truncated", "too_small", "duplicate", "odd_mode"]
 GOOD_MODES = {"RGB", "L"}
 
 # -----------------------------------------------------------------------------
-# finding images (same rules as tools/resize_dataset.py; duplicated to stay self-contained)
-
-
-def image_extensions():
-    """Lowercase extensions ('.png', '.jpg', ...) that Pillow can actually open.
-    registered_extensions() also lists save-only formats (e.g. .pdf), hence the filter."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+# finding images: the same files as tools/resize_dataset.py finds (its find_images; both tools need only
+# Pillow, NumPy and tqdm, not the rest of the repository)
 
 
 def find_images(root):
-    """All image files under root, recursively, as paths relative to root, in sorted
-    order (which also decides which copy of a duplicate is 'first' and kept).
-    Hidden files/folders are skipped (.DS_Store, ._foo.jpg, .ipynb_checkpoints, ...)."""
-    exts = image_extensions()
-    found = []
-    seen = set()  # linked folders are followed, as the training loader does; each real folder once
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        if os.path.realpath(dirpath) in seen:  # a link back up the tree
-            dirnames[:] = []
-            continue
-        seen.add(os.path.realpath(dirpath))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # don't descend into hidden
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                found.append(Path(dirpath, name).relative_to(root))
-    return sorted(found, key=lambda p: p.as_posix())
+    """All image files under root, as paths relative to root, in sorted order (which also decides which
+    copy of a duplicate is 'first' and kept): resize_dataset.find_images, hidden files and folders
+    skipped, linked folders followed as the training loader does."""
+    return sorted(resize_dataset.find_images(root), key=lambda p: p.as_posix())
 
 
 # -----------------------------------------------------------------------------
