@@ -46,8 +46,8 @@ from experts import ExpertEnsemble, check_compatible, check_coverage, expert_ran
 from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
-from utils import (HelpFormatter, UsageError, check_keys, emulated_bf16_note, from_model_range, is_image_file,
-                   list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device,
+from utils import (HelpFormatter, UsageError, check_keys, check_output_folder, emulated_bf16_note, from_model_range,
+                   is_image_file, list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device,
                    prepare_network, resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything,
                    stacked_rows, to_model_range)
 
@@ -208,20 +208,8 @@ def check_outputs(args):
     for flag in ("out", "gif", "individual_dir"):  # now, not after minutes of sampling
         path = getattr(args, flag)
         if path:
-            check_writable_place(f"--{flag} {path}", path if flag == "individual_dir" else os.path.dirname(path))
-
-
-def check_writable_place(what, folder):
-    """A one-line error unless folder exists as a writable folder or can be made (its nearest existing
-    ancestor is a writable folder)."""
-    folder = os.path.abspath(folder or ".")
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{what}: {existing} is a file, so no folder can be made there; pick another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{what}: {existing} is not writable; pick another path")
+            folder = path if flag == "individual_dir" else os.path.dirname(path) or "."
+            check_output_folder(folder, f"--{flag} {path}: the folder")
 
 
 def load_labelled_images(path, limit, size, channels, class_names, flag="--invert"):

@@ -679,6 +679,12 @@ def remove_stale_temporaries(folder, run_name):
 def check_output_folder(folder, flag, bytes_needed=0):
     """Fail at start-up, not after an hour of training, when a folder we will write to cannot be
     created or written, or has too little free space for bytes_needed."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the nearest part of the path that is there already
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {folder}: cannot write there ({existing} is a file, so no folder can be made "
+                         "there); pick another path")
     try:
         os.makedirs(folder, exist_ok=True)
         probe = os.path.join(folder, f".write_test{os.getpid()}")
