@@ -149,9 +149,9 @@ def run_name(T, schedule, loss, prediction="eps", min_snr_gamma=0.0):
             + (f"_minsnr{min_snr_gamma:g}" if min_snr_gamma else ""))
 
 
-def trained_step(path, key="step"):
-    """The step a checkpoint was saved at (or another number it records, such as train_seconds), or None
-    when there is none (or it cannot be read)."""
+def saved_number(path, key="step"):
+    """A number the checkpoint records: the step it was saved at, or train_seconds; None when there is no
+    checkpoint (or it cannot be read)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -175,10 +175,10 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
         with open(record_path) as f:
             record = json.load(f)
     checkpoint = os.path.join(folders["checkpoints"], f"{name}.pt")
-    step = trained_step(checkpoint)
+    step = saved_number(checkpoint)
     if step is not None and step >= args.max_steps:
         print(f"{name}: already trained ({step} steps), not training again")
-        return trained_step(checkpoint, "train_seconds") or record["train_seconds"]
+        return saved_number(checkpoint, "train_seconds") or record["train_seconds"]
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset_path", args.dataset_path,
                "--timesteps", str(T), "--schedule", schedule, "--loss", loss, "--prediction", prediction,
                "--min_snr_gamma", f"{min_snr_gamma:g}", "--max_steps", str(args.max_steps),
@@ -220,7 +220,7 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
             last = [line.strip() for line in f.read().replace("\r", "\n").splitlines() if line.strip()]
         reason = last[-1] if last else f"exit status {returncode}"
         raise UsageError(f"run {name}: train.py stopped: {reason} (whole log: {log_path})")
-    return trained_step(checkpoint, "train_seconds") or record["train_seconds"]
+    return saved_number(checkpoint, "train_seconds") or record["train_seconds"]
 
 
 def stop_sweep(signum, frame):
