@@ -187,7 +187,9 @@ class GaussianDiffusion:
         constants["vlb_weights"] = (eq12_weights / eq12_weights.median()).clamp(max=VLB_WEIGHT_CLIP)
         # beta~ is 0 at t = 0 (x_0 is then known exactly), so its log would be -inf: use beta~ of
         # the next step there, as Improved DDPM's code does. Only used where a log-variance is needed.
-        variance_for_log = torch.cat([constants["posterior_variance"][1:2], constants["posterior_variance"][1:]])
+        # A one-step schedule (respaced to --steps 1) has no next step: beta_0, the upper bound, stands in.
+        next_variance = constants["posterior_variance"][1:2] if len(betas) > 1 else betas[:1]
+        variance_for_log = torch.cat([next_variance, constants["posterior_variance"][1:]])
         constants["posterior_log_variance_clipped"] = variance_for_log.log()
         for name, value in constants.items():
             setattr(self, name, value.float())
@@ -318,8 +320,9 @@ class GaussianDiffusion:
         elif self.variance == "posterior":
             variance, log_variance = posterior_variance, posterior_log_variance
         else:  # at t = 0 this is beta_0 itself; Ho et al.'s code puts the next step's beta~ there (its
-            # posterior_variance[1]), which changes only the decoder term of the bound (nll_bits_per_dim),
-            # not sampling (no noise is added at t = 0)
+            # posterior_variance[1]). That changes the decoder term of the bound (nll_bits_per_dim) and the
+            # size of classifier guidance's last shift (Sigma * s * grad), but adds no noise: none is
+            # added at t = 0
             variance = extract(self.betas, t, xt.ndim)
             log_variance = variance.log()
         return dict(mean=mean, variance=variance, log_variance=log_variance, pred_x0=pred_x0, eps=eps)
@@ -393,7 +396,7 @@ class GaussianDiffusion:
             3: z ~ N(0, I) if t > 1, else z = 0          (code: t > 0)
             4: x_{t-1} = mu_theta(x_t, t) + sigma_t z
         cond_fn(x_t, t, y) -> s * grad log p(y | x_t) turns this into classifier guidance (guidance.py;
-        Dhariwal & Nichol 2021, ADM Alg. 1, eq. 10): the mean moves to mu + Sigma * s * grad.
+        Dhariwal & Nichol 2021, ADM Alg. 1, arXiv eq. 10): the mean moves to mu + Sigma * s * grad.
         Returns (x_{t-1}, predicted x_0)."""
         out = self.p_mean_variance(model, xt, t, y, clip_denoised)
         mean = out["mean"]

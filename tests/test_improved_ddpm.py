@@ -235,3 +235,21 @@ def test_respacing_keeps_the_marginals_and_feeds_the_network_its_own_t():
         return torch.zeros_like(x)
     spaced.sample(model, (2, 1, 4, 4), progress=False)
     assert calls == tau.flip(0).tolist()
+
+
+@pytest.mark.parametrize("variance", ["posterior", "beta", "learned"])
+def test_respacing_to_one_step_samples_the_predicted_x0(variance):
+    """S = 1 keeps tau_0 = T-1 alone: beta = 1 - alpha_bar_{T-1} and beta~ = 0, so Algorithm 2's single step
+    returns x^_0 of the pure-noise input. With a network that knows x_0 that is x_0 itself (the one-step
+    schedule has no next beta~ to stand in for log beta~_0; it once built an empty tensor there)."""
+    learned = variance == "learned"
+    d = GaussianDiffusion(timesteps=100, variance=variance, learn_sigma=learned, loss="hybrid" if learned else "l2")
+    one = respace(d, 1)
+    assert one.timestep_map.tolist() == [99] and torch.allclose(one.betas, 1 - d.alphas_cumprod[-1:])
+    assert torch.isfinite(one.posterior_log_variance_clipped).all() and one.posterior_log_variance_clipped.shape == (1,)
+    x0 = torch.rand(2, 1, 4, 4) * 2 - 1
+    def model(x, t, y):  # the exact eps of x_t for this x0 (DDPM eq. 4 solved for eps)
+        ab = d.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1) if learned else eps
+    assert torch.allclose(one.sample(model, (2, 1, 4, 4), progress=False), x0, atol=1e-3)
