@@ -14,9 +14,10 @@ A network R(x_s, s) is trained to restore x_0 from D(x_0, s): the restoration lo
 min_theta E || R_theta(D(x_0, s), s) - x_0 || (l1 by default, as in the authors' code), with s
 uniform on 1 .. T. This is the analogue of Algorithm 1 of DDPM with x_0 as the target.
 
-THE TIMESTEP CONVENTION is ddpm.py's: the paper's level s = 1 .. T is code t = s - 1 = 0 .. T-1,
-which is what the network sees. D takes the level s itself, so D(x_0, 0) = x_0 (no degradation)
-and x_t of code t is D(x_0, t + 1).
+Levels and timesteps: the network sees ddpm.py's code t = 0 .. T-1, here t = s - 1 for the paper's
+level s = 1 .. T. D takes the level s itself, so D(x_0, 0) = x_0 (no degradation) and x_t of code t
+is D(x_0, t + 1). What a user sees counts levels, as the paper does: --cold_level and the labels of
+sampling trajectories (GIF frames) are s = 1 .. T, one above a DDPM trajectory's code t.
 
 Sampling from a fully degraded x_T runs the levels back down, in one of two ways (the paper's two
 algorithms; their numbers are from the authors' README and code, PAPERS.md sec. 8):
@@ -186,8 +187,9 @@ class ColdDiffusion:
         to x_0. sampler 'improved' is Algorithm 2, 'naive' Algorithm 1 (see the top of the file).
         The improved sampler runs the network only at levels whose D differs from the level below's
         (levels_equal_to_the_one_below): about half of them for pixelate at 32x32 with T = 50.
-        Returns x_0 [B x C x H x W], and with trajectory_every > 0 also a list of (s, x_s, x0_hat) every
-        that many levels (for GIFs, as GaussianDiffusion.sample returns them)."""
+        Returns x_0 [B x C x H x W], and with trajectory_every > 0 also a list of (s, x_{s-1}, x0_hat)
+        every that many levels: the level just restored, the image that step gave, and its estimate of
+        x_0 (for GIFs, as GaussianDiffusion.sample returns them)."""
         if sampler not in COLD_SAMPLERS:
             raise UsageError(f"--cold_sampler {sampler}: choose one of {', '.join(COLD_SAMPLERS)}")
         steps = self.timesteps if steps is None else steps

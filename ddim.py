@@ -80,7 +80,7 @@ def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=Tru
     with x^_0 and eps^ from the network (any of ddpm.py's prediction targets), sigma_t from eq. 16.
     A network's learned variances (Improved DDPM) are not used: eq. 16 sets the variance.
     cond_fn(x_t, t, y) -> s * grad log p(y | x_t) adds classifier guidance the DDIM way (guidance.py;
-    Dhariwal & Nichol 2021, Algorithm 2, eq. 14): eps^ <- eps^ - sqrt(1 - alpha_bar_t) * s * grad, and
+    Dhariwal & Nichol 2021, Algorithm 2, arXiv eq. 14): eps^ <- eps^ - sqrt(1 - alpha_bar_t) * s * grad, and
     x^_0 follows from the corrected eps^.
     Returns (x_prev, x^_0), each [B x C x H x W]."""
     b = x.shape[0]
@@ -89,7 +89,8 @@ def ddim_step(diffusion, model, x, t, t_prev, y=None, eta=0.0, clip_denoised=Tru
     pred_x0, eps = diffusion.predictions(x, t_batch, prediction, clip_denoised)
     alpha_bar_t = diffusion.alphas_cumprod[t]
     if cond_fn is not None:
-        # ADM eq. 14: eps^ = eps_theta(x_t) - sqrt(1 - alpha_bar_t) grad log p_phi(y | x_t) (s inside cond_fn)
+        # ADM (arXiv) eq. 14: eps^ = eps_theta(x_t) - sqrt(1 - alpha_bar_t) grad log p_phi(y | x_t); s is
+        # inside cond_fn, as in the authors' code (the printed eq. has no s)
         eps = eps - (1 - alpha_bar_t).sqrt() * cond_fn(x, diffusion.timestep_map[t_batch], y)
         pred_x0 = diffusion.predict_x0_from_eps(x, t_batch, eps)                      # DDPM eq. 15
         if clip_denoised:  # keep the pair consistent, as GaussianDiffusion.predictions does. ADM Alg. 2 does

@@ -15,6 +15,8 @@ Two papers, two ways to sample from p(x | y) instead of p(x):
     supplies grad_{x_t} log p_phi(y | x_t). Their Algorithm 1 shifts the mean of each DDPM step by
     s * Sigma * grad (eq. 10); their Algorithm 2 (DDIM) corrects the noise prediction instead (eq. 14):
         eps^ = eps_theta(x_t) - sqrt(1 - alpha_bar_t) * s * grad.
+    Equation numbers are the arXiv version's (the NeurIPS version has no eq. 14 in its main text). The
+    printed eq. 14 and Algorithm 2 have no s; like the authors' code, we multiply the gradient by s.
     The shift itself lives where each sampler computes its step (ddpm.GaussianDiffusion.p_sample,
     ddim.ddim_step); this file makes the gradient (classifier_gradient).
 

@@ -12,7 +12,8 @@ variance; its log-likelihoods lag behind other likelihood models. Improved DDPM:
     variances because the variance of a long jump is neither beta nor beta~,
   - and reports the negative log-likelihood in bits per dimension (nll_bits_per_dim, tools/nll.py).
 (The cosine schedule, eq. 17, is in ddpm.py.) The paper's text was not at hand when this was
-written: equation numbers 15-17 and 19 are confirmed by secondary sources, section numbers are recalled.
+written: equation numbers 15-17 and 19 are confirmed by secondary sources, and so is Sec. 3.1 (learned
+variances); the other section numbers are unconfirmed and not used here.
 
 The bound (DDPM eq. 5), with code t = 0 .. T-1 standing for paper t = 1 .. T (ddpm.py):
     L_vlb = L_T + sum_{t>=1} L_{t-1},   in code terms: prior + sum over code t of term(t), where
@@ -132,7 +133,7 @@ class TimestepSampler:
     """Which t each image trains on, and the weight that keeps the loss unbiased.
 
     uniform:     t ~ Uniform{0 .. T-1}, weight 1 (Algorithm 1 line 3).
-    loss-aware:  Improved DDPM's importance sampling (Sec. 3.3 as recalled; section and eq. unconfirmed):
+    loss-aware:  Improved DDPM's importance sampling (its section and equation numbers unconfirmed):
                  p_t proportional to sqrt(E[L_t^2]), the root-mean-square of the last 10 losses seen
                  at t, mixed with a little uniform so no t is starved; weight 1 / (T p_t), so that
                  E_{t~p}[weight * L_t] = E_{t~uniform}[L_t]. The few t with huge, noisy losses (near
@@ -192,7 +193,7 @@ class TimestepSampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# Respacing: sampling with fewer steps (the paper's Sec. 4, recalled; eq. 19 confirmed)
+# Respacing: sampling with fewer steps (eq. 19, second-hand; the section number is unconfirmed)
 # ---------------------------------------------------------------------------------------------
 
 def respace(diffusion, steps, spacing="uniform"):

@@ -87,8 +87,9 @@ def group_count(channels):
 
 def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding of integer timesteps, as in the Transformer (DDPM Sec. 4).
-    t: int64 [B] -> float [B x dim]; half the dimensions are sines, half cosines, at
-    frequencies from 1 down to 1/max_period, so nearby t get nearby (but distinct) vectors."""
+    t: int64 [B] -> float [B x dim]; half the dimensions are sines, half cosines, at the frequencies
+    max_period^(-k / half), k = 0 .. half-1: from 1 down to just above 1/max_period, so nearby t get
+    nearby (but distinct) vectors."""
     half = dim // 2
     frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * frequencies[None]                  # [B x half]

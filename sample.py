@@ -469,7 +469,7 @@ def make_generate(args, diffusion, use_ddim, steps, eta):
     Predicted x_0 is clipped to [-1, 1] unless --no_clip, or clip=False (the inversion's decode)."""
     respaced = diffusion
     if not use_ddim and min(steps, diffusion.timesteps) < diffusion.timesteps:
-        respaced = respace(diffusion, steps, args.spacing)  # Improved DDPM Sec. 4, eq. 19
+        respaced = respace(diffusion, steps, args.spacing)  # Improved DDPM eq. 19
 
     def generate(network, noise, y=None, cond_fn=None, trajectory_every=0, clip=True):
         clip = clip and not args.no_clip

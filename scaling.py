@@ -164,8 +164,8 @@ def step_statistics(losses, t, timesteps, stop_requested, world_size, seconds=0.
     """This step's per-image losses and t [k*B] -> (mean loss, [mean loss of the images whose t lies in
     each quarter of 0 .. T-1, NaN where none did], whether any process was asked to stop, the training
     seconds so far averaged over processes), over all processes with one all-reduce. The quarters show
-    which noise levels are hard (Improved DDPM Fig. 2 makes the same split: the terms at small t
-    dominate the variational bound). Every process gets the same seconds, so a time budget
+    which noise levels are hard (Improved DDPM shows the terms at small t dominating the variational
+    bound; its figure number is unconfirmed). Every process gets the same seconds, so a time budget
     (--max_minutes) sets the same learning rate and stops every process at the same step.
     weights [k*B]: the loss-aware sampler's importance weights w = 1 / (n p_t), already in losses (w L).
     Each quarter is then sum(w L) / sum(w), the uniform-t mean; dividing by the count would give about
