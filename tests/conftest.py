@@ -27,6 +27,13 @@ TINY_TRAIN_FLAGS = ["--image_size", "16", "--base_channels", "16", "--channel_mu
                     "--num_samples", "4", "--device", "cpu"]
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test starts from the same global torch seed, so the weights a test builds (and any draw it
+    does not seed itself) do not depend on which tests ran before it in the same process."""
+    torch.manual_seed(0)
+
+
 def randomise_zero_inits(model):
     """The output conv and each block's last layer start at zero (so the untrained UNet outputs 0);
     give them random weights so that tests can see every input's influence."""

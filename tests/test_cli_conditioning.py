@@ -46,13 +46,28 @@ def test_checkpoints_say_what_they_are(trained):
     assert sr["conditioning"] == {"low_res": 8, "aug_max_t": 2, "sample_aug_t": 0}
 
 
-def test_class_choice_and_classifier_free_guidance(trained, tmp_path):
+def spy_on_guidance(monkeypatch, name):
+    """Wrap guidance.classifier_free_guidance or guidance.classifier_guidance (sample.py imports them when it
+    runs in this process): every call of the guided network or cond_fn they return appends its scale."""
+    import guidance
+    calls, real = [], getattr(guidance, name)
+
+    def wrapped(network, scale, *rest):
+        inner = real(network, scale, *rest)
+        return lambda *args, **kwargs: calls.append(scale) or inner(*args, **kwargs)
+    monkeypatch.setattr(guidance, name, wrapped)
+    return calls
+
+
+def test_class_choice_and_classifier_free_guidance(trained, tmp_path, monkeypatch):
+    guided_calls = spy_on_guidance(monkeypatch, "classifier_free_guidance")
     result = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--class_name", "fox", "dog",
                         "--num_samples", "3", "--guidance_scale", "3", "--sampler", "ddim", "--steps", "4",
                         "--out", tmp_path / "guided.png", "--individual_dir", tmp_path / "each", cwd=tmp_path)
     assert "classifier-free guidance: scale 3 (1 = none; CFG paper's w = 2)" in result.stdout
     assert Image.open(tmp_path / "guided.png").size == (2 + 3 * 10, 2 + 2 * 10)   # 2 rows (classes) of 3
     assert sorted(p.name for p in (tmp_path / "each").iterdir())[0] == "sample_00000_fox.png"
+    assert guided_calls == [3.0] * 4  # the guided network, at scale 3, at each of the 4 DDIM steps
     run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--class_label", "2",
                "--num_samples", "2", "--steps", "3", "--out", tmp_path / "label.png", cwd=tmp_path)
     assert Image.open(tmp_path / "label.png").size == (2 + 2 * 10, 12)
@@ -61,12 +76,15 @@ def test_class_choice_and_classifier_free_guidance(trained, tmp_path):
     assert_one_line_error(bad, "--class_name cow", "valid names: cat, dog, fox")
 
 
-def test_classifier_guidance_with_both_samplers(trained, tmp_path):
+def test_classifier_guidance_with_both_samplers(trained, tmp_path, monkeypatch):
+    gradient_calls = spy_on_guidance(monkeypatch, "classifier_guidance")
     ckpt, clf = trained / "checkpoints" / "pets_ema.pt", trained / "checkpoints" / "pets_classifier_ema.pt"
     for sampler in (["--steps", "4"], ["--sampler", "ddim", "--steps", "4"]):
         result = run_script("sample.py", "--ckpt", ckpt, "--classifier_ckpt", clf, "--classifier_scale", "5",
                             "--num_samples", "2", "--out", tmp_path / "cg.png", *sampler, cwd=tmp_path)
         assert "classifier guidance: scale 5" in result.stdout
+        assert gradient_calls == [5.0] * 4  # cond_fn at each of the 4 steps, DDPM's (Alg. 1) and DDIM's (Alg. 2)
+        gradient_calls.clear()
         assert Image.open(tmp_path / "cg.png").size == (2 + 2 * 10, 2 + 3 * 10)
     # Scale 0 is no guidance: the same samples as without the classifier (loading it draws no noise).
     for flags, out in (([], "plain.png"), (["--classifier_ckpt", clf, "--classifier_scale", "0"], "scale0.png")):

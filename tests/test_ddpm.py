@@ -118,6 +118,42 @@ def test_both_forms_of_the_reverse_mean_agree():
     assert torch.allclose(mean, eq11, atol=1e-4)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_clipping_puts_the_predicted_x0_in_range_and_the_mean_at_the_clipped_x0(prediction):
+    """Clipping (the default; sample.py --no_clip turns it off): x^_0 is clipped to [-1, 1] before the
+    posterior mean of eq. 7 is taken, and eps^ is recomputed from the clipped x^_0 (eq. 15 solved for
+    eps). Without it, a network that says x_0 = 3 gets a mean built on 3."""
+    d = GaussianDiffusion(timesteps=100, prediction=prediction)
+    t, xt = torch.tensor([0, 10, 50, 99]), torch.randn(4, 1, 2, 2)
+    x0_claimed = torch.full_like(xt, 3.0)
+    ab = d.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    eps_claimed = (xt - ab.sqrt() * x0_claimed) / (1 - ab).sqrt()
+    output = {"eps": eps_claimed, "x0": x0_claimed, "v": ab.sqrt() * eps_claimed - (1 - ab).sqrt() * x0_claimed}[prediction]
+    model = lambda x, t_, y: output  # noqa: E731
+    mean_at = lambda x0: (d.posterior_mean_coef1[t].reshape(-1, 1, 1, 1) * x0  # noqa: E731  eq. 7
+                          + d.posterior_mean_coef2[t].reshape(-1, 1, 1, 1) * xt)
+    clipped = d.p_mean_variance(model, xt, t)
+    assert torch.allclose(clipped["pred_x0"], torch.ones_like(xt))
+    assert torch.allclose(clipped["mean"], mean_at(torch.ones_like(xt)), atol=1e-5)
+    assert torch.allclose(clipped["eps"], (xt - ab.sqrt()) / (1 - ab).sqrt(), atol=1e-4)
+    unclipped = d.p_mean_variance(model, xt, t, clip_denoised=False)
+    assert torch.allclose(unclipped["pred_x0"], x0_claimed, atol=1e-3)
+    assert torch.allclose(unclipped["mean"], mean_at(x0_claimed), atol=1e-3)
+
+
+def test_the_beta_variance_samples_with_beta_t_and_the_posterior_variance_with_beta_tilde():
+    """DDPM Sec. 3.2: sigma_t^2 = beta_t or beta~_t; p_mean_variance returns the one asked for, and its log."""
+    t, xt = torch.tensor([0, 1, 50, 99]), torch.randn(4, 1, 2, 2)
+    model = lambda x, t_, y: torch.zeros_like(x)  # noqa: E731
+    for variance, expected in (("beta", "betas"), ("posterior", "posterior_variance")):
+        d = GaussianDiffusion(timesteps=100, variance=variance)
+        out = d.p_mean_variance(model, xt, t)
+        assert torch.equal(out["variance"].flatten(1)[:, 0], getattr(d, expected)[t]), variance
+    beta = GaussianDiffusion(timesteps=100, variance="beta").p_mean_variance(model, xt, t)
+    assert torch.allclose(beta["log_variance"], beta["variance"].log())
+    assert beta["variance"].flatten(1)[0, 0] == GaussianDiffusion(timesteps=100).betas[0] > 0  # not beta~_0 = 0
+
+
 def test_training_loss_is_zero_for_a_model_that_knows_the_noise():
     """Algorithm 1 line 5: the loss measures the distance to the true eps, so an oracle scores 0."""
     torch.manual_seed(0)
@@ -127,11 +163,17 @@ def test_training_loss_is_zero_for_a_model_that_knows_the_noise():
     for loss in ("l2", "l1", "huber", "vlb_l2"):
         d.loss = loss
         assert d.training_loss(oracle, x0, t=t, noise=noise)[0].mean().item() == 0.0
-    d.loss = "l2"
+    # A network that always says 0 is off by eps itself; noise * 3 puts errors on both sides of Huber's
+    # delta = 1 (quadratic below, linear above).
     zero = lambda x, t_, y: torch.zeros_like(x)
-    per_image, _ = d.training_loss(zero, x0, t=t, noise=noise)
-    assert per_image.shape == (4,)  # one loss per image, averaged over its C*H*W values
-    assert torch.allclose(per_image, noise.pow(2).mean(dim=(1, 2, 3)))
+    e = 3 * noise
+    expected = {"l2": e.pow(2), "l1": e.abs(), "huber": torch.where(e.abs() < 1, 0.5 * e.pow(2), e.abs() - 0.5)}
+    assert (e.abs() < 1).any() and (e.abs() > 1).any()
+    for loss, distance in expected.items():
+        d.loss = loss
+        per_image, _ = d.training_loss(zero, x0, t=t, noise=e)
+        assert per_image.shape == (4,)  # one loss per image, averaged over its C*H*W values
+        assert torch.allclose(per_image, distance.mean(dim=(1, 2, 3))), loss
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

@@ -145,6 +145,23 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(network):
     assert "grad_checkpointing" not in resolve_model_config()  # a runtime switch, not a saved setting
 
 
+def test_channels_last_gives_the_same_loss_and_gradients_up_to_rounding():
+    """--channels_last stores activations as NHWC: a memory layout, not other arithmetic, so one forward
+    and backward agree with NCHW to float rounding (dropout off: its masks are drawn in memory order)."""
+    import copy
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 17]), torch.tensor([0, 2])
+    model = randomise_zero_inits(build_model(dict(num_classes=3, **dict(CHECKPOINT_TINY, dropout=0.0)))).train()
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert nhwc.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    loss, grads = loss_and_gradients(model, False, lambda m: m(x, t, y))
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    loss_nhwc, grads_nhwc = loss_and_gradients(nhwc, False, lambda m: m(x_nhwc, t, y))
+    assert torch.allclose(loss, loss_nhwc, rtol=1e-5, atol=0)
+    for name in grads:
+        scale = grads[name].abs().max().clamp_min(1e-12)
+        assert torch.allclose(grads[name] / scale, grads_nhwc[name] / scale, rtol=0, atol=1e-4), name
+
+
 def test_gradient_checkpointing_recomputes_each_block_in_the_backward_pass_and_never_when_sampling():
     model = build_model(dict(num_classes=3, **CHECKPOINT_TINY))
     calls = []

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -418,18 +419,30 @@ def test_the_log_s_quarters_are_named_as_they_are_binned_and_undo_importance_wei
 
 def test_the_log_records_the_rate_each_step_used_and_grids_are_not_training_time(tmp_path, monkeypatch):
     """loss.csv's lr is the rate the step's update used (lr_lambda of the step before it counts); and a
-    --max_minutes budget counts training steps, not the time spent drawing grids or saving."""
+    --max_minutes budget counts training steps, not the time spent drawing grids or saving. train.py's
+    clock is replaced by one that only moves when told: 0.25 s per training step, 10 s per grid."""
     monkeypatch.chdir(tmp_path)
     make_image_folder(tmp_path / "pets")
-    monkeypatch.setattr(train, "sample_grid", lambda *a, **k: (time.sleep(0.6), ("slow grid", None))[1])
+    clock = [100.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    real_accumulate = train.accumulate_gradients
+    def timed_accumulate(*args, **kwargs):
+        clock[0] += 0.25
+        return real_accumulate(*args, **kwargs)
+    monkeypatch.setattr(train, "accumulate_gradients", timed_accumulate)
+    monkeypatch.setattr(train, "sample_grid", lambda *a, **k: (clock.__setitem__(0, clock[0] + 10.0), ("slow grid", None))[1])
     train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "4", "--sample_every", "1",
-               "--max_minutes", "0.02")                   # 1.2 s of training; the grids alone take 2.4 s
+               "--max_minutes", "0.02", "--lr", "2e-4")  # 1.2 s of training; the grids alone take 40 s
     state = load("checkpoints/pets.pt")
-    assert state["step"] == 4 and state["train_seconds"] < 1.2
+    assert state["step"] == 4 and state["train_seconds"] == pytest.approx(1.0)
     with open("samples/pets/loss.csv") as f:
         rates = [float(row["lr"]) for row in csv.DictReader(f)]
-    # Warm-up over 2 steps: (k + 1) / 2 of the peak, capped by the time budget's cosine (a hair below 1 here).
-    assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(2e-4, rel=1e-2)
+    # Step k's update uses lr_lambda(k) with the time used before it, 0.25 k of the 1.2 s: warm-up over 2
+    # steps ((k + 1) / 2 of the peak) capped by the budget's cosine, then the cosine of the steps or the
+    # time, whichever is further along.
+    expected = [2e-4 * train.lr_lambda(k, 2, 4, 0.25 * k / 1.2) for k in range(4)]
+    assert rates == pytest.approx(expected, rel=1e-5)
+    assert rates[0] == pytest.approx(1e-4) and rates[1] < 2e-4  # the cap: the time cosine is below 1 at k = 1
 
 
 def test_a_grid_s_random_draws_are_undone_on_cpu_and_on_an_apple_gpu(monkeypatch):

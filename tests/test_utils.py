@@ -170,7 +170,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise OSError("No space left on device")
     monkeypatch.setattr(utils.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left"):
         save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(str(path))["step"] == 1
