@@ -46,7 +46,7 @@ from experts import ExpertEnsemble, check_compatible, check_coverage, expert_ran
 from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
-from utils import (HelpFormatter, UsageError, check_keys, check_output_folder, emulated_bf16_note, from_model_range,
+from utils import (HelpFormatter, UsageError, check_keys, check_output_file, check_output_folder, emulated_bf16_note, from_model_range,
                    is_image_file, list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device,
                    prepare_network, resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything,
                    stacked_rows, to_model_range)
@@ -201,15 +201,12 @@ def check_args(args, timesteps):
 def check_outputs(args):
     """--out, --gif and --individual_dir, checked before any sampling (Gaussian and Cold Diffusion alike):
     the right kind of file name, in a place that can be written."""
-    if args.out and os.path.splitext(args.out)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise UsageError(f"--out {args.out}: name an image file (.png, .jpg or .webp), checked before any sampling")
-    if args.gif and os.path.splitext(args.gif)[1].lower() != ".gif":  # another name would save one still frame
-        raise UsageError(f"--gif {args.gif}: name a .gif file")
-    for flag in ("out", "gif", "individual_dir"):  # now, not after minutes of sampling
-        path = getattr(args, flag)
-        if path:
-            folder = path if flag == "individual_dir" else os.path.dirname(path) or "."
-            check_output_folder(folder, f"--{flag} {path}: the folder")
+    if args.out:  # now, not after minutes of sampling
+        check_output_file(args.out, "--out", (".png", ".jpg", ".jpeg", ".webp"))
+    if args.gif:  # another name would save one still frame
+        check_output_file(args.gif, "--gif", (".gif",))
+    if args.individual_dir:
+        check_output_folder(args.individual_dir, f"--individual_dir {args.individual_dir}: the folder")
 
 
 def load_labelled_images(path, limit, size, channels, class_names, flag="--invert"):

@@ -6,7 +6,8 @@ utils.py: the plumbing every other file leans on, and nothing about diffusion.
                           load_builtin_dataset (torchvision: mnist, ...)
     checkpoints           save_checkpoint (atomic: temp file + rename), load_checkpoint
                           (weights_only=True, with one-line errors), link_checkpoint (the
-                          newest of several), check_output_folder (writable, room to spare)
+                          newest of several), check_output_folder (writable, room to spare),
+                          check_output_file (its kind of name, a folder that can be written)
     pictures              save_grid, save_gif, plot_loss
     small helpers         pick_device, seed_everything, peak_memory_mb, UsageError
 
@@ -698,6 +699,18 @@ def check_output_folder(folder, flag, bytes_needed=0):
     if free < bytes_needed:
         raise UsageError(f"{flag} {folder}: only {free / 2**20:.0f} MB free, but the checkpoints need about "
                          f"{bytes_needed / 2**20:.0f} MB; free some space or pick another folder")
+
+
+def check_output_file(path, flag, suffixes=None):
+    """Fail at start-up, not after minutes of sampling or scoring, when a file we will write cannot be:
+    a name without one of the suffixes (such as (".png", ".jpg") for an image, whose format follows the
+    name), an existing folder of that name, or a folder that cannot be written."""
+    if suffixes and os.path.splitext(path)[1].lower() not in suffixes:
+        kinds = suffixes[0] if len(suffixes) == 1 else f"{', '.join(suffixes[:-1])} or {suffixes[-1]}"
+        raise UsageError(f"{flag} {path}: name a {kinds} file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: a folder of that name is there; name a file")
+    check_output_folder(os.path.dirname(path) or ".", f"{flag} {path}: the folder")
 
 
 def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt", task=None):

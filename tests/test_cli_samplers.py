@@ -121,6 +121,11 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
         result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", flag, target,
                             cwd=tmp_path, check=False)
         assert_one_line_error(result, f"{flag} {target}", "is a file")
+    # A folder named like the file: refused before sampling too (saving into it failed after).
+    (tmp_path / "looks_like.png").mkdir()
+    result = run_script("sample.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--out", tmp_path / "looks_like.png",
+                        cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--out", "looks_like.png: a folder of that name is there")
 
 
 @pytest.mark.parametrize("flags,fragments", [
@@ -132,7 +137,8 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--sampler", "ddim", "--eta", "1.5"], ("--eta 1.5", "between 0")),
     (["--guidance_scale", "nan"], ("--guidance_scale", "finite")),
     (["--sampler", "ddim", "--variance", "beta"], ("--variance", "--eta")),  # DDIM would ignore it
-    (["--out", "grid"], ("--out grid", "image file")),  # before the sampling, not after it
+    (["--out", "grid"], ("--out grid", "name a .png, .jpg, .jpeg or .webp file")),  # before the sampling, not after it
+    (["--out", "."], ("--out .", ".png")),
     (["--gif", "reverse.png"], ("--gif reverse.png", ".gif")),  # it saved one still frame
     (["--cond_images", "."], ("--cond_images", "takes no input images")),  # was ignored
     (["--interpolate", "4", "--individual_dir", "each"], ("--interpolate", "--individual_dir")),
