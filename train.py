@@ -362,7 +362,7 @@ def load_dataset(args):
     if args.dataset_path and args.dataset_path.endswith(".npz"):  # MNIST-style arrays, x_train / y_train
         return load_npz_dataset(args.dataset_path, args.image_size, args.channels)
     if args.dataset_path:
-        return ImageFolderDataset(args.dataset_path, args.image_size, args.channels)
+        return ImageFolderDataset(args.dataset_path, args.image_size, args.channels, reads_npz=True)
     dataset = load_builtin_dataset(args.dataset or "shapes", args.image_size)
     if args.channels and args.channels != dataset.channels:
         raise UsageError(f"--channels {args.channels}: the {args.dataset} dataset has {dataset.channels}")

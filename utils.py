@@ -302,15 +302,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     skipped with a warning naming it, and a neighbouring image is returned in its place.
     """
 
-    def __init__(self, folder, image_size, channels=None, flag="--dataset_path"):
-        # flag: the option that named the folder, so that every error below names it
+    def __init__(self, folder, image_size, channels=None, flag="--dataset_path", reads_npz=False):
+        # flag: the option that named the folder, so that every error below names it. reads_npz: the caller
+        # (train.py) also takes an .npz file of arrays, so the errors may offer one.
+        if os.path.isfile(folder) and folder.lower().endswith(".npz") and not reads_npz:
+            raise UsageError(f"{flag} {folder}: an .npz file, but this reads a folder of images; write one with "
+                             f"python tools/export_dataset.py {folder} <folder>")
         if os.path.isfile(folder):  # a single image, or an .npz misspelt (train.py reads *.npz as arrays)
             raise UsageError(f"{flag} {folder}: a file, not a folder; point it at the folder that holds the images "
-                             "(class subfolders become labels), or at an .npz file of arrays")
+                             "(class subfolders become labels)" + (", or at an .npz file of arrays" if reads_npz else ""))
         if not os.path.isdir(folder):
             raise UsageError(f"{flag} {folder}: no such folder; point it at a folder of images "
                              "(class subfolders become labels)"
-                             + (", or at an existing .npz file" if os.path.splitext(folder)[1] else ""))
+                             + (", or at an existing .npz file" if reads_npz and os.path.splitext(folder)[1] else ""))
         subfolders = sorted(d for d in os.listdir(folder)
                             if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
         if subfolders and all(d.isdecimal() for d in subfolders):
@@ -713,20 +717,22 @@ def check_output_file(path, flag, suffixes=None):
     check_output_folder(os.path.dirname(path) or ".", f"{flag} {path}: the folder")
 
 
-def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt", task=None):
-    """Load a checkpoint written by train.py: CPU first, weights_only=True (no arbitrary code runs),
-    with a one-line UsageError for a missing file, a file that is not a checkpoint, or missing keys.
-    flag: the option that named the file, so that the error names it (--ckpt, --classifier_ckpt ...).
-    task: the train.py --task the caller can use ("diffusion": models that draw from noise alone; a
-    super-resolution or image-to-image model needs input images that only sample.py gives it)."""
+def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt", task=None,
+                    written_by="train.py"):
+    """Load a checkpoint written by train.py (or written_by, another script): CPU first, weights_only=True
+    (no arbitrary code runs), with a one-line UsageError for a missing file, a file that is not a
+    checkpoint, or missing keys. flag: the option that named the file, so that the error names it (--ckpt,
+    --classifier_ckpt ...). task: the train.py --task the caller can use ("diffusion": models that draw
+    from noise alone; a super-resolution or image-to-image model needs input images that only sample.py
+    gives it)."""
     if not os.path.isfile(path):
         what = "a folder, not a checkpoint file" if os.path.isdir(path) else "no such file"
-        raise UsageError(f"{flag} {path}: {what}; train one first (python train.py ...) or check the path")
+        raise UsageError(f"{flag} {path}: {what}; train one first (python {written_by} ...) or check the path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UsageError(f"{flag} {path}: not a checkpoint this repository can read ({type(error).__name__}); "
-                         "pass a .pt file written by train.py") from None
+                         f"pass a .pt file written by {written_by}") from None
     check_keys(state, path, required, flag)
     if task is not None and state.get("task", "diffusion") != task:
         raise UsageError(f"{flag} {path}: a --task {state['task']} model; this needs a --task {task} one"

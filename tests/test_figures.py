@@ -63,3 +63,26 @@ def test_figure_commands_write_their_pngs(tmp_path, monkeypatch):
     bad = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_step0000002.pt",
                      "--sample_steps", "0", "--out", "t0.png", cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--sample_steps 0")
+    # An EMA-only file, a run of another image size, an unwritable --out: one line each, before any sampling.
+    bad = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_ema.pt", "--out", "e.png",
+                     cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--ckpts checkpoints/pets_ema.pt", "full checkpoints")
+    small = [*TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0", "--run_name", "small"]
+    small[small.index("--image_size") + 1] = "8"
+    run_script("train.py", "--dataset_path", "pets", *small, cwd=tmp_path)
+    bad = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets_step0000001.pt", "checkpoints/small.pt",
+                     "--num_samples", "1", "--sample_steps", "2", "--out", "m.png", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--ckpts checkpoints/small.pt", "8x8", "one run")
+    for out, fragment in (("figure", "name a .png"), ("t.png/inside.png", "is a file")):
+        bad = run_script("tools/figures.py", "training", "--ckpts", "checkpoints/pets.pt", "--out", out, cwd=tmp_path,
+                         check=False)
+        assert_one_line_error(bad, f"--out {out}", fragment)
+
+
+def test_forward_figure_refuses_unreadable_images_and_empty_sizes(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = run_script("tools/figures.py", "forward", "--image", "empty.png", "--out", "f.png", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--image empty.png", "Pillow cannot read it")
+    bad = run_script("tools/figures.py", "forward", "--image_size", "0", "--out", "f.png", cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--image_size 0", "at least 1")
+    assert not (tmp_path / "f.png").exists()

@@ -13,6 +13,7 @@ models and settings measured with the same classifier and the same number of ima
 tools/sampler_sweep.py uses it.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from utils import (ImageFolderDataset, UsageError, check_keys, load_checkpoint, load_weights, pick_device,  # noqa: E402
-                   save_checkpoint, seed_everything, to_model_range)
+from utils import (ImageFolderDataset, UsageError, check_keys, check_output_file, load_checkpoint,  # noqa: E402
+                   load_weights, pick_device, save_checkpoint, seed_everything, to_model_range)
 
 FEATURE_DIM = 64
 
@@ -89,7 +90,7 @@ def feature_statistics(features):
 
 def load_classifier(path, flag="--classifier"):
     """A checkpoint written by this script -> (classifier in eval mode, the checkpoint's dict)."""
-    state = load_checkpoint(path, required=(), flag=flag)
+    state = load_checkpoint(path, required=(), flag=flag, written_by="tools/classifier.py")
     if isinstance(state, dict) and "model_config" in state and "classifier" not in state:  # a train.py checkpoint
         kind = ("a noisy classifier (train.py --task classifier), made for classifier guidance"
                 if state.get("task") == "classifier" else "a diffusion model (train.py)")
@@ -121,6 +122,7 @@ def check_out_path(path):
     (train.py's --task classifier run is also named <data>_classifier.pt, and holds a resumable run)."""
     if os.path.isdir(path):
         raise UsageError(f"--out {path} is a folder; pass a file path such as {os.path.join(path, 'classifier.pt')}")
+    check_output_file(path, "--out")  # a folder that can be written, before the training, not after it
     if os.path.exists(path):
         try:
             earlier = torch.load(path, map_location="cpu", weights_only=True)
@@ -148,6 +150,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1:
         raise UsageError("--epochs and --batch_size must be at least 1")
+    if args.image_size < 4:  # two 2x2 poolings
+        raise UsageError(f"--image_size {args.image_size}: the classifier halves the images twice; use 4 or more")
+    if not (math.isfinite(args.lr) and args.lr > 0):  # inf trained to NaN weights and saved them
+        raise UsageError(f"--lr {args.lr}: a learning rate must be a positive number, such as 1e-3")
     check_out_path(args.out)
 
     seed_everything(args.seed)

@@ -62,8 +62,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
-from utils import (ImageFolderDataset, UsageError, append_csv_rows, check_csv_table, list_images, pick_device, save_checkpoint,  # noqa: E402
-                   seed_everything, write_json)
+from utils import (ImageFolderDataset, UsageError, append_csv_rows, check_csv_table, check_output_file,  # noqa: E402
+                   check_output_folder, list_images, pick_device, save_checkpoint, seed_everything, write_json)
 
 # The two Inception weight files (see the docstring): file name -> the note printed beside every result.
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -396,14 +396,24 @@ def check_folder(path, flag):
     return files
 
 
+def image_size_of(path):
+    """(width, height) of an image file, or None for a file Pillow cannot read (the loader skips those
+    with a warning naming them)."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except OSError:  # includes PIL.UnidentifiedImageError: an empty or broken file
+        return None
+
+
 def check_sample_sizes(files, image_size, source):
     """The samples must already have the size the features are computed at; resizing generated images
     would change the numbers being measured."""
     for path in files:
-        with Image.open(path) as img:
-            if img.size != (image_size, image_size):
-                raise UsageError(f"--samples: {path} is {img.size[0]}x{img.size[1]}, but {source} works at "
-                                 f"{image_size}x{image_size}; use a classifier trained at the samples' size")
+        size = image_size_of(path)
+        if size is not None and size != (image_size, image_size):
+            raise UsageError(f"--samples: {path} is {size[0]}x{size[1]}, but {source} works at "
+                             f"{image_size}x{image_size}; use a classifier trained at the samples' size")
 
 
 def load_images(path, flag, image_size, channels, limit, seed):
@@ -521,6 +531,10 @@ def main(argv=None):
     device = pick_device(args.device)
     if args.csv:
         check_csv_table(args.csv, CSV_FIELDS)  # now, not after the features are computed
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.cache_dir:
+        check_output_folder(args.cache_dir, "--cache_dir")
 
     image_size = channels = None
     if args.classifier:
@@ -532,8 +546,10 @@ def main(argv=None):
     elif args.features == "classifier":
         raise UsageError("--classifier is required with --features classifier (train one with tools/classifier.py)")
     else:  # Inception alone: both folders at the samples' own size, then to 299 alike
-        with Image.open(sample_files[0]) as img:
-            image_size = img.size[0]
+        sizes = [size for size in map(image_size_of, sample_files) if size is not None]
+        if not sizes:
+            raise UsageError(f"--samples {args.samples}: none of its image files can be read")
+        image_size = sizes[0][0]
         check_sample_sizes(sample_files, image_size, "the first sample")
 
     if args.features == "inception":

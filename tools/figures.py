@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm import GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import (UsageError, from_model_range, load_checkpoint, load_image, load_weights,  # noqa: E402
+from utils import (UsageError, check_output_file, from_model_range, load_checkpoint, load_image, load_weights,  # noqa: E402
                    make_grid_image, make_shapes_dataset, to_model_range)
 
 SCHEDULE_NAMES = ("linear", "cosine")
@@ -87,8 +87,14 @@ def training_figure(checkpoint_paths, path, num_samples=4, sample_steps=50, seed
     from improved_ddpm import respace
     rows, steps = [], []
     for ckpt in checkpoint_paths:
-        state = load_checkpoint(ckpt, required=("model_config", "diffusion_config", "model", "ema"), task="diffusion")
+        state = load_checkpoint(ckpt, required=("model_config", "diffusion_config"), flag="--ckpts", task="diffusion")
+        if "model" not in state or "ema" not in state:  # an <run>_ema.pt holds the EMA weights alone
+            raise UsageError(f"--ckpts {ckpt}: holds one set of weights; pass full checkpoints (<run>.pt or "
+                             "<run>_step<N>.pt), which hold the raw weights and the EMA")
         config, size = state["model_config"], state["model_config"]["image_size"]
+        if rows and rows[0].shape[1:] != (config["in_channels"], size, size):  # one grid: one image shape
+            raise UsageError(f"--ckpts {ckpt}: {size}x{size} images with {config['in_channels']} channel(s), unlike "
+                             f"{checkpoint_paths[0]}'s; pass checkpoints of one run")
         diffusion = GaussianDiffusion(**state["diffusion_config"])
         if sample_steps < diffusion.timesteps:
             diffusion = respace(diffusion, sample_steps)
@@ -131,14 +137,22 @@ def main(argv=None):
     training.add_argument("--out", default="images/training_raw_vs_ema.png")
     args = p.parse_args(argv)
 
+    # The figure's file, checked before any work: Pillow (forward, training) picks the format by the name.
+    check_output_file(args.out, "--out", None if args.figure == "schedules" else (".png", ".jpg", ".jpeg", ".webp"))
     if args.figure == "forward":
+        if args.image_size < 1 or args.timesteps < 1:
+            raise UsageError(f"--image_size {args.image_size}, --timesteps {args.timesteps}: at least 1 each")
         bad = [t for t in args.t if not 0 <= t < args.timesteps]
         if bad:
             raise UsageError(f"--t {bad[0]}: timesteps are 0 .. T-1 = {args.timesteps - 1}")
         if args.image:
             if not os.path.isfile(args.image):
                 raise UsageError(f"--image {args.image}: no such file")
-            image = load_image(args.image, args.image_size, 3)
+            try:
+                image = load_image(args.image, args.image_size, 3)
+            except OSError as error:  # empty, truncated or not an image (PIL.UnidentifiedImageError too)
+                raise UsageError(f"--image {args.image}: Pillow cannot read it ({error}); pass a .png or .jpg "
+                                 "image") from None
         else:
             image = make_shapes_dataset(num_images=1, image_size=args.image_size)[0][0]
         forward_figure(image, args.timesteps, args.t, args.out)
