@@ -10,6 +10,8 @@ import csv
 import io
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -26,14 +28,14 @@ from utils import UsageError
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
-def run_tool(script, *args):
+def run_tool(script, *args, timeout=60):
     """The tool's command line, as a process of its own for the PIL-only tools (they start quickly, and
     resize_dataset.py starts worker processes); export_dataset.py imports torch through utils.py, so
     it runs inside the test process (conftest.run_script), without importing torch anew each time."""
     if script == "export_dataset.py":
-        return run_script(f"tools/{script}", *args, cwd=tempfile.gettempdir(), timeout=60, check=False)
+        return run_script(f"tools/{script}", *args, cwd=tempfile.gettempdir(), timeout=timeout, check=False)
     return subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(root):
@@ -147,6 +149,44 @@ def test_resize_removes_temp_files_a_killed_run_left(tmp_path, src):
     r = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1)
     assert r.returncode == 0 and "removed 1 partial temp files" in r.stdout
     assert not stale.exists() and live.exists() and lookalike.exists()
+
+
+def test_resize_never_leaves_two_formats_of_one_image_in_the_output(tmp_path, src):
+    """A rerun with another --format would write cat/photo.png beside the cat/photo.jpg of the first run
+    (--overwrite replaces only same-named files), so the loader would train on both: refused."""
+    dst = tmp_path / "out"
+    assert run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1).returncode == 0
+    before = snapshot(dst)
+    for extra in ([], ["--overwrite"]):
+        refused = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1, "--format", "png", *extra)
+        assert_one_line_error(refused, "cat/photo.jpg", "another --format", "cat/photo.png")
+        assert snapshot(dst) == before
+    # The same --format again is a plain rerun: everything skipped.
+    again = run_tool("resize_dataset.py", src, dst, "--size", 8, "--workers", 1)
+    assert again.returncode == 0 and "skipped:  5" in again.stdout
+
+
+def test_resize_quality_that_would_do_nothing_is_said(tmp_path, src):
+    assert_one_line_error(run_tool("resize_dataset.py", src, tmp_path / "out", "--format", "png", "--quality", 5),
+                          "--quality 5", "--format png")
+    assert not (tmp_path / "out").exists()
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    noise(12, 12, seed=1).save(pngs / "a.png")
+    kept = run_tool("resize_dataset.py", pngs, tmp_path / "kept", "--size", 8, "--workers", 1, "--quality", 5)
+    assert kept.returncode == 0 and "--quality 5 changes nothing" in kept.stdout
+    jpg = run_tool("resize_dataset.py", src, tmp_path / "jpg", "--size", 8, "--workers", 1, "--quality", 5)
+    assert jpg.returncode == 0 and "changes nothing" not in jpg.stdout  # cat/photo.jpg is saved at quality 5
+
+
+def test_resize_into_a_folder_that_cannot_be_made_is_one_error_up_front(tmp_path, src):
+    """A path under a file cannot become a folder: said once, with a failing exit code, not as one
+    failure per image and exit 0."""
+    (tmp_path / "a_file").write_text("x")
+    for extra in ([], ["--dry_run"]):
+        refused = run_tool("resize_dataset.py", src, tmp_path / "a_file" / "out", "--size", 8, "--workers", 1, *extra)
+        assert_one_line_error(refused, "cannot create or write output folder", "a_file")
+        assert "written" not in refused.stdout
 
 
 def test_resize_parallel_png_and_forced_mode(tmp_path, src):
@@ -278,6 +318,47 @@ def test_clean_bad_input_is_one_line_error(tmp_path, data):
     assert not (data / "rej").exists()
 
 
+def test_clean_report_path_that_would_overwrite_a_file_is_refused_before_the_scan(tmp_path, data):
+    """--report inside the dataset once turned an image into CSV text (even with --dry_run); a name
+    that is not .csv, or a CSV this tool did not write, would be overwritten as well."""
+    before = snapshot(data)
+    for report in (data / "a_good.png", data / "cls1" / "problems.csv", data / "cls1" / ".." / "x.csv"):
+        assert_one_line_error(run_tool("clean_dataset.py", data, "--report", report, "--dry_run"), "inside data folder")
+    assert_one_line_error(run_tool("clean_dataset.py", data, "--report", tmp_path / "notes.txt"), "name a .csv file")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\nx.png,3\n")
+    assert_one_line_error(run_tool("clean_dataset.py", data, "--report", labels), "not a report this tool wrote")
+    assert labels.read_text() == "file,label\nx.png,3\n" and snapshot(data) == before
+    assert not (tmp_path / "notes.txt").exists()
+    # its own report, from an earlier run, is replaced
+    report = tmp_path / "report.csv"
+    for _ in range(2):
+        r = run_tool("clean_dataset.py", data, "--report", report)
+        assert r.returncode == 0, r.stderr
+        assert len(list(csv.DictReader(open(report, newline="")))) == len(EXPECTED)
+
+
+def test_clean_move_keeps_the_file_a_duplicate_link_points_to(tmp_path):
+    """cats/a.png -> z.png has the bytes of z.png and sorts first; moving z.png as its 'duplicate' left a
+    link to nothing. The real file stays and the link is moved (as a link); a second such link moved
+    later does not replace the first, though that one points nowhere from the rejected folder."""
+    data = tmp_path / "sl"
+    (data / "cats").mkdir(parents=True)
+    noise(12, 12, seed=1).save(data / "cats" / "z.png")
+    real = (data / "cats" / "z.png").read_bytes()
+    os.symlink("z.png", data / "cats" / "a.png")
+    rejected = tmp_path / "sl_rejected" / "duplicate" / "cats"
+    for moved in ("a.png", "a_1.png"):
+        r = run_tool("clean_dataset.py", data, "--min_size", 0, "--move")
+        assert r.returncode == 0, r.stderr
+        assert "cats/a.png  (a link to cats/z.png, which stays)" in r.stdout
+        z = data / "cats" / "z.png"
+        assert not z.is_symlink() and z.read_bytes() == real and not os.path.lexists(data / "cats" / "a.png")
+        assert os.readlink(rejected / moved) == "z.png"
+        os.symlink("z.png", data / "cats" / "a.png")  # the same link again, for the second round
+    assert sorted(os.listdir(rejected)) == ["a.png", "a_1.png"]
+
+
 def test_clean_move_to_a_folder_it_cannot_write_stops_before_moving_anything(tmp_path, data, monkeypatch):
     """The check runs before the scan, so no file is moved before a failure. The tests run as root, for
     whom every folder is writable: os.access is stood in for, saying no for tmp_path (where
@@ -319,6 +400,62 @@ def test_export_npz_writes_one_folder_per_label(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "digits.npz").read_bytes()[:200])  # a half-copied file
     assert_one_line_error(run_tool("export_dataset.py", tmp_path / "cut.npz", tmp_path / "o3"),
                           "cut.npz: cannot read arrays x_train and y_train")
+
+
+def test_an_export_stopped_midway_is_never_taken_for_a_finished_one(tmp_path, monkeypatch):
+    """The images go into out.partial, renamed to out at the end. Ctrl-C removes the partial folder; one a
+    kill -9 left (standing in: Ctrl-C with shutil.rmtree doing nothing) is removed by the next run,
+    which then exports everything. A folder of that name the tool did not make is never removed."""
+    np.savez(tmp_path / "digits.npz", x_train=np.zeros((5, 4, 4), dtype=np.uint8), y_train=np.arange(5) % 2)
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    real_save = Image.Image.save
+
+    def save_twice_then_ctrl_c(image, *args, **kwargs):
+        if len(list(partial.rglob("*.png"))) == 2:
+            raise KeyboardInterrupt
+        return real_save(image, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", save_twice_then_ctrl_c)
+        stopped = run_tool("export_dataset.py", tmp_path / "digits.npz", out)
+        assert stopped.returncode == 130 and "Traceback" not in stopped.stderr
+        assert not out.exists() and not partial.exists()
+        patch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # killed: no chance to clean up
+        assert run_tool("export_dataset.py", tmp_path / "digits.npz", out).returncode == 130
+        assert not out.exists() and len(list(partial.rglob("*.png"))) == 2
+    rerun = run_tool("export_dataset.py", tmp_path / "digits.npz", out)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "removed" in rerun.stdout and not partial.exists()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["0", "0/0.png", "0/2.png", "0/4.png",
+                                                                           "1", "1/1.png", "1/3.png"]
+    (tmp_path / "other.partial").mkdir()
+    assert_one_line_error(run_tool("export_dataset.py", tmp_path / "digits.npz", tmp_path / "other"),
+                          "other.partial", "not left by this tool")
+    assert (tmp_path / "other.partial").is_dir() and not (tmp_path / "other").exists()
+
+
+def test_export_refuses_labels_and_flags_that_would_write_the_wrong_thing(tmp_path):
+    """A label becomes a folder name: '../../x' wrote outside out_dir, 'a/b' a nested class, '' into out_dir
+    itself, '.x' a hidden folder the loader skips. --limit -3 exported everything; --image_size 0 ended in
+    a traceback after a partial folder; --image_size does nothing to an .npz. All refused up front."""
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    for label in ("../../escaped", "a/b", "", ".", "..", ".hidden"):
+        np.savez(tmp_path / "bad.npz", x_train=np.zeros((2, 4, 4), dtype=np.uint8), y_train=np.array(["ok", label]))
+        assert_one_line_error(run_tool("export_dataset.py", tmp_path / "bad.npz", work / "out"),
+                              f"label {label!r} (image 1) cannot be a class folder name")
+    np.savez(tmp_path / "ok.npz", x_train=np.zeros((3, 4, 4), dtype=np.uint8), y_train=np.arange(3))
+    assert_one_line_error(run_tool("export_dataset.py", tmp_path / "ok.npz", work / "out", "--limit", -3), "--limit -3")
+    assert_one_line_error(run_tool("export_dataset.py", tmp_path / "ok.npz", work / "out", "--image_size", 8),
+                          "--image_size applies to the built-in datasets")
+    for size in (0, -5):
+        assert_one_line_error(run_tool("export_dataset.py", "shapes", work / "out", "--image_size", size),
+                              f"--image_size {size}")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["bad.npz", "deep", "er", "ok.npz"]
+    # --limit 0 is all of them, --limit 2 the first two
+    for limit, count in ((0, 3), (2, 2)):
+        done = run_tool("export_dataset.py", tmp_path / "ok.npz", work / f"out{limit}", "--limit", limit)
+        assert done.returncode == 0 and len(list((work / f"out{limit}").rglob("*.png"))) == count
 
 
 def test_npz_with_more_than_ten_classes_keeps_its_label_order_in_the_export(tmp_path):
@@ -387,6 +524,25 @@ def test_resize_puts_transparent_pixels_on_white_as_the_loader_does(tmp_path):
     assert run_tool("resize_dataset.py", src, tmp_path / "jpg", "--size", 8, "--workers", 1, "--format", "jpg").returncode == 0
     for name, channels in (("keyed.jpg", 1), ("icon.jpg", 3)):
         assert load_image(tmp_path / "jpg" / name, 8, channels)[:, 0, 0].min() > 240, name
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_dataset_tools_never_open_a_named_pipe_named_like_an_image(tmp_path):
+    """Opening a FIFO to read waits for a writer forever: both tools hung on data/c/pipe.png. resize
+    leaves it out and says so; clean reports it (the training loader would hang on it) and moves it."""
+    data = tmp_path / "data"
+    (data / "c").mkdir(parents=True)
+    noise(12, 12, seed=1).save(data / "c" / "a.png")
+    os.mkfifo(data / "c" / "pipe.png")
+    r = run_tool("resize_dataset.py", data, tmp_path / "out", "--size", 8, "--workers", 1, timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert "written:  1" in r.stdout and "not read: 1" in r.stdout and "c/pipe.png: not a regular file" in r.stdout
+    assert sorted(snapshot(tmp_path / "out")) == ["c/a.png"]
+    r = run_tool("clean_dataset.py", data, "--min_size", 0, "--move", timeout=20)
+    assert r.returncode == 0, r.stderr
+    assert "c/pipe.png  (not a regular file" in r.stdout and "corrupted  1" in r.stdout
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "data_rejected" / "corrupted" / "c" / "pipe.png").st_mode)
+    assert sorted(os.listdir(data / "c")) == ["a.png"]
 
 
 def test_dataset_tools_follow_linked_folders_as_training_does(tmp_path):

@@ -5,11 +5,15 @@ A single unreadable file can kill a training run hours in (the DataLoader raises
 reaches it), and tiny or duplicated images quietly skew what the model learns. This
 script opens every image once and sorts the problems into categories:
 
-    corrupted  Pillow cannot open the file, or img.verify() fails (bad header/checksums)
+    corrupted  Pillow cannot open the file, or img.verify() fails (bad header/checksums), or
+               it is not a regular file (a named pipe, socket or device named like an image,
+               which the training loader would wait on forever)
     truncated  it opens, but a full decode (img.load()) fails, e.g. a half-downloaded JPEG
     too_small  min(width, height) < --min_size: it would have to be upscaled a lot
     duplicate  byte-identical to another file (same sha256); the first in sorted path
-               order is kept, the later copies are duplicates
+               order is kept, the later copies are duplicates. A real file is kept before
+               a symbolic link to the same bytes, so --move takes the links, never the file
+               a kept link points to
     odd_mode   mode is not RGB or L (CMYK, P, RGBA, I;16, 1, LA, ...). Only a warning: the
                training loader converts these, so they are moved only with --move_odd_mode
 
@@ -38,7 +42,8 @@ Usage examples:
 
 An "image" is any file whose extension Pillow can open (searched recursively); hidden files
 and folders (names starting with '.') are skipped. The exit code is 0 whether or not problems
-were found (this is a report); it is non-zero only for bad input.
+were found (this is a report); it is non-zero only for bad input, or when --move could not move
+a file (it is then listed, and still where it was).
 
 This script needs only the standard library, pillow, tqdm and its sibling tools/resize_dataset.py
 (which finds the images for both), so it works before the rest of the repository is set up.
@@ -67,6 +72,7 @@ import resize_dataset  # its sibling in tools/, on sys.path as the running scrip
 # categories in the order they are checked and reported
 CATEGORIES = ["corrupted", "truncated", "too_small", "duplicate", "odd_mode"]
 GOOD_MODES = {"RGB", "L"}
+REPORT_HEADER = ["path", "category", "detail"]  # the --report CSV's first row
 
 # -----------------------------------------------------------------------------
 # finding images: the same files as tools/resize_dataset.py finds (its find_images; both tools need only
@@ -76,8 +82,12 @@ GOOD_MODES = {"RGB", "L"}
 def find_images(root):
     """All image files under root, as paths relative to root, in sorted order (which also decides which
     copy of a duplicate is 'first' and kept): resize_dataset.find_images, hidden files and folders
-    skipped, linked folders followed as the training loader does."""
-    return sorted(resize_dataset.find_images(root), key=lambda p: p.as_posix())
+    skipped, linked folders followed as the training loader does. Named pipes, sockets and devices
+    named like images are included: the training loader would list them too, so they are reported
+    (check_image never opens them)."""
+    special = []
+    found = resize_dataset.find_images(root, special)
+    return sorted(found + special, key=lambda p: p.as_posix())
 
 
 # -----------------------------------------------------------------------------
@@ -88,6 +98,9 @@ def check_image(path, min_size):
     """Open one file and run the checks that depend only on the file itself.
     Returns (category or None, detail, sha256 hex digest, mode or None).
     Duplicates and odd modes are decided by the caller, which sees all files."""
+    if resize_dataset.is_special_file(path):  # reading a named pipe would wait for a writer forever
+        detail = "not a regular file (a named pipe, socket or device); reading it would never end"
+        return "corrupted", detail, None, None
     try:
         data = path.read_bytes()  # read once: the hash and both opens below use these bytes
     except OSError as e:
@@ -123,18 +136,29 @@ def check_image(path, min_size):
 def scan(root, rels, min_size):
     """Check every image; returns a list of (rel, category, detail) for problem files
     and the number of images with no problem."""
+    checked = [(rel, *check_image(root / rel, min_size)) for rel in tqdm(rels, desc="checking", unit="img")]
+
+    # The copy of each content that stays: the first real file in sorted order, else the first link.
+    # A symbolic link has the bytes of the file it points to, so "the first copy" could be a link
+    # (a.png -> z.png) and its target the "duplicate"; moving z.png would leave a.png pointing at
+    # nothing. Keeping the real file means --move only ever takes links (moving a link moves just
+    # the link) or real files that no kept entry points to.
+    kept = {}  # sha256 -> the rel that stays
+    for rel, category, _, digest, _ in checked:
+        # byte-identical files get identical results from the checks, so only clean files compete
+        if category is None and (digest not in kept or ((root / kept[digest]).is_symlink()
+                                                        and not (root / rel).is_symlink())):
+            kept[digest] = rel
+
     problems, n_ok = [], 0
-    first_with_hash = {}  # sha256 -> first rel (in sorted order) with those bytes
-    for rel in tqdm(rels, desc="checking", unit="img"):
-        category, detail, digest, mode = check_image(root / rel, min_size)
-        if category is None and digest in first_with_hash:
-            # byte-identical files get identical results from the checks above, so we only
-            # reach here if the first copy passed them too, and it is the one that stays
-            category, detail = "duplicate", f"same bytes as {first_with_hash[digest].as_posix()}"
+    for rel, category, detail, digest, mode in checked:
+        if category is None and kept[digest] != rel:
+            keeper = kept[digest].as_posix()
+            same_file = os.path.realpath(root / rel) == os.path.realpath(root / kept[digest])
+            category, detail = "duplicate", (f"a link to {keeper}, which stays" if same_file
+                                             else f"same bytes as {keeper}")
         elif category is None and mode not in GOOD_MODES:
             category, detail = "odd_mode", f"mode {mode}; the training loader converts it"
-        if digest is not None:
-            first_with_hash.setdefault(digest, rel)
         if category is None:
             n_ok += 1
         else:
@@ -149,9 +173,10 @@ def scan(root, rels, min_size):
 def free_path(path):
     """path, or path with _1, _2, ... before the extension if it already exists.
     shutil.move onto an existing file silently replaces it on Linux, which would
-    destroy a file rejected by an earlier run: nothing may ever be deleted."""
+    destroy a file rejected by an earlier run: nothing may ever be deleted. lexists, not
+    exists: a moved symbolic link may point nowhere from its new place, and is still there."""
     candidate, i = path, 1
-    while candidate.exists():
+    while os.path.lexists(candidate):
         candidate = path.with_name(f"{path.stem}_{i}{path.suffix}")
         i += 1
     return candidate
@@ -160,17 +185,69 @@ def free_path(path):
 def move_rejected(root, to_move, rejected_dir, dry_run):
     """Move each (rel, category) file to rejected_dir/category/rel, keeping the folder
     tree so class labels are still visible and same-named files in different classes
-    cannot collide. With dry_run, only print what would be moved."""
+    cannot collide. With dry_run, only print what would be moved. Returns the (rel, reason)
+    of files that could not be moved (they stay where they were: shutil.move removes the
+    source only after a complete copy)."""
+    failed = []
     for rel, category in to_move:
         dst = free_path(rejected_dir / category / rel)
         if dry_run:
             print(f"  would move {rel.as_posix()} -> {dst}")
-        else:
+            continue
+        try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(root / rel), str(dst))  # move, never delete
+            shutil.move(str(root / rel), str(dst))  # move, never delete; a link moves as a link
+        except OSError as e:  # e.g. a named pipe cannot be copied to another disk
+            failed.append((rel, f"{type(e).__name__}: {e}"))
+    return failed
 
 
 # -----------------------------------------------------------------------------
+
+
+def write_report(path, problems):
+    """The CSV rows path,category,detail, written to a temp file beside path and renamed into place,
+    so an interrupted run never leaves half a report (nor half of the one it replaces)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(REPORT_HEADER)
+            for rel, category, detail in problems:
+                writer.writerow([rel.as_posix(), category, detail])
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():  # only our own partial temp file
+            tmp.unlink()
+
+
+def check_report_path(report, root):
+    """Refuse a --report that would overwrite something it should not: a file inside the dataset (an
+    image turned into CSV text), a name that is not .csv, or an existing file this tool did not
+    write. Returns the resolved path."""
+    path = Path(report).expanduser()
+    resolved = path.resolve()  # catches '..' and links into the dataset
+    if root in resolved.parents:
+        sys.exit(f"error: --report {report} is inside data folder {root}; write it outside, e.g. "
+                 f"{root.parent / (root.name + '_problems.csv')}")
+    if path.is_dir():
+        sys.exit(f"error: --report {report} is a folder; pass a file path such as {path / 'report.csv'}")
+    if path.suffix.lower() != ".csv":
+        sys.exit(f"error: --report {report}: name a .csv file, e.g. {path.with_suffix('.csv')}")
+    if not resolved.parent.is_dir():
+        sys.exit(f"error: the folder for --report {report} does not exist; create it or pick another path")
+    if resolved.exists():
+        try:
+            with open(resolved, newline="") as f:
+                first = f.readline()
+        except (OSError, UnicodeDecodeError):
+            first = None
+        if first is None or (first and next(csv.reader([first]), None) != REPORT_HEADER):
+            sys.exit(f"error: --report {report} exists and is not a report this tool wrote (its first line is "
+                     f"not {','.join(REPORT_HEADER)}); pick a new file name")
+    if not os.access(resolved.parent, os.W_OK | os.X_OK):
+        sys.exit(f"error: cannot write --report {report} ({resolved.parent} is not writable); pick another path")
+    return resolved
 
 
 def parse_args():
@@ -203,7 +280,7 @@ def parse_args():
 
 def check_args(args):
     """Validate the command line before the (possibly long) scan. Every problem is a
-    one-line error naming the fix. Returns (data folder, rejected folder)."""
+    one-line error naming the fix. Returns (data folder, rejected folder, report file or None)."""
     if args.min_size < 0:
         sys.exit(f"error: --min_size must be 0 or more pixels, got {args.min_size}")
     if args.max_list < 0:
@@ -226,23 +303,19 @@ def check_args(args):
                  f"pick a folder outside it, e.g. {root.parent / (root.name + '_rejected')}")
     if rejected.exists() and not rejected.is_dir():
         sys.exit(f"error: rejected folder {rejected} exists and is a file; pass another --rejected_dir")
-    if args.report is not None and not Path(args.report).expanduser().resolve().parent.is_dir():
-        sys.exit(f"error: the folder for --report {args.report} does not exist; create it or pick another path")
-    if args.report is not None and Path(args.report).expanduser().is_dir():
-        sys.exit(f"error: --report {args.report} is a folder; pass a file path such as "
-                 f"{Path(args.report) / 'report.csv'}")
+    report = None if args.report is None else check_report_path(args.report, root)
     if args.move and not args.dry_run:
         # moving starts only after the scan: find out now, not after some files have moved, if it cannot
         existing = next(p for p in (rejected, *rejected.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             sys.exit(f"error: cannot create or write the rejected folder {rejected} ({existing} is not writable); "
                      "pass a --rejected_dir you can write to")
-    return root, rejected
+    return root, rejected, report
 
 
 def main():
     args = parse_args()
-    root, rejected = check_args(args)
+    root, rejected, report = check_args(args)
 
     rels = find_images(root)
     if not rels:
@@ -252,12 +325,8 @@ def main():
     problems, n_ok = scan(root, rels, args.min_size)
     by_category = {c: [(rel, detail) for rel, cat, detail in problems if cat == c] for c in CATEGORIES}
 
-    if args.report is not None:
-        with open(args.report, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "category", "detail"])
-            for rel, category, detail in problems:
-                writer.writerow([rel.as_posix(), category, detail])
+    if report is not None:
+        write_report(report, problems)
 
     # which files --move takes out: everything except odd_mode, unless asked
     moved_categories = [c for c in CATEGORIES if c != "odd_mode" or args.move_odd_mode]
@@ -280,7 +349,7 @@ def main():
             print(f"  {rel.as_posix()}  ({detail})")
         if len(shown) < len(items):
             print(f"  ... and {len(items) - len(shown)} more (see --report FILE.csv for all)")
-    if args.report is not None:
+    if report is not None:
         print(f"report written to {args.report} ({len(problems)} rows)")
 
     # act (or say how to)
@@ -292,14 +361,19 @@ def main():
         # rebuild the user's own command line with --move added, so it can be pasted
         # (--dry_run dropped: with it, --move would still change nothing)
         cmd = shlex.join(["python", sys.argv[0], *[a for a in sys.argv[1:] if a != "--dry_run"], "--move"])
-        print(f"report only: nothing was changed on disk. To move the {len(to_move)} rejected "
+        print(f"report only: no image was moved or changed. To move the {len(to_move)} rejected "
               f"files to {rejected}/<category>/, run:\n  {cmd}")
     elif args.dry_run:
         move_rejected(root, to_move, rejected, dry_run=True)
         print(f"dry run: would move {len(to_move)} files to {rejected}; nothing was moved")
     else:
-        move_rejected(root, to_move, rejected, dry_run=False)
-        print(f"moved {len(to_move)} files to {rejected}/<category>/ (nothing was deleted)")
+        failed = move_rejected(root, to_move, rejected, dry_run=False)
+        print(f"moved {len(to_move) - len(failed)} files to {rejected}/<category>/ (nothing was deleted)")
+        if failed:
+            print(f"could not move {len(failed)} files (they are still in {root}):")
+            for rel, reason in failed:
+                print(f"  {rel.as_posix()}  ({reason})")
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ so it works before the rest of the repository is set up.
 
 import argparse
 import os
+import stat
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -59,10 +60,23 @@ def image_extensions():
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def find_images(root):
+def is_special_file(path):
+    """True for a named pipe (FIFO), socket or device, after following links: opening one to
+    read it can wait forever for a writer, so the tools must never open it. A dangling link or
+    an entry we may not stat counts as a file: reading it then fails, and that is reported."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def find_images(root, special=None):
     """All image files under root, recursively, as paths relative to root, sorted so
     runs (and the progress bar) are reproducible. Hidden files/folders are skipped:
-    they are usually editor/OS droppings (.DS_Store, ._foo.jpg, .ipynb_checkpoints)."""
+    they are usually editor/OS droppings (.DS_Store, ._foo.jpg, .ipynb_checkpoints).
+    Entries named like images that are not regular files (is_special_file: a FIFO, socket or
+    device) are left out; pass a list as special to have their relative paths appended to it,
+    so the caller can say so instead of hanging on them."""
     exts = image_extensions()
     found = []
     seen = set()  # linked folders are followed, as the training loader does; each real folder once
@@ -73,8 +87,13 @@ def find_images(root):
         seen.add(os.path.realpath(dirpath))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # don't descend into hidden
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in exts:
-                found.append(Path(dirpath, name).relative_to(root))
+            if name.startswith(".") or os.path.splitext(name)[1].lower() not in exts:
+                continue
+            rel = Path(dirpath, name).relative_to(root)
+            if not is_special_file(Path(dirpath, name)):
+                found.append(rel)
+            elif special is not None:
+                special.append(rel)
     return sorted(found)
 
 
@@ -223,7 +242,8 @@ def parse_args():
     p.add_argument("--format", choices=["keep", "png", "jpg"], default="keep",
                    help="output file format; keep = same name and format as the source "
                    "(PNG for formats Pillow cannot write)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality, 1-100")
+    p.add_argument("--quality", type=int, default=None,
+                   help="JPEG/WebP quality, 1-100 (95 when not given); lossless --format png takes none")
     p.add_argument("--mode", choices=["keep", "RGB", "L"], default="keep",
                    help="colour mode of the output; keep = RGB and L stay as they are, "
                    "anything else becomes RGB (or L for grayscale sources)")
@@ -240,8 +260,11 @@ def check_args(args):
         sys.exit(f"error: --size must be a positive number of pixels, got {args.size}")
     if args.workers < 1:
         sys.exit(f"error: --workers must be at least 1, got {args.workers}")
-    if not 1 <= args.quality <= 100:
+    if args.quality is not None and not 1 <= args.quality <= 100:
         sys.exit(f"error: --quality must be between 1 and 100, got {args.quality}")
+    if args.quality is not None and args.format == "png":  # PNG is lossless: the flag would do nothing
+        sys.exit(f"error: --quality {args.quality} does nothing with --format png (lossless); "
+                 "drop --quality, or use --format jpg")
     src = Path(args.src_dir).expanduser().resolve()
     dst = Path(args.dst_dir).expanduser().resolve()
     if not src.exists():
@@ -261,6 +284,45 @@ def check_args(args):
     return src, dst
 
 
+def make_output_folder(dst, dst_arg, dry_run):
+    """Create dst and write a probe file in it, so that an output folder that cannot be made or
+    written (a read-only disk, a path under a file, /proc/...) is one line at the start, not one
+    failure per image. A dry run creates nothing: it asks whether the nearest existing folder
+    on the path is writable."""
+    if dry_run:
+        existing = next(p for p in (dst, *dst.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            sys.exit(f"error: cannot create or write output folder {dst_arg} ({existing} is not a writable "
+                     "folder); pick a folder you can write to")
+        return
+    probe = dst / f".write_test{os.getpid()}"
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        sys.exit(f"error: cannot create or write output folder {dst_arg} ({e.strerror or e}); "
+                 "pick a folder you can write to")
+
+
+def earlier_format_copy(dst, claimed):
+    """(an existing output, the planned output it clashes with), or None. An earlier run with another
+    --format left cmyk.jpg where this one would write cmyk.png: the folder would then hold two copies
+    of one image (and the loader would train on both), and --overwrite would not help, since it
+    replaces only files of the same name."""
+    if not dst.is_dir():
+        return None
+    existing_by_stem = {}  # "cls/cmyk" -> the output files with that name less extension
+    for rel in find_images(dst):
+        existing_by_stem.setdefault(rel.with_suffix(""), []).append(rel)
+    for out in claimed:
+        planned = out.relative_to(dst)
+        others = [rel for rel in existing_by_stem.get(planned.with_suffix(""), []) if dst / rel not in claimed]
+        if others:
+            return others[0], planned
+    return None
+
+
 def list_some(items, limit=10):
     """Print the first few (name, reason) pairs, then how many were left out."""
     for name, reason in items[:limit]:
@@ -275,13 +337,14 @@ def main():
 
     if not args.dry_run and (removed := remove_stale_temp_files(dst)):
         print(f"removed {removed} partial temp files that a killed run left in {dst}")
-    rels = find_images(src)
+    special = []  # named pipes and devices named like images: opening one would never return
+    rels = find_images(src, special)
     if not rels:
         sys.exit(f"error: no images found in {args.src_dir} (searched recursively for files "
                  f"Pillow can open, e.g. .jpg .png); check the path")
 
     # plan every output before doing any work, so name clashes are found up front
-    jobs, skipped, claimed = [], [], {}
+    jobs, skipped, claimed, formats = [], [], {}, set()
     for rel in rels:
         out, pil_format = output_path_and_format(rel, dst, args.format)
         if out in claimed:
@@ -289,10 +352,16 @@ def main():
             sys.exit(f"error: {claimed[out]} and {rel} would both be written to "
                      f"{out.relative_to(dst)}; rename one, or use --format keep")
         claimed[out] = rel
+        formats.add(pil_format)
         if out.exists() and not args.overwrite:
             skipped.append(rel)
         else:
             jobs.append((src / rel, out, pil_format))
+
+    if clash := earlier_format_copy(dst, claimed):
+        sys.exit(f"error: {args.dst_dir} already holds {clash[0]} from an earlier run with another --format; "
+                 f"--format {args.format} would write {clash[1]} beside it (two copies of one image): "
+                 "pick a new folder, or use that run's --format")
 
     if skipped and not args.dry_run:  # skipped outputs of another --size would mix two sizes in one folder
         try:
@@ -304,11 +373,14 @@ def main():
             sys.exit(f"error: {args.dst_dir} already holds {earlier_size[0]}x{earlier_size[1]} images from an "
                      f"earlier run (e.g. {skipped[0]}); with --size {args.size} they would be skipped and left "
                      "as they are: pick a new folder, or add --overwrite")
+    make_output_folder(dst, args.dst_dir, args.dry_run)  # the last check: an error above leaves no folder behind
 
     # do the work: in-process for 1 worker (simple, debuggable), else a process pool,
     # since decoding and Lanczos resizing are CPU-bound and the GIL would serialise threads
-    work = partial(resize_one, size=args.size, quality=args.quality, mode=args.mode,
-                   dry_run=args.dry_run)
+    quality = 95 if args.quality is None else args.quality
+    if args.quality is not None and not formats & {"JPEG", "WEBP", "AVIF"}:
+        print(f"note: --quality {args.quality} changes nothing: no output here is JPEG or WebP")
+    work = partial(resize_one, size=args.size, quality=quality, mode=args.mode, dry_run=args.dry_run)
     workers = max(1, min(args.workers, len(jobs)))
     bar = dict(total=len(jobs), desc="dry run" if args.dry_run else "resizing", unit="img")
     if workers == 1:
@@ -338,6 +410,10 @@ def main():
           f"{'; pass --overwrite to replace' if skipped else ''})")
     print(f"  failed:   {len(failed)} (could not be read or written; nothing written for them)")
     list_some(failed)
+    if special:
+        print(f"  not read: {len(special)} (named like an image but a named pipe, socket or device, which "
+              "the training loader would wait on forever; move it out of the dataset)")
+        list_some([(rel.as_posix(), "not a regular file") for rel in sorted(special)])
     print(f"  output folder: {dst}")
 
 
