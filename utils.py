@@ -375,6 +375,9 @@ def header_mode(path):
     """The image's Pillow mode ("L" for a palette of greys), read from its header only (cheap), or None
     with a warning naming the file when Pillow cannot read it (not an image, or a broken header): such
     files are left out, not fatal."""
+    if not os.path.isfile(path):  # a named pipe named like an image: opening it would wait forever for a writer
+        warnings.warn(f"skipping {path}: not a regular file (a named pipe, socket, device or broken link)")
+        return None
     try:
         with Image.open(path) as img:
             # img.palette comes with the header (getpalette() would decode the whole image first)

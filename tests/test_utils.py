@@ -335,3 +335,14 @@ def test_warnings_print_as_one_line_like_the_other_messages():
     import warnings
     assert warnings.formatwarning("skipping unreadable image x.png", UserWarning, "utils.py", 3) == \
         "warning: skipping unreadable image x.png\n"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_named_like_an_image_is_skipped_not_waited_on(tmp_path):
+    """Opening a FIFO to read it waits for a writer forever: the loader checks the entry is a regular file."""
+    from conftest import time_limit
+    make_image_folder(tmp_path / "pets")
+    os.mkfifo(tmp_path / "pets" / "cat" / "pipe.png")
+    with time_limit(20), pytest.warns(UserWarning, match="pipe.png: not a regular file"):
+        dataset = ImageFolderDataset(str(tmp_path / "pets"), 16)
+    assert len(dataset) == 12 and not any(path.endswith("pipe.png") for path, _ in dataset.samples)
