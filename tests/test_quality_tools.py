@@ -670,3 +670,220 @@ def test_training_sweep_stops_its_train_py_when_something_else_stops_the_sweep(t
                        "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     assert deaf.stdout.readline() == "ready\n"  # SIGTERM is ignored from here on
     assert training_sweep.stop_and_wait(deaf, seconds=0.5) == -signal.SIGKILL
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input is refused before the long work (sampling, training, measuring), not after it.
+# ---------------------------------------------------------------------------------------------
+
+def expert_copy(ckpt, path):
+    """The checkpoint as train.py --t_min 0 --t_max 9 would have saved it: an expert denoiser (experts.py)
+    for half of the tiny model's T = 20, which a tool would run alone at every t."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    torch.save(dict(state, t_range=[0, 9]), path)
+    return path
+
+
+def test_sampler_sweep_refuses_outputs_ignored_flags_and_experts_before_sampling(trained, tmp_path):
+    """A --grids, --plot or --save_samples that cannot be written, --eta/--spacing without DDIM rows (which
+    would be ignored) and an expert denoiser alone: one line each, before anything is sampled or scored."""
+    root, folder = trained
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "plot.png").mkdir()
+    common = ["--classifier", root / "classifier.pt", "--reference_path", folder, "--steps", "2", "--num_samples",
+              "4", "--samplers", "ddim", "--csv", tmp_path / "s.csv", "--device", "cpu"]
+    ckpt = ["--ckpt", root / "checkpoints" / "pets_ema.pt"]
+    expert = expert_copy(root / "checkpoints" / "pets_ema.pt", tmp_path / "expert_ema.pt")
+    for flags, fragments in ((["--grids", tmp_path / "a_file"], ["--grids", "is a file"]),
+                             (["--plot", tmp_path / "plot.png"], ["--plot", "a folder of that name"]),
+                             (["--plot", tmp_path / "plot"], ["--plot", "name a .png"]),
+                             (["--save_samples", tmp_path / "a_file"], ["--save_samples", "is a file"]),
+                             (["--samplers", "ddpm", "--eta", "0.5"], ["--eta and --spacing", "no ddim"]),
+                             (["--samplers", "ddpm", "--spacing", "quadratic"], ["--eta and --spacing"])):
+        refused = run_script("tools/sampler_sweep.py", *ckpt, *common, *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(refused, *fragments)
+        assert "FD" not in refused.stdout and not (tmp_path / "s.csv").exists()
+    refused = run_script("tools/sampler_sweep.py", "--ckpt", expert, *common, cwd=tmp_path, check=False)
+    assert_one_line_error(refused, "expert_ema.pt: an expert denoiser for t = 0..9 only")
+    assert "FD" not in refused.stdout
+
+
+def test_sampler_sweep_save_samples_folder_holds_exactly_one_draw(trained, tmp_path):
+    """A second --save_samples run of fewer samples into the same folder replaces the first draw rather than
+    leaving its extra files (00004.png, 00005.png) among the new ones; a file this tool did not write there
+    is refused before the sampling."""
+    root, folder = trained
+    common = ["--ckpt", root / "checkpoints" / "pets_ema.pt", "--classifier", root / "classifier.pt",
+              "--reference_path", folder, "--steps", "2", "--samplers", "ddim", "--csv", tmp_path / "s.csv",
+              "--save_samples", tmp_path / "saved", "--device", "cpu"]
+    run_script("tools/sampler_sweep.py", *common, "--num_samples", "6", cwd=tmp_path)
+    setting = tmp_path / "saved" / "pets_ema_ddim_2"
+    assert len(list(setting.glob("*/*.png"))) == 6
+    run_script("tools/sampler_sweep.py", *common, "--num_samples", "4", cwd=tmp_path)
+    for name in ("pets_ema_ddim_2", "pets_ema_real"):
+        files = sorted(p.relative_to(tmp_path / "saved" / name).as_posix() for p in (tmp_path / "saved" / name).rglob("*.png"))
+        assert sorted(f.split("/")[1] for f in files) == ["00000.png", "00001.png", "00002.png", "00003.png"], files
+    (setting / "notes.txt").write_text("mine")
+    refused = run_script("tools/sampler_sweep.py", *common, "--num_samples", "4", cwd=tmp_path, check=False)
+    assert_one_line_error(refused, "--save_samples", "notes.txt was not written by this tool")
+    assert "FD" not in refused.stdout and (setting / "notes.txt").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Frechet distance from", "ignore:.*near chance")
+def test_time_to_quality_checks_every_checkpoint_peer_and_output_before_scoring(trained, tmp_path):
+    """--ckpt good.pt bad.pt refuses bad.pt before good.pt is scored; a truncated or 5-D peer, a --grids
+    that is a file and a --plot that is a folder are one line each, before the first score."""
+    root, folder = trained
+    good = root / "checkpoints" / "pets_ema.pt"
+    state = torch.load(good, map_location="cpu", weights_only=True)
+    del state["train_seconds"]
+    torch.save(state, tmp_path / "old_ema.pt")
+    expert = expert_copy(good, tmp_path / "expert_ema.pt")
+    peer = tmp_path / "peer.npz"
+    np.savez(peer, x=np.zeros((8, 16, 16, 3), dtype=np.uint8), train_s=1.0)
+    (tmp_path / "cut.npz").write_bytes(peer.read_bytes()[:200])
+    np.savez(tmp_path / "five_d.npz", x=np.zeros((8, 1, 16, 16, 3), dtype=np.uint8), train_s=1.0)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "plot.png").mkdir()
+    common = ["--classifier", root / "classifier.pt", "--reference_path", folder, "--num_samples", "4",
+              "--steps", "2", "--csv", tmp_path / "t.csv", "--device", "cpu"]
+    for flags, fragments in ((["--ckpt", good, tmp_path / "old_ema.pt"], ["old_ema.pt", "train_seconds"]),
+                             (["--ckpt", good, expert], ["expert_ema.pt", "an expert denoiser for t = 0..9"]),
+                             (["--peer", f"cut={tmp_path / 'cut.npz'}"], ["--peer cut=", "cannot read", "BadZipFile"]),
+                             (["--peer", f"p={tmp_path / 'five_d.npz'}"], ["--peer p=", "shape (8, 1, 16, 16, 3)"]),
+                             (["--peer", f"p={peer}", "--grids", tmp_path / "a_file"], ["--grids", "is a file"]),
+                             (["--peer", f"p={peer}", "--plot", tmp_path / "plot.png"], ["--plot", "a folder"])):
+        refused = run_script("tools/time_to_quality.py", *common, *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(refused, *fragments)
+        assert " min (step " not in refused.stdout and not (tmp_path / "t.csv").exists()  # nothing scored
+
+
+def test_guidance_sweep_refuses_scales_and_flags_it_would_ignore_or_misread(trained, tmp_path):
+    """NaN or negative scales (NaN drew unguided columns under a guided label), --classifier_ckpt with
+    --mode cfg, --csv without --eval_classifier (nothing written), an --out that is no image name or is a
+    folder, and an expert alone: one line each, before the sampling."""
+    root, _ = trained
+    ckpt = root / "checkpoints" / "pets_ema.pt"
+    (tmp_path / "g.png").mkdir()
+    common = ["--steps", "2", "--device", "cpu"]
+    expert = expert_copy(ckpt, tmp_path / "expert_ema.pt")
+    for flags, fragments in (
+            (["--mode", "classifier", "--classifier_ckpt", "x.pt", "--scales", "-1", "nan", "--out", "x.png"],
+             ["--scales -1 nan", "finite and >= 0"]),
+            (["--scales", "inf", "--out", "x.png"], ["--scales inf"]),
+            (["--classifier_ckpt", "x.pt", "--out", "x.png"], ["--classifier_ckpt", "--mode cfg would ignore it"]),
+            (["--csv", "g.csv", "--out", "x.png"], ["--csv", "--eval_classifier"]),
+            (["--out", "grid"], ["--out grid", "name a .png"]),
+            (["--out", tmp_path / "g.png"], ["--out", "a folder of that name"])):
+        refused = run_script("tools/guidance_sweep.py", "--ckpt", ckpt, *common, *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(refused, *fragments)
+        assert "samples in" not in refused.stdout
+    refused = run_script("tools/guidance_sweep.py", "--ckpt", expert, *common, "--out", "x.png", cwd=tmp_path,
+                         check=False)
+    assert_one_line_error(refused, "an expert denoiser for t = 0..9 only")
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "g.csv").exists()
+
+
+def test_nll_refuses_an_expert_alone_and_says_plainly_it_reads_a_folder(trained, tmp_path):
+    """The bound sums a term for every t; an expert denoiser knows only its interval. An .npz is not read
+    (the error may not offer one, as train.py's does)."""
+    root, folder = trained
+    expert = expert_copy(root / "checkpoints" / "pets_ema.pt", tmp_path / "expert_ema.pt")
+    refused = run_script("tools/nll.py", "--ckpt", expert, "--dataset_path", folder, "--num_images", "2",
+                         "--device", "cpu", cwd=tmp_path, check=False)
+    assert_one_line_error(refused, "--ckpt", "an expert denoiser for t = 0..9 only")
+    assert "NLL bound" not in refused.stdout
+    np.savez(tmp_path / "tiny.npz", x_test=np.zeros((4, 16, 16), dtype=np.uint8), y_test=np.zeros(4, dtype=np.int64))
+    refused = run_script("tools/nll.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", "--dataset_path",
+                         tmp_path / "tiny.npz", cwd=tmp_path, check=False)
+    assert_one_line_error(refused, "--dataset_path", "folder")
+    assert "or at an .npz file" not in refused.stderr
+
+
+def test_memory_benchmark_refuses_a_wrong_csv_fp16_on_a_cpu_and_zero_steps_before_measuring(tmp_path):
+    """Before the first setting runs train.py: a --csv of other columns, --fp16 without CUDA and --steps 0
+    (named as its own flag, not train.py's --max_steps), each one line rather than a traceback at the end."""
+    (tmp_path / "other.csv").write_text("run,minutes\n")
+    common = ["--image_size", "16", "--base_channels", "8", "--channel_mults", "1", "2", "--num_res_blocks", "1",
+              "--batch_size", "2", "--steps", "2", "--settings", "baseline"]
+    cases = [(["--csv", tmp_path / "other.csv", "--device", "cpu"], ["--csv", "its columns are not"]),
+             (["--steps", "0", "--device", "cpu"], ["--steps 0"])]
+    if not torch.cuda.is_available():
+        cases.append((["--fp16"], ["--fp16", "CUDA only"]))
+    for flags, fragments in cases:
+        refused = run_script("tools/memory_benchmark.py", *common, *flags, cwd=tmp_path, check=False, in_process=True)
+        assert_one_line_error(refused, *fragments)
+        assert "max_steps" not in refused.stderr and "baseline " not in refused.stdout  # no setting was measured
+
+
+def test_benchmark_refuses_zero_counts_and_network_flags_a_checkpoint_would_ignore(trained, tmp_path):
+    """--batch_size 0 printed a table of zeros, --train_steps 0 an UnboundLocalError, --channels 0 a GroupNorm
+    error; with --ckpt the network flags were silently ignored."""
+    root, _ = trained
+    for flags, fragment in ((["--batch_size", "0"], "--batch_size 0"), (["--train_steps", "0"], "--train_steps 0"),
+                            (["--train_steps", "-1"], "--train_steps -1"), (["--channels", "0"], "--channels 0")):
+        refused = run_script("tools/benchmark.py", *flags, "--device", "cpu", cwd=tmp_path, check=False,
+                             in_process=True)
+        assert_one_line_error(refused, fragment, "at least 1")
+    for flags in (["--image_size", "64"], ["--base_channels", "32"], ["--num_classes", "0"]):  # the defaults too
+        refused = run_script("tools/benchmark.py", "--ckpt", root / "checkpoints" / "pets_ema.pt", *flags,
+                             "--device", "cpu", cwd=tmp_path, check=False, in_process=True)
+        assert_one_line_error(refused, flags[0], "come from --ckpt")
+
+
+def test_training_sweep_checks_its_flags_and_folders_before_the_first_run(trained, tmp_path):
+    """Abbreviated train.py flags after '--' (argparse takes --max_step for --max_steps) clash like whole ones;
+    --t_min/--t_max would make experts scored alone; a missing --reference_path and an --out_dir that is a
+    file are refused before any training, not after the first run."""
+    root, folder = trained
+    (tmp_path / "a_file").write_text("")
+    common = ["--dataset_path", folder, "--classifier", root / "classifier.pt", "--reference_path", folder,
+              "--timesteps", "20", "--max_steps", "1", "--num_samples", "4", "--sample_steps", "2", "--device", "cpu",
+              "--out_dir", tmp_path / "sweep"]
+    for flags, fragments in ((["--", "--max_step", "1"], ["--max_step", "set by the sweep itself"]),
+                             (["--", "--see=7"], ["--see", "set by the sweep itself"]),
+                             (["--", "--t_max", "9"], ["--t_max", "expert denoiser"]),
+                             (["--reference_path", tmp_path / "nosuch"], ["--reference_path", "no such folder"]),
+                             (["--out_dir", tmp_path / "a_file"], ["--out_dir", "is a file"])):
+        refused = run_script("tools/training_sweep.py", *common, *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(refused, *fragments)
+        assert "training for" not in refused.stdout
+
+
+def test_training_sweep_picks_up_a_run_only_when_it_was_trained_with_these_settings(tmp_path, monkeypatch):
+    """A run found in --out_dir is skipped (finished) or resumed only when its checkpoint was trained on the
+    same data and seed, with the same flags after '--', for no more than --max_steps; otherwise one line
+    naming a fresh --out_dir, and train.py is not started (its --resume would keep the old settings)."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "tools"))
+    import training_sweep
+    from utils import UsageError
+    started = []
+
+    class Finished:  # stands in for train.py's process
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(training_sweep.subprocess, "Popen", lambda command, **k: started.append(command) or Finished())
+    (tmp_path / "data").mkdir()
+    args = argparse.Namespace(out_dir=str(tmp_path / "sweep"), dataset_path=str(tmp_path / "data"), max_steps=2,
+                              seed=0, device="cpu", train_args=["--base_channels", "16"])
+    training_sweep.train(args, "run", 20, "linear", "l2", "eps", 0.0)  # no checkpoint yet: train.py runs
+    assert len(started) == 1 and "--resume" not in started[0]
+    # what train.py would have saved: the step and its config (the sweep passes the data's absolute path)
+    (tmp_path / "sweep" / "checkpoints").mkdir()
+    torch.save(dict(step=2, train_seconds=3.0, config=dict(dataset_path=str(tmp_path / "data"), seed=0)),
+               tmp_path / "sweep" / "checkpoints" / "run.pt")
+    assert training_sweep.train(args, "run", 20, "linear", "l2", "eps", 0.0) == 3.0 and len(started) == 1  # finished
+    (tmp_path / "other").mkdir()
+    for change, fragment in ((dict(dataset_path=str(tmp_path / "other")), "was trained on --dataset_path"),
+                             (dict(max_steps=1), "was trained for 2 steps, more than --max_steps 1"),
+                             (dict(seed=7), "was trained with --seed 0, not 7"),
+                             (dict(train_args=["--base_channels", "32"]), "-- --base_channels 16"),
+                             (dict(train_args=[]), "-- --base_channels 16"),
+                             (dict(max_steps=3, seed=7), "--seed 0")):  # a resume is checked too
+        with pytest.raises(UsageError, match=fragment) as refused:
+            training_sweep.train(argparse.Namespace(**{**vars(args), **change}), "run", 20, "linear", "l2", "eps", 0.0)
+        assert "fresh --out_dir" in str(refused.value) and len(started) == 1
+    training_sweep.train(argparse.Namespace(**{**vars(args), "max_steps": 3}), "run", 20, "linear", "l2", "eps", 0.0)
+    assert len(started) == 2 and "--resume" in started[1]  # a larger budget resumes the same run

@@ -44,6 +44,7 @@ AdamW, then our samplers), so only the network differs. It needs `pip install
 denoising-diffusion-pytorch`; without it lucidrains' rows say so and ours still run.
 """
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -146,7 +147,35 @@ def parse_args(argv=None):
     gpu.add_argument("--run_timeout", type=float, default=600, help="seconds each run may take")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Which flags were typed, whatever their value (as train.py finds them): a copy of the parser without
+    # defaults leaves out every flag not given, so --ckpt can refuse network flags it would ignore.
+    typed = copy.deepcopy(p)
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    args.typed = set(vars(typed.parse_args(argv)))
+    return args
+
+
+# The flags that build the network and its diffusion; with --ckpt both come from the checkpoint instead.
+NETWORK_FLAGS = ("image_size", "channels", "base_channels", "channel_mults", "num_res_blocks", "attention_resolutions",
+                 "num_classes", "dropout", "timesteps")
+
+
+def check_args(args):
+    """One-line errors for counts that would otherwise print a table of zeros or fail deep in torch, and
+    for network flags that --ckpt would ignore."""
+    too_small = [f"--{name} {getattr(args, name)}: must be at least 1" for name in
+                 ("batch_size", "train_steps", "image_size", "channels", "base_channels")
+                 if getattr(args, name) < 1]
+    if args.num_classes < 0:
+        too_small.append(f"--num_classes {args.num_classes}: must be 0 (unconditioned) or more")
+    if too_small:
+        raise UsageError(too_small[0])
+    ignored = [f"--{name}" for name in NETWORK_FLAGS if name in args.typed]
+    if args.ckpt and ignored:
+        raise UsageError(f"{', '.join(ignored)}: the network and its T come from --ckpt {args.ckpt}; drop "
+                         f"{'them' if len(ignored) > 1 else 'it'}, or drop --ckpt to build the network from the flags")
 
 
 def count_flops(fn):
@@ -469,6 +498,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.vs_peers:
         return vs_peers(args)
+    check_args(args)
     if args.vs_lucidrains:
         return vs_lucidrains(args)
     if args.malloc == "keep":

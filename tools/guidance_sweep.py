@@ -16,6 +16,7 @@ distance of its features to real images (lower is better), appended to --csv. Gu
 second for the first: the README's Results show by how much.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -29,9 +30,9 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from guidance import classifier_free_guidance, classifier_guidance  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_classifier, build_model  # noqa: E402
-from sampler_sweep import check_classifier_fits, check_reference_classes  # noqa: E402
-from utils import (UsageError, append_csv_rows, check_csv_table, from_model_range, load_checkpoint,  # noqa: E402
-                   load_weights, pick_device, save_grid)
+from sampler_sweep import check_classifier_fits, check_reference_classes, check_whole_model  # noqa: E402
+from utils import (UsageError, append_csv_rows, check_csv_table, check_output_file, from_model_range,  # noqa: E402
+                   load_checkpoint, load_weights, pick_device, save_grid)
 
 FIELDS = ["run", "mode", "scale", "sampler", "steps", "num_samples", "class_accuracy", "fd", "seconds", "device"]
 
@@ -62,17 +63,30 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # Flags that would be accepted and then do nothing, or draw something other than they say, first.
+    bad = [s for s in args.scales if not (math.isfinite(s) and s >= 0)]
+    if bad:  # NaN would fail every comparison below and draw unguided columns labelled as guided
+        raise UsageError(f"--scales {' '.join(f'{s:g}' for s in bad)}: each scale must be finite and >= 0 "
+                         "(cfg: 1 is the conditional model, 0 the unconditional one; classifier: 0 is no guidance)")
+    if args.mode == "classifier" and not args.classifier_ckpt:
+        raise UsageError("--mode classifier needs --classifier_ckpt (train.py --task classifier)")
+    if args.mode == "cfg" and args.classifier_ckpt:
+        raise UsageError("--classifier_ckpt guides --mode classifier only; --mode cfg would ignore it: pass "
+                         "--mode classifier or drop it")
+    if args.eval_classifier and not (args.reference_path and args.csv):
+        raise UsageError("--eval_classifier needs --reference_path and --csv")
+    if not args.eval_classifier and (args.csv or args.reference_path):
+        raise UsageError(f"{'--csv' if args.csv else '--reference_path'}: the scores come from --eval_classifier "
+                         "(a tools/classifier.py checkpoint), which is not given; pass it or drop the flag")
+    check_output_file(args.out, "--out", (".png", ".jpg", ".jpeg", ".webp"))  # now, not after the sampling
     if args.csv:
-        check_csv_table(args.csv, FIELDS)  # now, not after the sampling
+        check_csv_table(args.csv, FIELDS)
     device = pick_device(args.device)
     state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"), task="diffusion")
     class_names = state.get("class_names") or []
     if not class_names:
         raise UsageError(f"--ckpt {args.ckpt}: not class-conditional; guidance sweeps need classes")
-    if args.mode == "classifier" and not args.classifier_ckpt:
-        raise UsageError("--mode classifier needs --classifier_ckpt (train.py --task classifier)")
-    if args.eval_classifier and not (args.reference_path and args.csv):
-        raise UsageError("--eval_classifier needs --reference_path and --csv")
+    check_whole_model(state, args.ckpt)
     diffusion = GaussianDiffusion(**state["diffusion_config"]).to(device)
     if not 1 <= args.steps <= diffusion.timesteps:
         raise UsageError(f"--steps {args.steps}: must be between 1 and T = {diffusion.timesteps}")

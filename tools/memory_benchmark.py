@@ -23,7 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from utils import append_csv_rows  # noqa: E402
+from utils import UsageError, append_csv_rows, check_csv_table, pick_device  # noqa: E402
 
 FIELDS = ["setting", "peak_memory_mb", "images_per_s", "image_size", "base_channels", "batch_size", "device",
           "seconds"]
@@ -76,8 +76,24 @@ def run_setting(args, flags, folder):
             device, seconds)
 
 
+def check_args(args):
+    """One-line errors before the first setting is measured, not after the last, whose rows would be lost."""
+    small = [f"--{name} {value}" for name, value in (("steps", args.steps), ("batch_size", args.batch_size),
+                                                        ("image_size", args.image_size),
+                                                        ("base_channels", args.base_channels)) if value < 1]
+    if small:  # train.py would refuse them naming its own flags (--steps is its --max_steps)
+        raise UsageError(f"{small[0]}: must be at least 1")
+    device = pick_device(args.device)  # also a one-line error for a device this machine does not have
+    if args.fp16 and device.type != "cuda":
+        raise UsageError(f"--fp16: train.py's --amp fp16 runs on CUDA only, and this run's device is {device}; "
+                         "drop --fp16")
+    if args.csv:
+        check_csv_table(args.csv, FIELDS)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     settings = [(name, flags) for name, flags in SETTINGS if args.settings is None or name in args.settings]
     settings += ([("compile", ["--channels_last", "off", "--compile"])] if args.compile else []) + (
         [("fp16", ["--amp", "fp16"])] if args.fp16 else [])
@@ -98,4 +114,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as error:
+        sys.exit(f"error: {error}")

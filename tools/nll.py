@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import nll_bits_per_dim  # noqa: E402
 from model import build_model  # noqa: E402
+from sampler_sweep import check_whole_model  # noqa: E402
 from utils import (ImageFolderDataset, UsageError, load_checkpoint, load_weights, pick_device,  # noqa: E402
                    seed_everything, to_model_range)
 
@@ -31,7 +32,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
     p.add_argument("--dataset_path", required=True, help="folder of held-out images (class subfolders for "
-                   "a class-conditional model)")
+                   "a class-conditional model); an .npz of arrays is not read: write its test split out as a "
+                   "folder with tools/export_dataset.py DATA.npz FOLDER --split test")
     p.add_argument("--num_images", type=int, default=256, help="random images to evaluate (0 = all)")
     p.add_argument("--batch_size", type=int, default=64, help="images per batch")
     p.add_argument("--no_clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
@@ -45,6 +47,7 @@ def main(argv=None):
     if args.num_images < 0 or args.batch_size < 1:
         raise UsageError("--num_images must be >= 0 and --batch_size >= 1")
     state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"), task="diffusion")
+    check_whole_model(state, args.ckpt)  # the bound sums every t's term: an expert alone knows only some of them
     config = state["model_config"]
     class_names = state.get("class_names") or []
     dataset = ImageFolderDataset(args.dataset_path, config["image_size"], config["in_channels"])

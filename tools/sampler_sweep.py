@@ -28,12 +28,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
 from ddim import SPACINGS, check_eta, ddim_sample  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
+from experts import expert_range  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model  # noqa: E402
-from utils import (UsageError, append_csv_rows, check_csv_table, emulated_bf16_note, from_model_range,  # noqa: E402
-                   load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp, save_grid, save_image)
+from utils import (UsageError, append_csv_rows, check_csv_table, check_output_file, check_output_folder,  # noqa: E402
+                   emulated_bf16_note, from_model_range, load_checkpoint, load_weights, pick_device, prepare_network,
+                   resolve_amp, save_grid, save_image)
 
 FIELDS = ["run", "sampler", "steps", "num_samples", "fd", "class_accuracy", "seconds", "device"]
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # what --plot may be named: matplotlib picks the format from the name
+SAMPLE_FILE = re.compile(r"\d{5,}\.png")  # the files save_sample_folder writes: 00000.png, 00001.png, ...
 
 
 def parse_args(argv=None):
@@ -60,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--save_samples", default=None, metavar="DIR",
                    help="also write every sample as a PNG, into DIR/<run>_<sampler>_<steps>/<class>/, the layout "
                    "tools/evaluate.py --samples reads (to score a costly draw again, e.g. with KID), and the "
-                   "floor's real images into DIR/<run>_real/")
+                   "floor's real images into DIR/<run>_real/; a rerun replaces each of those folders' earlier draw")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="off", choices=("off", "auto", "bf16", "fp16"),
                    help="the network in bf16/fp16 autocast as sample.py --amp runs it; the rows' sampler names "
@@ -137,9 +141,34 @@ def score_images(classifier, images_uint8, labels, reference_mu, reference_sigma
     return fd, accuracy
 
 
+def earlier_samples(folder, flag="--save_samples"):
+    """The files an earlier save_sample_folder left in folder (<index>.png and <class>/<index>.png), which a
+    new draw replaces. Anything else there was not written by this tool: a one-line error, at start-up."""
+    if not os.path.isdir(folder):
+        return []
+    ours = []
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        # a file directly inside (unconditional), or the files of a class subfolder
+        files = [os.path.join(path, name) for name in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+        for file in files:
+            if not (os.path.isfile(file) and SAMPLE_FILE.fullmatch(os.path.basename(file))):
+                raise UsageError(f"{flag}: {file} was not written by this tool, and each setting's folder is "
+                                 f"replaced whole; move it, or pick another {flag}")
+            ours.append(file)
+    return ours
+
+
 def save_sample_folder(images_uint8, labels, class_names, folder):
     """Every image of uint8 [N x C x H x W] as folder/<its class name>/<index>.png (folder/<index>.png
-    without classes): the layout tools/evaluate.py --samples reads."""
+    without classes): the layout tools/evaluate.py --samples reads. An earlier draw there goes first, so
+    the folder holds exactly this one: a draw of fewer samples would leave the earlier one's extra files
+    among its own, and evaluate.py would score both as one set."""
+    for file in earlier_samples(folder):
+        os.remove(file)
+    for entry in os.listdir(folder) if os.path.isdir(folder) else []:  # class subfolders left empty
+        if os.path.isdir(os.path.join(folder, entry)) and not os.listdir(os.path.join(folder, entry)):
+            os.rmdir(os.path.join(folder, entry))
     for i, image in enumerate(images_uint8):
         subfolder = os.path.join(folder, class_names[int(labels[i])]) if labels is not None else folder
         os.makedirs(subfolder, exist_ok=True)
@@ -178,6 +207,49 @@ def check_reference_classes(found, expected, flag):
                          f"({shown(expected)}); point it at held-out images with the same class folders")
 
 
+def check_whole_model(state, path, flag="--ckpt"):
+    """An expert denoiser (train.py --t_min/--t_max; experts.py) learned one interval of t only. A tool that
+    measures one checkpoint would run it alone at every t and score it for steps it never learned, so it is
+    refused here (sample.py warns instead, and joins the experts into one model when given them all)."""
+    t_min, t_max = expert_range(state)
+    last = state["diffusion_config"]["timesteps"] - 1
+    if (t_min, t_max) != (0, last):
+        raise UsageError(f"{flag} {path}: an expert denoiser for t = {t_min}..{t_max} only (of 0..{last}; train.py "
+                         "--t_min/--t_max), which this tool would run alone at every t; pass a model trained on "
+                         "every t (sample.py --ckpt A --ckpt B samples the experts together)")
+
+
+def sampler_settings(args, amp="off"):
+    """The (sampler kind, eta, spacing, name in the table) of every setting: DDPM once; DDIM once per
+    (eta, spacing), where the plain name "ddim" is eta 0 with uniform spacing; " (bf16)" added under --amp."""
+    settings = [("ddpm", 0.0, "uniform")] if "ddpm" in args.samplers else []
+    if "ddim" in args.samplers:
+        settings += [("ddim", eta, spacing) for eta in args.eta for spacing in args.spacing]
+    named = []
+    for kind, eta, spacing in settings:
+        name = kind if (kind == "ddpm" or (eta == 0 and spacing == "uniform")) else f"ddim eta={eta:g} {spacing}"
+        named.append((kind, eta, spacing, name + (f" ({amp})" if amp != "off" else "")))
+    return named
+
+
+def check_outputs(args, run, names):
+    """--plot, --grids and --save_samples can be written, and hold nothing of someone else's: checked before
+    the sampling, which they would otherwise fail after. names: every setting's setting_name."""
+    if args.plot:
+        check_output_file(args.plot, "--plot", PLOT_SUFFIXES)
+    if args.grids:
+        check_output_folder(args.grids, "--grids")
+        for name in names:  # a folder standing where a grid goes
+            check_output_file(os.path.join(args.grids, f"{name}.png"), "--grids")
+    if args.save_samples:
+        check_output_folder(args.save_samples, "--save_samples")
+        for name in [setting_name(run, "real")] + names:
+            folder = os.path.join(args.save_samples, name)
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise UsageError(f"--save_samples: {folder} is a file, where this setting's folder goes; move it")
+            earlier_samples(folder)
+
+
 def plot(csv_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -210,8 +282,12 @@ def main(argv=None):
         raise UsageError("--num_samples must be at least 2 and --batch_size at least 1")
     for eta in args.eta:  # before any sampling, rather than after the first settings' rows
         check_eta(eta)
+    if "ddim" not in args.samplers and (args.eta != [0.0] or args.spacing != ["uniform"]):
+        raise UsageError("--eta and --spacing set the DDIM rows only, and --samplers has no ddim; add ddim to "
+                         "--samplers or drop them")
     check_csv_table(args.csv, FIELDS)  # now, not after the sampling
     state = load_checkpoint(args.ckpt, required=("model_config", "diffusion_config", "ema"), task="diffusion")
+    check_whole_model(state, args.ckpt)
     diffusion = GaussianDiffusion(**state["diffusion_config"])
     bad = [s for s in args.steps if not 1 <= s <= diffusion.timesteps]
     if bad:
@@ -230,6 +306,8 @@ def main(argv=None):
     size, channels = config["image_size"], config["in_channels"]
     check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
     run = args.run_name or os.path.splitext(os.path.basename(args.ckpt))[0]
+    settings = sampler_settings(args, amp)
+    check_outputs(args, run, [setting_name(run, name, steps) for *_, name in settings for steps in args.steps])
 
     # Samples: every setting starts from the same x_T; a conditional model's labels cycle through the classes.
     noise = torch.randn(args.num_samples, channels, size, size, generator=torch.Generator().manual_seed(args.seed))
@@ -270,13 +348,8 @@ def main(argv=None):
     if args.save_samples:  # the floor too, as read here (e.g. 28x28 digits resized to 32), for evaluate.py
         save_sample_folder(real[floor], real_labels[floor] if class_names else None, real_classes,
                            os.path.join(args.save_samples, setting_name(run, "real")))
-    # DDIM gives one row per (eta, spacing); the plain "ddim" label is eta 0 with uniform spacing.
-    settings = [("ddpm", 0.0, "uniform")] if "ddpm" in args.samplers else []
-    if "ddim" in args.samplers:
-        settings += [("ddim", eta, spacing) for eta in args.eta for spacing in args.spacing]
-    for kind, eta, spacing in settings:
-        sampler = kind if (kind == "ddpm" or (eta == 0 and spacing == "uniform")) else f"ddim eta={eta:g} {spacing}"
-        sampler += f" ({amp})" if amp != "off" else ""
+    # DDIM gives one row per (eta, spacing) (sampler_settings)
+    for kind, eta, spacing, sampler in settings:
         for steps in args.steps:
             images, seconds = draw_samples(diffusion, model, kind, steps, noise, labels, args.batch_size, args.seed,
                                            eta, spacing)

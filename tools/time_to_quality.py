@@ -36,6 +36,7 @@ own way (quality_peers.py), and every set is scored at the same count.
 import argparse
 import os
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -44,10 +45,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from classifier import features_and_logits, feature_statistics, frechet_distance, load_classifier, load_folder  # noqa: E402
 from ddpm import GaussianDiffusion  # noqa: E402
 from model import build_model  # noqa: E402
-from sampler_sweep import check_classifier_fits, check_reference_classes, draw_samples  # noqa: E402
-from utils import (UsageError, append_csv_rows, check_csv_table, emulated_bf16_note, fit_images,  # noqa: E402
-                   keep_freed_memory, load_checkpoint, load_weights, pick_device, prepare_network, resolve_amp,
-                   save_grid)
+from sampler_sweep import (PLOT_SUFFIXES, check_classifier_fits, check_reference_classes, check_whole_model,  # noqa: E402
+                           draw_samples)
+from utils import (UsageError, append_csv_rows, check_csv_table, check_output_file, check_output_folder,  # noqa: E402
+                   emulated_bf16_note, fit_images, keep_freed_memory, load_checkpoint, load_weights, pick_device,
+                   prepare_network, resolve_amp, save_grid)
 
 FIELDS = ["run", "minutes", "step", "num_samples", "sampler", "steps", "fd", "class_accuracy", "rarest_class",
           "sample_seconds", "source"]
@@ -86,11 +88,19 @@ def read_peer(spec, size, channels):
         raise UsageError(f"--peer {spec}: expected NAME=PATH, e.g. lucidrains=peer_lucid.npz")
     if not os.path.isfile(path):
         raise UsageError(f"--peer {spec}: no such file {path}; make it with ../shared/bench/quality_peers.py")
-    with np.load(path) as data:
-        if "x" not in data or data["x"].dtype != np.uint8:
-            raise UsageError(f"--peer {spec}: expected a uint8 array x, as quality_peers.py writes")
-        images, seconds = data["x"], float(data["train_s"]) if "train_s" in data else float("nan")
-        steps = int(data["steps"]) if "steps" in data else 0
+    try:
+        with np.load(path) as data:
+            if "x" not in data or data["x"].dtype != np.uint8:
+                raise UsageError(f"--peer {spec}: expected a uint8 array x, as quality_peers.py writes")
+            images, seconds = data["x"], float(data["train_s"]) if "train_s" in data else float("nan")
+            steps = int(data["steps"]) if "steps" in data else 0
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not an .npz, or cut short
+        raise UsageError(f"--peer {spec}: cannot read {path} as an .npz ({type(error).__name__}); write it "
+                         "again with quality_peers.py") from None
+    # uint8 [N x H x W] or [N x H x W x C] with C = 1, 3 or 4, as fit_images reads an array of images
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 2, 3, 4)) or not len(images):
+        raise UsageError(f"--peer {spec}: x has shape {images.shape}; expected images [N x H x W] or "
+                         "[N x H x W x C] with C = 1 or 3, as quality_peers.py writes")
     images = fit_images(images, size, desc=f"reading {path}")  # as the reference folder's images are read
     if images.shape[1] != channels:
         raise UsageError(f"--peer {spec}: {images.shape[1]}-channel images; the classifier takes {channels}")
@@ -101,6 +111,25 @@ def rarest_class_share(logits, num_classes):
     """The share of the least frequent class among the classifier's predictions (1/K when balanced)."""
     counts = torch.bincount(logits.argmax(1).cpu(), minlength=num_classes)
     return (counts.min() / counts.sum()).item()
+
+
+def check_checkpoint(path, args, classifier_state):
+    """One --ckpt checked for everything main needs of it (readable, a time on the axis, a whole model the
+    classifier fits, --steps and --labels that suit it) -> its contents. main checks every checkpoint so
+    before it samples the first: the last of twenty would otherwise fail after nineteen were scored."""
+    state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), task="diffusion")
+    if "train_seconds" not in state:
+        raise UsageError(f"--ckpt {path}: it does not record its training time (train_seconds); it was "
+                         "written before train.py stored it, so it has no place on a time axis")
+    check_whole_model(state, path)
+    check_classifier_fits(classifier_state, state["model_config"], state.get("class_names") or [],
+                          f"--classifier {args.classifier}")
+    if not 1 <= args.steps <= state["diffusion_config"]["timesteps"]:
+        raise UsageError(f"--steps {args.steps}: must be between 1 and the model's T "
+                         f"({state['diffusion_config']['timesteps']} in {path})")
+    if state.get("class_names") and args.labels == "none" and not state.get("p_uncond"):
+        raise UsageError(f"--ckpt {path}: --labels none needs a model trained with label dropout (--p_uncond > 0)")
+    return state
 
 
 def plot(csv_path, png_path):
@@ -142,6 +171,10 @@ def main(argv=None):
     if args.num_samples < 2 or args.batch_size < 1:
         raise UsageError(f"--num_samples {args.num_samples}, --batch_size {args.batch_size}: need at least 2 and 1")
     check_csv_table(args.csv, FIELDS)  # now, not after the sampling
+    if args.plot:
+        check_output_file(args.plot, "--plot", PLOT_SUFFIXES)
+    if args.grids:
+        check_output_folder(args.grids, "--grids")
     keep_freed_memory()
     device = pick_device(args.device)
     amp = resolve_amp(args.amp, device)
@@ -152,6 +185,13 @@ def main(argv=None):
     classifier = classifier.to(device)
     size, channels = classifier_state["config"]["image_size"], classifier_state["config"]["channels"]
     num_classes = len(classifier_state["class_names"])
+    for path in args.ckpt:  # every checkpoint, before the first is sampled
+        check_checkpoint(path, args, classifier_state)
+    peers = [read_peer(spec, size, channels) for spec in args.peer]  # checked before the long sampling
+    for spec, (_, images, _, _) in zip(args.peer, peers):
+        if len(images) < args.num_samples:  # FD grows as the count falls: only equal counts compare
+            raise UsageError(f"--peer {spec}: {len(images)} images, fewer than --num_samples {args.num_samples}; "
+                             "draw more with quality_peers.py or lower --num_samples")
     # One random draw of real images: the first num_samples are scored like samples (the floor), the rest
     # give the reference statistics.
     real, real_labels, real_classes = load_folder(args.reference_path, size, channels,
@@ -180,22 +220,11 @@ def main(argv=None):
         if args.grids:
             save_grid(images[:100], os.path.join(args.grids, f"{run}_{step}.png"), nrow=10)
 
-    peers = [read_peer(spec, size, channels) for spec in args.peer]  # checked before the long sampling
-    for spec, (_, images, _, _) in zip(args.peer, peers):
-        if len(images) < args.num_samples:  # FD grows as the count falls: only equal counts compare
-            raise UsageError(f"--peer {spec}: {len(images)} images, fewer than --num_samples {args.num_samples}; "
-                             "draw more with quality_peers.py or lower --num_samples")
     score("real", real[:args.num_samples], 0.0, 0, real_labels[:args.num_samples], source=args.reference_path)
     generator = torch.Generator().manual_seed(args.seed)
     for path in args.ckpt:
-        state = load_checkpoint(path, required=("model_config", "diffusion_config", "ema"), task="diffusion")
-        if "train_seconds" not in state:
-            raise UsageError(f"--ckpt {path}: it does not record its training time (train_seconds); it was "
-                             "written before train.py stored it, so it has no place on a time axis")
+        state = check_checkpoint(path, args, classifier_state)  # checked above; read again, one at a time
         config, class_names = state["model_config"], state.get("class_names") or []
-        check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
-        if not 1 <= args.steps <= state["diffusion_config"]["timesteps"]:
-            raise UsageError(f"--steps {args.steps}: must be between 1 and the model's T")
         model = build_model(config)
         load_weights(model, state["ema"], path)
         model = prepare_network(model, device, amp)  # as sample.py runs it: layout, autocast
@@ -204,8 +233,6 @@ def main(argv=None):
         labels = None  # unconditional, or a conditional model's "no label" input (model.py)
         if class_names and args.labels == "random":
             labels = torch.randint(0, len(class_names), (args.num_samples,), generator=generator)
-        elif class_names and not state.get("p_uncond"):
-            raise UsageError(f"--ckpt {path}: --labels none needs a model trained with label dropout (--p_uncond > 0)")
         images, seconds = draw_samples(diffusion, model, args.sampler, args.steps, noise, labels, args.batch_size,
                                        args.seed)
         score(args.run_name, images, state["train_seconds"] / 60, state["step"], labels, seconds, path, sampler_name,

@@ -29,10 +29,12 @@ DDPM eq. 19; the same number of network calls whatever T is).
 
 Interrupt it and run the same command again: finished runs are not trained again, a run cut short
 resumes from its checkpoint (train.py --resume), and every finished run is scored again (quick, and
-deterministic). Written to --out_dir: results.csv (one row per run, plus "real": --num_samples
-held-out images, in the samples' class proportions, scored the same way: the floor FD can reach with
-that many images), results.png
-(FD and class accuracy per run, and 16 samples of each), checkpoints/, samples/ and logs/.
+deterministic). A run found in --out_dir is picked up only when it was trained with this command's
+--dataset_path, --seed and flags after "--", for no more than --max_steps (a larger --max_steps resumes
+it); otherwise a one-line error asks for a fresh --out_dir. Written to --out_dir: results.csv (one row
+per run, plus "real": --num_samples held-out images, in the samples' class proportions, scored the same
+way: the floor FD can reach with that many images), results.png (FD and class accuracy per run, and 16
+samples of each), checkpoints/, samples/ and logs/ (each run's log, and the settings it was started with).
 """
 import argparse
 import csv
@@ -54,7 +56,8 @@ from ddpm import PREDICTIONS, SCHEDULES, SIMPLE_LOSSES, GaussianDiffusion  # noq
 from model import build_model  # noqa: E402
 from sampler_sweep import (check_classifier_fits, check_reference_classes, draw_samples, score_images,  # noqa: E402
                            split_floor_and_reference)
-from utils import UsageError, load_checkpoint, load_weights, make_grid_image, pick_device, prepare_network  # noqa: E402
+from utils import (UsageError, check_output_folder, load_checkpoint, load_weights, make_grid_image,  # noqa: E402
+                   pick_device, prepare_network)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["run", "timesteps", "schedule", "loss", "prediction", "min_snr_gamma", "max_steps", "final_loss",
@@ -136,10 +139,21 @@ def check_args(args):
         raise UsageError(f"--timesteps {args.timesteps}: every T must be at least 2")
     if args.sample_steps > min(args.timesteps):
         raise UsageError(f"--sample_steps {args.sample_steps}: must be at most the smallest T ({min(args.timesteps)})")
-    clashing = [flag for flag in args.train_args if flag.split("=")[0] in OWN_FLAGS]
+    # train.py's argparse takes any unambiguous start of a flag's name (--max_step, --see), so a flag given
+    # after "--" clashes when it is the start of one the sweep sets.
+    typed = [flag.split("=")[0] for flag in args.train_args if flag.startswith("--") and flag != "--"]
+    clashing = [flag for flag in typed if any(own.startswith(flag) for own in OWN_FLAGS)]
     if clashing:
         raise UsageError(f"after '--': {', '.join(clashing)} is set by the sweep itself; use the sweep's own "
                          "--timesteps/--schedules/--losses/--predictions/--min_snr_gammas/--max_steps/--seed/--device")
+    experts = [flag for flag in typed if any(own.startswith(flag) for own in ("--t_min", "--t_max"))]
+    if experts:  # each run would be scored alone at every t, including the t it never learned
+        raise UsageError(f"after '--': {experts[0]} trains an expert denoiser for part of the t range only, which "
+                         "the sweep would score alone at every t; sweep models trained on every t")
+    if not os.path.isdir(args.reference_path):  # now, not after the first run has trained
+        raise UsageError(f"--reference_path {args.reference_path}: no such folder; point it at held-out real "
+                         "images (class subfolders)")
+    check_output_folder(args.out_dir, "--out_dir")
 
 
 def run_name(T, schedule, loss, prediction="eps", min_snr_gamma=0.0):
@@ -149,16 +163,44 @@ def run_name(T, schedule, loss, prediction="eps", min_snr_gamma=0.0):
             + (f"_minsnr{min_snr_gamma:g}" if min_snr_gamma else ""))
 
 
-def saved_number(path, key="step"):
-    """A number the checkpoint records: the step it was saved at, or train_seconds; None when there is no
-    checkpoint (or it cannot be read)."""
+def read_saved(path):
+    """The checkpoint's contents, or None when there is no checkpoint (or it cannot be read)."""
     if not os.path.isfile(path):
         return None
     try:
-        value = torch.load(path, map_location="cpu", weights_only=True).get(key)
-        return None if value is None else (int(value) if key == "step" else float(value))
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None
+    return state if isinstance(state, dict) else None
+
+
+def saved_number(path, key="step"):
+    """A number the checkpoint records: the step it was saved at, or train_seconds; None when there is no
+    checkpoint (or it cannot be read)."""
+    value = (read_saved(path) or {}).get(key)
+    return None if value is None else (int(value) if key == "step" else float(value))
+
+
+def check_same_run(args, name, checkpoint, record, settings):
+    """A run already in --out_dir is picked up (skipped when finished, resumed when not) only if it is this
+    sweep's run: the same data and seed (what its checkpoint's config records), the same train.py flags
+    after "--" (what the sweep recorded in logs/<run>.json when it started the run) and no more steps than
+    --max_steps. Otherwise a finished run would be scored as though trained with the new settings, and
+    train.py --resume would keep the saved run's settings and ignore the new ones."""
+    saved = read_saved(checkpoint) or {}
+    config, step = saved.get("config") or {}, saved.get("step", 0)
+    fresh = "; give a fresh --out_dir for these settings (or run with the earlier ones)"
+    if step > args.max_steps:
+        raise UsageError(f"run {name}: {checkpoint} was trained for {step} steps, more than --max_steps "
+                         f"{args.max_steps}" + fresh)
+    if config.get("dataset_path") and os.path.abspath(config["dataset_path"]) != settings["dataset_path"]:
+        raise UsageError(f"run {name}: {checkpoint} was trained on --dataset_path {config['dataset_path']}, not "
+                         f"{args.dataset_path}" + fresh)
+    if "seed" in config and config["seed"] != args.seed:
+        raise UsageError(f"run {name}: {checkpoint} was trained with --seed {config['seed']}, not {args.seed}" + fresh)
+    if "train_args" in record and record["train_args"] != settings["train_args"]:
+        raise UsageError(f"run {name}: {checkpoint} was trained with '-- {' '.join(record['train_args'])}', not "
+                         f"'-- {' '.join(settings['train_args'])}'" + fresh)
 
 
 def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
@@ -176,10 +218,16 @@ def train(args, name, T, schedule, loss, prediction, min_snr_gamma):
             record = json.load(f)
     checkpoint = os.path.join(folders["checkpoints"], f"{name}.pt")
     step = saved_number(checkpoint)
+    # What this sweep asks of train.py besides the configuration and the budget; kept in the record, so
+    # that a later call can tell whether the run it finds is its own (check_same_run).
+    settings = dict(dataset_path=os.path.abspath(args.dataset_path), seed=args.seed, train_args=list(args.train_args))
+    if step is not None:
+        check_same_run(args, name, checkpoint, record, settings)
     if step is not None and step >= args.max_steps:
         print(f"{name}: already trained ({step} steps), not training again")
         return saved_number(checkpoint, "train_seconds") or record["train_seconds"]
-    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset_path", args.dataset_path,
+    record.update(settings)  # written with the time below, whether or not train.py finishes
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset_path", settings["dataset_path"],
                "--timesteps", str(T), "--schedule", schedule, "--loss", loss, "--prediction", prediction,
                "--min_snr_gamma", f"{min_snr_gamma:g}", "--max_steps", str(args.max_steps),
                "--seed", str(args.seed), "--device", args.device, "--run_name", name,
@@ -314,12 +362,20 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = pick_device(args.device)
-    os.makedirs(args.out_dir, exist_ok=True)
     configs = configurations(args)
     print(f"{len(configs)} run{'' if len(configs) == 1 else 's'} of {args.max_steps} steps: "
           f"{', '.join(run_name(*c) for c in configs)}")
     classifier, classifier_state = load_classifier(args.classifier)
     classifier = classifier.to(device)
+    # The held-out images, read now rather than after the first run has trained: at the classifier's size,
+    # which every model must have too (check_classifier_fits below).
+    size, channels = classifier_state["config"]["image_size"], classifier_state["config"]["channels"]
+    limit = args.num_reference + args.num_samples if args.num_reference else 0
+    real, real_labels, real_classes = load_folder(args.reference_path, size, channels, limit, seed=args.seed,
+                                                  flag="--reference_path")
+    if len(real) < 2 * args.num_samples:
+        raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least "
+                         f"twice --num_samples ({2 * args.num_samples})")
 
     rows, grids, reference, noise = [], {}, None, None
     for T, schedule, loss, prediction, gamma in configs:
@@ -331,14 +387,8 @@ def main(argv=None):
         check_classifier_fits(classifier_state, config, class_names, f"--classifier {args.classifier}")
         size, channels = config["image_size"], config["in_channels"]
         labels = torch.arange(args.num_samples) % len(class_names) if class_names else None
-        if reference is None:  # once, at the first model's image size: the floor row and the statistics
-            limit = args.num_reference + args.num_samples if args.num_reference else 0
-            real, real_labels, real_classes = load_folder(args.reference_path, size, channels, limit,
-                                                          seed=args.seed, flag="--reference_path")
+        if reference is None:  # once, with the first model's classes: the floor row and the statistics
             check_reference_classes(real_classes, class_names, f"--reference_path {args.reference_path}")
-            if len(real) < 2 * args.num_samples:
-                raise UsageError(f"--reference_path {args.reference_path}: {len(real)} images; need at least "
-                                 f"twice --num_samples ({2 * args.num_samples})")
             # The floor has the samples' class proportions (sampler_sweep.split_floor_and_reference).
             floor, rest = split_floor_and_reference(real_labels, args.num_samples, labels,
                                                     f"--reference_path {args.reference_path}")
