@@ -89,11 +89,12 @@ def timestep_embedding(t, dim, max_period=10000.0):
     """Sinusoidal embedding of integer timesteps, as in the Transformer (DDPM Sec. 4).
     t: int64 [B] -> float [B x dim]; half the dimensions are sines, half cosines, at the frequencies
     max_period^(-k / half), k = 0 .. half-1: from 1 down to just above 1/max_period, so nearby t get
-    nearby (but distinct) vectors."""
+    nearby (but distinct) vectors. An odd dim (an odd --base_channels) gets a last column of zeros."""
     half = dim // 2
     frequencies = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * frequencies[None]                  # [B x half]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # [B x dim]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # [B x 2 half]
+    return F.pad(embedding, (0, dim % 2))                                 # [B x dim]
 
 
 class Dropout(nn.Module):
@@ -369,7 +370,8 @@ def resolve_model_config(**overrides):
     """Defaults + overrides -> the complete plain dict a checkpoint stores (lists, ints, floats)."""
     unknown = set(overrides) - set(DEFAULT_MODEL_CONFIG)
     if unknown:
-        raise ValueError(f"unknown model settings: {sorted(unknown)}")
+        raise UsageError(f"unknown model settings: {sorted(unknown)} (a checkpoint written by a newer version, or "
+                         "edited?)")
     config = {**DEFAULT_MODEL_CONFIG, **{k: v for k, v in overrides.items() if v is not None}}
     config["channel_mults"] = [int(m) for m in config["channel_mults"]]
     if config["out_channels"] is None:

@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--individual_dir", default=None, help="also write one PNG per sample into this folder")
     p.add_argument("--gif", default=None, help="also write the reverse process of the first batch as a GIF "
                    "(x_t on the left, the predicted x_0 on the right)")
-    p.add_argument("--gif_frames", type=int, default=50, help="frames in the GIF")
+    p.add_argument("--gif_frames", type=int, default=None, help="frames in the --gif (default 50)")
     colds = p.add_argument_group("Cold Diffusion checkpoints (cold.py; train.py --process cold)")
     colds.add_argument("--cold_sampler", default="improved", choices=COLD_SAMPLERS,
                        help="improved: Algorithm 2, x_{s-1} = x_s - D(x0_hat, s) + D(x0_hat, s-1); naive: "
@@ -117,8 +117,8 @@ def parse_args(argv=None):
                       "(the conditional model), 0 = unconditional, > 1 = stronger class features")
     cond.add_argument("--classifier_ckpt", default=None,
                       help="a noisy classifier (train.py --task classifier) for classifier guidance (ADM)")
-    cond.add_argument("--classifier_scale", type=float, default=1.0,
-                      help="classifier guidance gradient scale s (ADM Sec. 4.3); 0 = no guidance")
+    cond.add_argument("--classifier_scale", type=float, default=None,
+                      help="classifier guidance gradient scale s (ADM Sec. 4.3), default 1; 0 = no guidance")
     image = p.add_argument_group("image conditioning and upscaling (cascade.py, realesrgan.py)")
     image.add_argument("--cond_images", default=None, metavar="PATH",
                        help="for a super_resolution or image_to_image --ckpt: the input images (a file or a folder)")
@@ -129,20 +129,34 @@ def parse_args(argv=None):
     image.add_argument("--upscale_mode", default=None, choices=UPSCALE_MODES,
                        help="how to --upscale: plain interpolation, the --sr_ckpt model, or Real-ESRGAN "
                        "(default: sr with --sr_ckpt, else bicubic)")
-    image.add_argument("--realesrgan_weights", default=os.path.join("weights", "RealESRGAN_x4plus.pth"),
-                       help="RealESRGAN_x4plus.pth for --upscale_mode realesrgan (never downloaded for you)")
+    image.add_argument("--realesrgan_weights", default=None,
+                       help="RealESRGAN_x4plus.pth for --upscale_mode realesrgan (never downloaded for you; "
+                       "default weights/RealESRGAN_x4plus.pth)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--amp", nargs="?", const="auto", default="off", choices=("off", "auto", "bf16", "fp16"),
                    help="run the network in bf16 (or fp16 on a GPU) autocast, the rest of the sampler in fp32: "
                    "faster where the hardware multiplies 16-bit numbers (README, Speed); --amp alone = auto, "
                    "decided as train.py --amp decides it (on a CPU bf16 only with AMX or AVX-512 BF16, else fp32)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Flags that only mean something beside another one are refused alone (they would do nothing), so
+    # their defaults are set here, after that check.
+    for flag, needs, given in (("--gif_frames", "--gif", args.gif), ("--classifier_scale", "--classifier_ckpt",
+                               args.classifier_ckpt), ("--realesrgan_weights", "--upscale_mode realesrgan",
+                               args.upscale_mode == "realesrgan")):
+        if getattr(args, flag[2:]) is not None and not given:
+            raise UsageError(f"{flag} goes with {needs}; add it, or leave out {flag}")
+    args.gif_frames = 50 if args.gif_frames is None else args.gif_frames
+    args.classifier_scale = 1.0 if args.classifier_scale is None else args.classifier_scale
+    args.realesrgan_weights = args.realesrgan_weights or os.path.join("weights", "RealESRGAN_x4plus.pth")
+    return args
 
 
 def check_counts(args):
     """The counts every kind of checkpoint uses, Gaussian and Cold Diffusion alike."""
     if (args.num_samples is not None and args.num_samples < 1) or args.batch_size < 1 or args.gif_frames < 1:
         raise UsageError("--num_samples, --batch_size and --gif_frames must be at least 1")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds
+        raise UsageError(f"--seed {args.seed}: must be in 0 .. 2^32 - 1")
 
 
 def check_args(args, timesteps):
@@ -190,9 +204,12 @@ def check_args(args, timesteps):
         raise UsageError(f"--upscale {args.upscale}: must be at least 2")
     if args.upscale_mode == "sr" and not args.sr_ckpt:
         raise UsageError("--upscale_mode sr needs --sr_ckpt (a model trained with train.py --task super_resolution)")
-    if args.upscale_mode == "realesrgan" and not os.path.isfile(args.realesrgan_weights):
+    if args.sr_ckpt and args.upscale_mode not in (None, "sr"):  # the SR model would be loaded, run, and unused
+        raise UsageError(f"--sr_ckpt upscales with the SR model; --upscale_mode {args.upscale_mode} would not use it: "
+                         "leave out one of them")
+    if args.upscale_mode == "realesrgan":  # a missing or wrong file is said before any sampling, not after
         from realesrgan import load_realesrgan
-        load_realesrgan(args.realesrgan_weights)  # says where to put the file, before any sampling
+        load_realesrgan(args.realesrgan_weights)
     if (args.interpolate or args.invert or args.cond_images) and (args.sr_ckpt or args.upscale or args.upscale_mode):
         raise UsageError("--sr_ckpt, --upscale and --upscale_mode apply to drawn samples; leave out "
                          "--interpolate, --invert and --cond_images")
@@ -300,11 +317,15 @@ def sample_cold(args, path, state, device):
         ("--guidance_scale", args.guidance_scale != 1.0), ("--classifier_ckpt", args.classifier_ckpt),
         ("--interpolate", args.interpolate), ("--invert", args.invert), ("--cond_images", args.cond_images),
         ("--sr_ckpt", args.sr_ckpt), ("--variance", args.variance), ("--no_clip", args.no_clip),
-        ("--class_name/--class_label", args.class_name or args.class_label),  # it draws every class in turn
-        ("--upscale", args.upscale or args.upscale_mode)) if used]
+        ("--spacing", args.spacing != "uniform"), ("--upscale", args.upscale or args.upscale_mode)) if used]
     if gaussian_only:
         raise UsageError(f"{gaussian_only[0]}: belongs to Gaussian diffusion; {path} is a Cold Diffusion model "
                          "(its options: --cold_sampler, --cold_restore, --cold_level)")
+    if args.cold_level is not None and not args.cold_restore:
+        raise UsageError("--cold_level is the level --cold_restore degrades images to; generation runs every level "
+                         "from T down: add --cold_restore PATH or leave out --cold_level")
+    if args.cold_restore and (args.class_name or args.class_label):
+        raise UsageError("--cold_restore reads each image's class from its folder; leave out --class_name/--class_label")
     check_counts(args)
     check_outputs(args)
     check_keys(state, path, ("model_config", "cold_config", "ema"))
@@ -341,8 +362,10 @@ def sample_cold(args, path, state, device):
               f"{time.perf_counter() - started:.1f} s: degraded / restored / original rows in {out_path}")
         return
     if class_names:  # one row per class, as for Gaussian models
-        classes = list(range(min(len(class_names), MAX_CLASS_ROWS)))
+        classes = choose_classes(args, class_names)
         labels, nrow = torch.tensor(classes).repeat_interleave(args.num_samples or 4), args.num_samples or 4
+    elif args.class_name or args.class_label:
+        raise UsageError(f"--class_name/--class_label: {path} is unconditional (it has no classes)")
     else:
         labels, nrow = None, None
     count = len(labels) if labels is not None else (args.num_samples or 16)
@@ -507,7 +530,9 @@ def guided_network(args, state, diffusion, model, class_names, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
-    requested, args.amp = args.amp, resolve_amp(args.amp, device)  # fp16 on a CPU: refused by prepare_network
+    requested, args.amp = args.amp, resolve_amp(args.amp, device)
+    if args.amp == "fp16" and device.type == "cpu":  # said now, before a note that the network runs in fp16
+        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
     if requested != "off":
         print(f"--amp {requested}: " + (f"the network in {args.amp} autocast, the sampler's arithmetic in fp32"
                                          if args.amp != "off" else "fp32 (no bf16 matrix hardware on this CPU)"))
@@ -591,8 +616,8 @@ def outputs_for_images(args, state, diffusion, decode, name, device):
     task = state.get("task")
     size, channels = state["model_config"]["image_size"], state["model_config"]["in_channels"]
     if not args.cond_images:
-        raise UsageError(f"--ckpt {args.ckpt}: a {task} model needs input images; give --cond_images PATH "
-                         + ("(or use it as --sr_ckpt after a base model)" if task == "super_resolution" else ""))
+        raise UsageError(f"--ckpt {args.ckpt}: a --task {task} model needs input images; give --cond_images PATH"
+                         + (" (or use it as --sr_ckpt after a base model)" if task == "super_resolution" else ""))
     started = time.perf_counter()
     settings = state.get("conditioning") or {}
     paths = cond_image_paths(args.cond_images, args.num_samples or 16)
@@ -770,3 +795,6 @@ if __name__ == "__main__":
         main()
     except UsageError as error:
         sys.exit(f"error: {error}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from deep inside the network
+        print("\ninterrupted; nothing more is written (files saved before now are kept)", file=sys.stderr)
+        sys.exit(130)

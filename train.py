@@ -80,6 +80,8 @@ RUN_SUFFIX = dict(diffusion="", classifier="_classifier", super_resolution="_sr"
 RUN_CONTROL_FLAGS = ("max_steps", "max_minutes", "save_every", "sample_every", "num_samples", "sample_steps", "device",
                      "num_workers", "checkpoint_dir", "sample_dir", "resume", "keep_last", "tensorboard",
                      "grad_checkpointing", "channels_last", "compile")
+# On --resume a typed data path is read instead of the saved one (the folder may have moved since).
+DATA_PATH_FLAGS = ("dataset_path", "cond_path")
 # A non-finite loss or gradient skips the step (fp16 loss scaling overflows now and then); this many in
 # a row means the run has diverged, and it stops.
 MAX_SKIPPED_STEPS = 5
@@ -240,11 +242,21 @@ def resolve_process_defaults(args):
 
 def check_args(args):
     """Catch bad settings before any work is done, each with the flag's name."""
+    for name, value in vars(args).items():  # nan passes every < and > test below, and inf trains to NaN
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} {value}: must be a finite number")
     positive = ("image_size", "timesteps", "batch_size", "accumulation_iters", "max_steps", "base_channels",
-                "num_res_blocks", "save_every")
+                "num_res_blocks", "save_every", "num_samples")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.sample_every < 0:
+        raise UsageError(f"--sample_every {args.sample_every}: must be 0 (no grids) or more")
+    if not 0 <= args.seed < 2**32:  # numpy's seeds
+        raise UsageError(f"--seed {args.seed}: must be in 0 .. 2^32 - 1")
+    if args.dataset_path is not None and not args.dataset_path.strip():  # an unset $DATA, say
+        raise UsageError("--dataset_path is empty; name a folder of images (or leave the flag out for the "
+                         "built-in shapes)")
     if args.lr <= 0:
         raise UsageError(f"--lr {args.lr}: must be positive")
     if args.grad_clip <= 0:  # clip_grad_norm_ would scale every gradient to 0 (or flip it, below 0)
@@ -549,12 +561,40 @@ def sample_grid(args, ema_model, diffusion, grid_diffusion, fixed, path):
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def check_run_name(run_name, given):
+    """A run's files are <run>.pt, <run>_ema.pt and <run>_step<N>.pt side by side in --checkpoint_dir, and
+    its grids go to <sample_dir>/<run>: a name must be one plain file name (a / would put the files in a
+    subfolder, out of reach of the check that an earlier run is not replaced), and must not end the way
+    another run's files do (a run named foo_ema would overwrite foo's EMA file)."""
+    where = "--run_name" if given else "the run name (from the data's name; pass --run_name NAME)"
+    if not run_name or run_name.startswith(".") or "/" in run_name or "\\" in run_name:
+        raise UsageError(f"{where} {run_name!r}: must be a plain file name, such as cars_64px: no /, no leading dot")
+    if re.search(r"_(ema|step\d+)$", run_name):
+        raise UsageError(f"{where} {run_name!r}: ends like another run's files (<run>_ema.pt, <run>_step<N>.pt); "
+                         "pick a name without that ending")
+
+
+def check_outputs_outside_data(args):
+    """Checkpoints and grids written inside the image folder would be read back as training images (a
+    samples/ folder becomes a class, its loss.png an image) the next time the folder is read."""
+    if not args.dataset_path or not os.path.isdir(args.dataset_path):
+        return
+    data = os.path.realpath(args.dataset_path)
+    for flag in ("checkpoint_dir", "sample_dir"):
+        folder = os.path.realpath(getattr(args, flag))
+        if os.path.commonpath([data, folder]) == data:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: inside --dataset_path {args.dataset_path}, where its "
+                             f"files would be read as training images; run from another folder or pass --{flag} "
+                             "outside the data")
+
+
 def load_resumed_run(args, typed, full_path):
     """--resume: the stopped run's checkpoint, and its settings as this run's args. Run-control flags
-    given on this command line (RUN_CONTROL_FLAGS) win; every other setting is the saved run's, so the
-    run continues unchanged. typed: the flags given on this command line (parse_args). Returns (args, the
-    checkpoint dict, the other flags given that differ from the saved run's, which are ignored: the caller
-    says so)."""
+    given on this command line (RUN_CONTROL_FLAGS) win, and so do the data's paths (DATA_PATH_FLAGS: the
+    folder may have moved); every other setting is the saved run's, so the run continues unchanged.
+    typed: the flags given on this command line (parse_args). Returns (args, the checkpoint dict, the other
+    flags given that differ from the saved run's, which are ignored, and the data paths that moved; the
+    caller says so)."""
     if not os.path.isfile(full_path):
         raise UsageError(f"--resume: no checkpoint {full_path} to resume from; train without --resume first, "
                          "or pass the --run_name / --checkpoint_dir it was saved under")
@@ -562,21 +602,30 @@ def load_resumed_run(args, typed, full_path):
     saved = resumed["config"]
     ignored = [f"--{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
                f" (the run's: {saved[name]})" for name, value in vars(args).items()
-               if name not in RUN_CONTROL_FLAGS and name in saved and name in typed and value != saved[name]]
+               if name not in RUN_CONTROL_FLAGS + DATA_PATH_FLAGS and name in saved and name in typed
+               and value != saved[name]]
     for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
         if name in typed and name in saved:
+            saved[name] = getattr(args, name)
+    # The data may have moved (another folder, or another working directory): a typed --dataset_path or
+    # --cond_path is read instead of the saved one; main still checks its classes against the run's.
+    moved = [f"--{name} {getattr(args, name)} (the run read {saved[name]})" for name in DATA_PATH_FLAGS
+             if name in typed and saved.get(name) and getattr(args, name) and getattr(args, name) != saved[name]]
+    for name in DATA_PATH_FLAGS:
+        if name in typed and saved.get(name) and getattr(args, name):
             saved[name] = getattr(args, name)
     args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
     if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
         args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
     args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
-    return args, resumed, ignored
+    return args, resumed, ignored, moved
 
 
 def dataset_name(args):
-    """The data's name: the folder's (or .npz file's) name, or the built-in dataset's."""
+    """The data's name: the folder's (or .npz file's) name ("." too: the folder it stands for), or the
+    built-in dataset's."""
     if args.dataset_path:
-        return os.path.basename(os.path.normpath(args.dataset_path)).removesuffix(".npz")
+        return os.path.basename(os.path.abspath(args.dataset_path)).removesuffix(".npz")
     return args.dataset or "shapes"
 
 
@@ -604,11 +653,13 @@ def main(argv=None):
     full_path = os.path.join(args.checkpoint_dir, f"{run_name}.pt")
     ema_path = os.path.join(args.checkpoint_dir, f"{run_name}_ema.pt")
 
-    resumed, ignored = None, []
+    resumed, ignored, moved = None, [], []
     if args.resume:
-        args, resumed, ignored = load_resumed_run(args, typed, full_path)
+        args, resumed, ignored, moved = load_resumed_run(args, typed, full_path)
     resolve_process_defaults(args)
     check_args(args)
+    check_run_name(run_name, given=args.run_name is not None)
+    check_outputs_outside_data(args)
     earlier = [] if args.resume else run_files(args.checkpoint_dir, run_name)
     if earlier and not args.overwrite:
         raise UsageError(f"{earlier[0]} already holds a run named {run_name!r}: add --resume to continue it, "
@@ -637,6 +688,8 @@ def main(argv=None):
     if ignored:
         say(f"note: --resume continues the run with its saved settings, so these flags are ignored: {'; '.join(ignored)}. "
             "Only the run-control flags (README: Train on your own images) change on resume")
+    if moved:
+        say(f"note: reading the data from {'; '.join(moved)}")
     seed_everything(args.seed)  # the same seed everywhere: every process builds the same initial weights
     # Diffusion before data: it checks that the loss, prediction and variance settings fit together.
     if args.process == "cold":  # Cold Diffusion (cold.py): a deterministic degradation, a restoration loss
@@ -864,8 +917,9 @@ def main(argv=None):
     def save():
         """Both checkpoints, written by process 0; never weights that are not finite."""
         if not weights_are_finite(model, ema_model, swa_model):
-            raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, the last checkpoint "
-                             f"{full_path} is kept. Try a lower --lr, or --amp bf16 instead of fp16")
+            kept = f"the last checkpoint {full_path} is kept" if os.path.isfile(full_path) else "no checkpoint yet"
+            raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, {kept}. Try a lower "
+                             "--lr, or --amp bf16 instead of fp16")
         states = checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config,
                                    model_config, diffusion.config(), class_names, timestep_sampler,
                                    rng_states(randomness, device, world_size),
@@ -936,8 +990,9 @@ def main(argv=None):
                            f"images here: {bad_t})")
                 if skipped_in_a_row >= MAX_SKIPPED_STEPS:
                     log.flush()
-                    raise UsageError(f"{problem}, {MAX_SKIPPED_STEPS} steps in a row. Stopped; nothing saved since "
-                                     f"{full_path}. Try a lower --lr, or --amp bf16 instead of fp16")
+                    since = f"since {full_path}" if os.path.isfile(full_path) else "(no checkpoint yet)"
+                    raise UsageError(f"{problem}, {MAX_SKIPPED_STEPS} steps in a row. Stopped; nothing saved {since}. "
+                                     "Try a lower --lr, or --amp bf16 instead of fp16")
                 if rank == 0:
                     bar.write(f"warning: {problem}; step skipped, weights unchanged"
                               + (" (fp16 loss scaling overflows a few times at first)" if amp == "fp16" else ""))
@@ -984,6 +1039,9 @@ if __name__ == "__main__":
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process hits it; one says so
             sys.exit(f"error: {error}")
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first): while loading, say
+        print("\ninterrupted; checkpoints written before now are kept", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -400,7 +400,8 @@ def decode_skipping_broken(entries, index, decode, name):
             return decode(*entry)
         except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on broken files
             warnings.warn(f"skipping image that failed to decode {name(*entry)}: {error}")
-    raise UsageError("no image in the dataset could be decoded")
+    raise UsageError(f"none of the dataset's {len(entries)} images could be decoded (the last tried: "
+                     f"{name(*entry)}); check the folder with python tools/clean_dataset.py")
 
 
 class PairedImageDataset(torch.utils.data.Dataset):
@@ -428,6 +429,10 @@ class PairedImageDataset(torch.utils.data.Dataset):
             return {name: paths[0] for name, paths in found.items()}
         targets, inputs = by_name(target_folder), by_name(input_folder)
         names = sorted(set(targets) & set(inputs))
+        for flag, folder, found in (("--dataset_path", target_folder, targets), ("--cond_path", input_folder, inputs)):
+            if not found:
+                raise UsageError(f"{flag} {folder}: no image files found (looked for .jpg/.png/.webp/... here and in "
+                                 "its subfolders)")
         if not names:
             raise UsageError(f"--cond_path {input_folder}: none of its {len(inputs)} images has a partner with the "
                              f"same name in --dataset_path {target_folder} ({len(targets)} images)")
@@ -753,6 +758,10 @@ def check_keys(state, path, required, flag="--ckpt"):
                          f"checkpoint; sample it with python sample.py --ckpt {path}")
     if missing:
         raise UsageError(f"{flag} {path}: not a checkpoint written by train.py (it lacks {', '.join(missing)})")
+    bad_config = next((key for key in required if key.endswith("_config") and not isinstance(state[key], dict)), None)
+    if bad_config:  # a hand-edited file: every *_config is a dict of plain settings
+        raise UsageError(f"{flag} {path}: its {bad_config} is a {type(state[bad_config]).__name__}, not a dict of "
+                         "settings; the file was edited or written by different code")
     return state
 
 

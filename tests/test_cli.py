@@ -213,6 +213,28 @@ def test_a_signal_to_the_whole_process_group_with_loading_workers_still_saves(tm
             os.remove(tmp_path / "checkpoints" / name)
 
 
+def test_ctrl_c_while_sampling_is_one_line_not_a_traceback(tmp_path, image_folder):
+    """sample.py has nothing to save half-way: Ctrl-C stops it with one line and exit code 130."""
+    run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every",
+               "0", cwd=tmp_path)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    process = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--ckpt", "checkpoints/pets_ema.pt",
+                                "--num_samples", "100000", "--batch_size", "4", "--device", "cpu"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, seen = time.time() + 60, ""
+    while time.time() < deadline and "sampling" not in seen:  # the sampler's progress bar: it is sampling
+        ready, _, _ = select.select([process.stderr], [], [], max(0.0, deadline - time.time()))
+        chunk = os.read(process.stderr.fileno(), 65536).decode(errors="ignore") if ready else ""
+        if not chunk and process.poll() is not None:
+            break
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, (seen + stderr)[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted")
+
+
+# --- bad input: one clear line, never a traceback --------------------------------------------
 # --- bad input: one clear line, never a traceback --------------------------------------------
 
 def test_missing_dataset_folder(tmp_path):
@@ -236,6 +258,33 @@ def test_folder_with_no_readable_image(tmp_path):
 def test_image_size_the_unet_cannot_halve(tmp_path, image_folder):
     result = run_script("train.py", "--dataset_path", image_folder, "--image_size", "30", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--image_size 30", "divisible by 4")
+
+
+def test_outputs_inside_the_image_folder_are_refused(tmp_path, image_folder):
+    """Run from inside the data with the defaults, checkpoints/ and samples/ would be read back as classes
+    (samples/loss.png as an image) the next time the folder is read; and "." names the run after the folder."""
+    result = run_script("train.py", "--dataset_path", ".", *TINY_TRAIN_FLAGS, cwd=image_folder, check=False)
+    assert_one_line_error(result, "--checkpoint_dir checkpoints: inside --dataset_path .")
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--sample_dir",
+                        image_folder / "grids", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--sample_dir", "inside --dataset_path")
+    assert sorted(os.listdir(image_folder)) == ["cat", "dog"]
+    run_script("train.py", "--dataset_path", ".", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0",
+               "--checkpoint_dir", tmp_path / "ck", "--sample_dir", tmp_path / "sm", cwd=image_folder)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["pets.pt", "pets_ema.pt"]  # named after the folder "." is
+
+
+def test_resume_reads_a_moved_data_folder_given_by_flag(tmp_path, image_folder):
+    """The data folder moved (or the run is resumed from elsewhere): a typed --dataset_path is read instead
+    of the saved one, with a note; the class check still holds."""
+    run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every",
+               "0", cwd=tmp_path)
+    image_folder.rename(tmp_path / "moved")
+    result = run_script("train.py", "--dataset_path", "moved", "--run_name", "pets", "--resume", "--max_steps", "2",
+                        "--sample_every", "0", cwd=tmp_path)
+    assert "note: reading the data from --dataset_path moved (the run read" in result.stdout
+    state = torch.load(tmp_path / "checkpoints" / "pets.pt", weights_only=True)
+    assert state["step"] == 2 and state["config"]["dataset_path"] == "moved"
 
 
 def test_resume_without_a_checkpoint(tmp_path, image_folder):
@@ -265,6 +314,14 @@ def test_bad_checkpoints(tmp_path, image_folder):
     torch.save(state, tmp_path / "edited.pt")
     assert_one_line_error(run_script("sample.py", "--ckpt", "edited.pt", cwd=tmp_path, check=False),
                           "do not match", "output.2.bias")
+    # Settings edited by hand, or from a newer version: one line too.
+    state = torch.load(tmp_path / "checkpoints" / "pets_ema.pt", weights_only=True)
+    torch.save(dict(state, model_config="unet"), tmp_path / "string_config.pt")
+    assert_one_line_error(run_script("sample.py", "--ckpt", "string_config.pt", cwd=tmp_path, check=False),
+                          "its model_config is a str, not a dict")
+    torch.save(dict(state, model_config=dict(state["model_config"], bogus=1)), tmp_path / "newer.pt")
+    assert_one_line_error(run_script("sample.py", "--ckpt", "newer.pt", cwd=tmp_path, check=False),
+                          "unknown model settings: ['bogus']")
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):

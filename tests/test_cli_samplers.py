@@ -145,6 +145,11 @@ def test_inversion_writes_originals_over_reconstructions(improved_run, tmp_path)
     (["--invert", ".", "--class_label", "0"], ("--invert", "--class_label")),
     (["--invert", "no/such/folder"], ("--invert no/such/folder",)),
     (["--variance", "learned"], ("--variance learned",)),
+    (["--seed", "4294967296"], ("--seed 4294967296", "2^32")),  # a numpy traceback
+    (["--gif_frames", "5"], ("--gif_frames", "--gif")),  # did nothing without --gif
+    (["--classifier_scale", "2"], ("--classifier_scale", "--classifier_ckpt")),
+    (["--realesrgan_weights", "x.pth"], ("--realesrgan_weights", "--upscale_mode realesrgan")),
+    (["--upscale_mode", "realesrgan", "--realesrgan_weights", "x.pth"], ("--realesrgan_weights x.pth", "no such file")),
 ])
 def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fragments):
     root, _ = improved_run
@@ -173,6 +178,15 @@ def test_bad_sampler_flags_are_one_line_errors(improved_run, tmp_path, flags, fr
      ("--sample_aug_t 2", "--aug_max_t 0")),  # was ignored
     (["--task", "super_resolution", "--low_res", "8", "--aug_max_t", "3", "--sample_aug_t", "5"],
      ("--sample_aug_t 5", "above --aug_max_t 3")),  # a level never trained on
+    (["--lr", "nan"], ("--lr nan", "finite")),                 # an AdamW traceback
+    (["--max_minutes", "nan"], ("--max_minutes nan", "finite")),  # lr 0 throughout, and no time limit
+    (["--min_snr_gamma", "nan"], ("--min_snr_gamma nan", "finite")),  # skipped every step, saved untrained weights
+    (["--seed", "-1"], ("--seed -1", "2^32")),                 # a numpy traceback
+    (["--num_samples", "0"], ("--num_samples 0", "at least 1")),  # failed at the first grid
+    (["--sample_every", "-1"], ("--sample_every -1",)),        # drew a grid every step
+    (["--run_name", "a/b"], ("--run_name 'a/b'", "plain file name")),  # escaped the overwrite check
+    (["--run_name", "pets_ema"], ("--run_name 'pets_ema'", "another run's files")),
+    (["--dataset_path", ""], ("--dataset_path is empty",)),   # trained on the built-in shapes
 ])
 def test_bad_training_combinations_are_one_line_errors(tmp_path, image_folder, flags, fragments):
     result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, *flags, cwd=tmp_path,

@@ -2,6 +2,8 @@
 module says; a perfect restorer brings both samplers back to x_0 exactly; Algorithm 2 cancels an error
 that every level keeps, where Algorithm 1 passes it on; the start mixture fits and samples; the
 training loss; and train.py / sample.py end to end."""
+import os
+
 import pytest
 import torch
 
@@ -163,8 +165,16 @@ def test_train_and_sample_a_cold_model_end_to_end(tmp_path, image_folder):
     assert_one_line_error(fails("--ckpt", "checkpoints/masked_ema.pt"), "cannot generate", "--cold_restore")
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--sampler", "ddim"), "--sampler ddim",
                           "Cold Diffusion")
-    assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--class_label", "0"),
-                          "--class_name/--class_label", "Cold Diffusion")  # it draws every class; was ignored
+    # A class-conditional Cold model draws the classes asked for, one row each, as Gaussian models do.
+    chosen = run_script("sample.py", "--ckpt", "checkpoints/blurry_ema.pt", "--class_name", "dog", "--num_samples", "2",
+                        "--out", "dogs.png", "--individual_dir", "dogs", cwd=tmp_path)
+    assert "grid of 2 samples" in chosen.stdout and sorted(os.listdir(tmp_path / "dogs"))[0].endswith("_dog.png")
+    assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--class_name", "cow"), "--class_name cow",
+                          "cat, dog")
+    assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--cold_level", "3"),
+                          "--cold_level", "--cold_restore")  # generation runs every level: it was ignored
+    assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--spacing", "quadratic"), "--spacing",
+                          "Cold Diffusion")
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--batch_size", "0"), "--batch_size")
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--gif", "g.png"), "--gif g.png", ".gif")
     assert_one_line_error(fails("--ckpt", "checkpoints/blurry_ema.pt", "--cold_restore", image_folder / "cat", "--gif",

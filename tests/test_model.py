@@ -49,6 +49,11 @@ def test_sinusoidal_embedding_shape_and_values():
     assert e.shape == (3, 32)
     assert torch.equal(e[0, :16], torch.zeros(16)) and torch.equal(e[0, 16:], torch.ones(16))  # sin 0, cos 0
     assert e[1, 0].item() == pytest.approx(torch.sin(torch.tensor(1.0)).item())  # frequency 1 first
+    # An odd size (an odd --base_channels): the same sines and cosines, then one column of zeros.
+    odd = timestep_embedding(torch.tensor([0, 1, 500]), 33)
+    assert odd.shape == (3, 33) and torch.equal(odd[:, :32], e) and torch.equal(odd[:, 32], torch.zeros(3))
+    model = build_model(dict(image_size=8, base_channels=5, channel_mults=[1, 2], num_res_blocks=1))
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([0, 9])).shape == (2, 3, 8, 8)
 
 
 def test_attention_block_is_softmax_attention_plus_residual():
