@@ -109,7 +109,8 @@ def test_cascade_base_then_super_resolution(trained, tmp_path):
                "--out", tmp_path / "alone.png", cwd=tmp_path)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "base.png")), np.asarray(Image.open(tmp_path / "alone.png")))
     for flags, fragments in ((["--upscale", "3"], ("--upscale 3", "8x8 samples into 16x16 (x2)")),
-                             (["--steps", "50"], ("--steps 50",))):
+                             (["--steps", "50"], ("--steps 50",)),
+                             (["--upscale_mode", "bicubic"], ("--sr_ckpt", "--upscale_mode bicubic"))):  # SR unused
         bad = run_script("sample.py", "--ckpt", trained / "checkpoints" / "pets_ema.pt", "--sr_ckpt",
                          trained / "checkpoints" / "pets_sr_ema.pt", *flags, cwd=tmp_path, check=False)
         assert_one_line_error(bad, *fragments)
@@ -194,6 +195,11 @@ def test_image_to_image_from_paired_folders(tmp_path):
     bad = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", *TINY_TRAIN_FLAGS,
                      cwd=tmp_path, check=False)
     assert_one_line_error(bad, "--cond_path")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "0.txt").write_text("not an image")
+    bad = run_script("train.py", "--task", "image_to_image", "--dataset_path", "photos", "--cond_path", "notes",
+                     "--run_name", "n", *TINY_TRAIN_FLAGS, cwd=tmp_path, check=False)
+    assert_one_line_error(bad, "--cond_path notes: no image files found")  # said "none of its 0 images has a partner"
 
 
 def test_guidance_sweep_tool_draws_classes_against_scales(trained, tmp_path, monkeypatch):
