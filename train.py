@@ -66,9 +66,9 @@ from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLo
                      shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
-                   load_npz_dataset, load_weights, peak_memory_mb, remove_stale_temporaries, reorder_classes,
-                   reset_peak_memory, resolve_amp, resolve_channels_last, run_files, save_grid, seed_everything,
-                   to_model_range)
+                   load_npz_dataset, load_weights, peak_memory_mb, plain_class_names, remove_stale_temporaries,
+                   reorder_classes, reset_peak_memory, resolve_amp, resolve_channels_last, run_files, save_grid,
+                   seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -707,6 +707,9 @@ def main(argv=None):
         raise UsageError("--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
+    if resumed and args.dataset and plain_class_names(resumed.get("class_names", [])) == class_names:
+        # A built-in dataset's run from before names were made plain ('3 - three', 'T-shirt/top') keeps them.
+        class_names = dataset.class_names = list(resumed["class_names"])
     if resumed and "class_names" in resumed and sorted(resumed["class_names"]) == sorted(class_names) \
             and list(resumed["class_names"]) != class_names:
         # The same classes in another order (numbered folders were ordered as text before this version):

@@ -612,7 +612,15 @@ def load_builtin_dataset(name, image_size, root="data", seed=0):
         raise UsageError(f"--dataset {name}: could not download it into {os.path.join(root, name)} ({reason[-1]}); "
                          "connect to the internet once, or use --dataset_path with a folder of images") from None
     return TensorImageDataset(to_image_size(data.data, image_size), torch.as_tensor(np.asarray(data.targets)),
-                              list(data.classes))
+                              plain_class_names(data.classes))
+
+
+def plain_class_names(names):
+    """torchvision's class names as a user types them and a file name can hold: MNIST's '3 - three' is '3'
+    (as in an .npz, so sample.py --class_name 3 finds it), and Fashion-MNIST's 'T-shirt/top' is
+    'T-shirt_top' (a / in a name would make a subfolder of sample.py --individual_dir's files and of
+    tools/export_dataset.py's class folders)."""
+    return [re.sub(r"^(\d+) - .*$", r"\1", str(name)).replace("/", "_") for name in names]
 
 
 # ---------------------------------------------------------------------------------------------
