@@ -490,3 +490,55 @@ def test_training_log_appends_at_flush_redraws_the_plot_and_is_silent_off_proces
     other.add([1, 1.0, 2e-4, 100.0, 50.0, 0.5, 0.4, 0.3, 0.2])
     other.flush()
     assert not (tmp_path / "other").exists() and other.rows == []
+
+
+def test_unwritable_sample_folder_fails_at_start_before_any_training_step(tmp_path, image_folder, monkeypatch):
+    """Like --checkpoint_dir: a --sample_dir that cannot be made (under a file) is one line at start-up."""
+    from ddpm import GaussianDiffusion
+    steps, real_loss = [], GaussianDiffusion.training_loss
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", lambda *a, **k: steps.append(1) or real_loss(*a, **k))
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS,
+                        "--sample_dir", "a_file/samples", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "--sample_dir a_file/samples", "cannot write there", "is a file")
+    assert steps == []  # no training step was taken
+    assert not (tmp_path / "checkpoints").exists() or os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_a_second_signal_during_the_save_quits_at_once_without_saving(tmp_path, monkeypatch, capsys):
+    """README, Runs that survive interruption: the first Ctrl-C/SIGTERM finishes the step and saves; a second
+    one, arriving while that save writes, quits at once (exit 130) and leaves the last checkpoint as it was."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    real_update_ema, real_save, first_sent = train.update_ema, torch.save, []
+    read = lambda: {name: (tmp_path / "checkpoints" / name).read_bytes() for name in ("pets.pt", "pets_ema.pt")}
+
+    def signal_during_step_3(ema_model, model, decay, step):
+        if step == 2:  # the first signal, during step 3: the step finishes, step 4 is the last, then the save
+            first_sent.append(read())  # the checkpoint of step 2 (--save_every 2), as it is now
+            signal.raise_signal(signal.SIGTERM)
+        real_update_ema(ema_model, model, decay, step)
+
+    def signal_while_saving(obj, f, *args, **kwargs):
+        if first_sent:  # the save on the way out: a second signal arrives while it writes
+            signal.raise_signal(signal.SIGINT)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(train, "update_ema", signal_during_step_3)
+    monkeypatch.setattr(torch, "save", signal_while_saving)
+    try:
+        train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "10", "--save_every", "2",
+                   "--sample_every", "0", expect_exit=130)
+    except KeyboardInterrupt:  # would stop the whole pytest session: fail this test instead
+        pytest.fail("the second signal's KeyboardInterrupt escaped train.main instead of exit code 130")
+    captured = capsys.readouterr()
+    assert "SIGTERM: stopping after this step and saving a checkpoint" in captured.err
+    assert "stopped at step 4 without saving; the last checkpoint checkpoints/pets.pt is kept" in captured.out
+    assert "interrupted at step" not in captured.out  # the message of a run that did save
+    monkeypatch.setattr(torch, "save", real_save)
+    assert len(first_sent) == 1 and read() == first_sent[0]  # both files byte for byte as before the signals
+    assert load("checkpoints/pets.pt")["step"] == load("checkpoints/pets_ema.pt")["step"] == 2  # the save of step 2
+    assert sorted(os.listdir("checkpoints")) == ["pets.pt", "pets_ema.pt"]  # no half-written temporary left
+    # ... and that checkpoint is whole: the run resumes from it
+    train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "3")
+    assert load("checkpoints/pets.pt")["step"] == 3
