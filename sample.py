@@ -32,6 +32,7 @@ than the raw training weights; --weights picks others for the --ckpt model:
 import argparse
 import math
 import os
+import signal
 import sys
 import time
 
@@ -791,6 +792,8 @@ def upscale_samples(args, images, grid_path, nrow, sr, sr_generate):
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:  # started in the background by a shell script:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C (SIGINT) stops it all the same
     try:
         main()
     except UsageError as error:

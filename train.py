@@ -602,8 +602,8 @@ def load_resumed_run(args, typed, full_path):
     saved = resumed["config"]
     ignored = [f"--{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
                f" (the run's: {saved[name]})" for name, value in vars(args).items()
-               if name not in RUN_CONTROL_FLAGS + DATA_PATH_FLAGS and name in saved and name in typed
-               and value != saved[name]]
+               if name not in RUN_CONTROL_FLAGS and not (name in DATA_PATH_FLAGS and saved.get(name) and value)
+               and name in saved and name in typed and value != saved[name]]
     for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
         if name in typed and name in saved:
             saved[name] = getattr(args, name)
@@ -658,7 +658,8 @@ def main(argv=None):
         args, resumed, ignored, moved = load_resumed_run(args, typed, full_path)
     resolve_process_defaults(args)
     check_args(args)
-    check_run_name(run_name, given=args.run_name is not None)
+    if not args.resume:  # a run made before the rule keeps its name
+        check_run_name(run_name, given="run_name" in typed)
     check_outputs_outside_data(args)
     earlier = [] if args.resume else run_files(args.checkpoint_dir, run_name)
     if earlier and not args.overwrite:

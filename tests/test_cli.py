@@ -228,8 +228,11 @@ def test_ctrl_c_while_sampling_is_one_line_not_a_traceback(tmp_path, image_folde
         if not chunk and process.poll() is not None:
             break
         seen += chunk
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:  # never leave it sampling on the shared cores
+        process.kill()
     assert process.returncode == 130, (seen + stderr)[-2000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted")
 

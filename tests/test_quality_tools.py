@@ -843,6 +843,7 @@ def test_training_sweep_checks_its_flags_and_folders_before_the_first_run(traine
     for flags, fragments in ((["--", "--max_step", "1"], ["--max_step", "set by the sweep itself"]),
                              (["--", "--see=7"], ["--see", "set by the sweep itself"]),
                              (["--", "--t_max", "9"], ["--t_max", "expert denoiser"]),
+                             (["--", "--dataset", "mnist"], ["--dataset names a built-in", "export_dataset.py"]),
                              (["--reference_path", tmp_path / "nosuch"], ["--reference_path", "no such folder"]),
                              (["--out_dir", tmp_path / "a_file"], ["--out_dir", "is a file"])):
         refused = run_script("tools/training_sweep.py", *common, *flags, cwd=tmp_path, check=False)

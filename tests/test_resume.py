@@ -323,6 +323,12 @@ def test_resume_says_which_given_flags_it_ignores(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
     train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "2")  # the run is at step 3 already
     assert "already at step 3, not below --max_steps 2: nothing to train" in capsys.readouterr().out
+    # A data path typed for a run that read none (the built-in shapes) is not read, so it is named too.
+    train_here(".", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0", "--run_name", "built_in")
+    capsys.readouterr()
+    train_here(".", "--dataset_path", "pets", "--run_name", "built_in", "--resume", "--max_steps", "2")
+    assert "ignored: --dataset_path pets (the run's: None)" in capsys.readouterr().out
+    assert load("checkpoints/built_in.pt")["config"]["dataset_path"] is None
 
 
 def test_resume_keeps_the_run_s_class_order_when_only_the_order_differs(tmp_path, monkeypatch, capsys):
@@ -542,3 +548,18 @@ def test_a_second_signal_during_the_save_quits_at_once_without_saving(tmp_path, 
     # ... and that checkpoint is whole: the run resumes from it
     train_here(".", "--dataset_path", "pets", "--resume", "--max_steps", "3")
     assert load("checkpoints/pets.pt")["step"] == 3
+
+
+def test_a_run_named_before_the_run_name_rule_still_resumes(tmp_path, monkeypatch):
+    """Names ending like another run's files (faces_ema) are refused for new runs only: an existing run
+    with such a name, made by an older version, resumes."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder(tmp_path / "pets")
+    with pytest.raises(UsageError, match="--run_name 'faces_ema'"):
+        train.main(["--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--run_name", "faces_ema"])
+    train_here(".", "--dataset_path", "pets", *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every", "0",
+               "--run_name", "faces")
+    for suffix in ("_ema", ""):  # as an older version would have named them (the EMA file first)
+        os.rename(f"checkpoints/faces{suffix}.pt", f"checkpoints/faces_ema{suffix}.pt")
+    train_here(".", "--dataset_path", "pets", "--run_name", "faces_ema", "--resume", "--max_steps", "2")
+    assert load("checkpoints/faces_ema.pt")["step"] == 2

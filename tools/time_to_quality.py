@@ -97,10 +97,10 @@ def read_peer(spec, size, channels):
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:  # not an .npz, or cut short
         raise UsageError(f"--peer {spec}: cannot read {path} as an .npz ({type(error).__name__}); write it "
                          "again with quality_peers.py") from None
-    # uint8 [N x H x W] or [N x H x W x C] with C = 1, 3 or 4, as fit_images reads an array of images
+    # uint8 [N x H x W] or [N x H x W x C] with C = 1 to 4 (grey, grey + alpha, RGB, RGBA), as fit_images reads
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 2, 3, 4)) or not len(images):
         raise UsageError(f"--peer {spec}: x has shape {images.shape}; expected images [N x H x W] or "
-                         "[N x H x W x C] with C = 1 or 3, as quality_peers.py writes")
+                         "[N x H x W x C] with C = 1 to 4, as quality_peers.py writes")
     images = fit_images(images, size, desc=f"reading {path}")  # as the reference folder's images are read
     if images.shape[1] != channels:
         raise UsageError(f"--peer {spec}: {images.shape[1]}-channel images; the classifier takes {channels}")

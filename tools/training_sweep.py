@@ -142,6 +142,9 @@ def check_args(args):
     # train.py's argparse takes any unambiguous start of a flag's name (--max_step, --see), so a flag given
     # after "--" clashes when it is the start of one the sweep sets.
     typed = [flag.split("=")[0] for flag in args.train_args if flag.startswith("--") and flag != "--"]
+    if "--dataset" in typed:  # a train.py flag of its own (a built-in dataset), which --dataset_path overrides
+        raise UsageError("after '--': --dataset names a built-in dataset, but the sweep trains on its own "
+                         "--dataset_path; export the dataset to a folder (tools/export_dataset.py) and pass that")
     clashing = [flag for flag in typed if any(own.startswith(flag) for own in OWN_FLAGS)]
     if clashing:
         raise UsageError(f"after '--': {', '.join(clashing)} is set by the sweep itself; use the sweep's own "
