@@ -47,10 +47,10 @@ from experts import ExpertEnsemble, check_compatible, check_coverage, expert_ran
 from guidance import classifier_free_guidance, classifier_guidance
 from improved_ddpm import respace
 from model import build_classifier, build_model
-from utils import (HelpFormatter, UsageError, check_keys, check_output_file, check_output_folder, emulated_bf16_note, from_model_range,
-                   is_image_file, list_images, load_checkpoint, load_image, load_weights, make_grid_image, pick_device,
-                   prepare_network, resize_uint8, resolve_amp, save_gif, save_grid, save_image, seed_everything,
-                   stacked_rows, to_model_range)
+from utils import (HelpFormatter, UsageError, check_keys, check_output_file, check_output_folder, emulated_bf16_note,
+                   from_model_range, is_image_file, list_images, load_checkpoint, load_image, load_weights,
+                   make_grid_image, out_of_memory, pick_device, prepare_network, resize_uint8, resolve_amp, save_gif,
+                   save_grid, save_image, seed_everything, stacked_rows, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
@@ -801,3 +801,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from deep inside the network
         print("\ninterrupted; nothing more is written (files saved before now are kept)", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as error:  # out of memory: one line with the flag that helps, not a traceback
+        if (message := out_of_memory(error, "lower --batch_size, or try --amp")) is None:
+            raise
+        sys.exit(f"error: {message}")

@@ -66,9 +66,9 @@ from scaling import (ResumableSampler, SharedRandomness, StopSignals, TrainingLo
                      shut_down_workers, step_statistics, weights_are_finite, write_checkpoints)
 from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageError, check_output_folder,
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
-                   load_npz_dataset, load_weights, peak_memory_mb, plain_class_names, remove_stale_temporaries,
-                   reorder_classes, reset_peak_memory, resolve_amp, resolve_channels_last, run_files, save_grid,
-                   seed_everything, to_model_range)
+                   load_npz_dataset, load_weights, out_of_memory, peak_memory_mb, plain_class_names,
+                   remove_stale_temporaries, reorder_classes, reset_peak_memory, resolve_amp, resolve_channels_last,
+                   run_files, save_grid, seed_everything, to_model_range)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -1046,6 +1046,12 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first): while loading, say
         print("\ninterrupted; checkpoints written before now are kept", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as error:  # out of memory: one line with the flags that help, not a traceback
+        message = out_of_memory(error, "lower --batch_size (or --image_size, --base_channels), or try "
+                                "--grad_checkpointing or --amp; checkpoints written before now are kept")
+        if message is None:
+            raise
+        sys.exit(f"error: {message}")
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -733,6 +733,18 @@ def check_output_file(path, flag, suffixes=None):
     check_output_folder(os.path.dirname(path) or ".", f"{flag} {path}: the folder")
 
 
+def out_of_memory(error, fix):
+    """A one-line message for an error that says the device ran out of memory (a CUDA or MPS
+    OutOfMemoryError, or the CPU allocator's failure), ending in fix (the flags that help), else None:
+    the scripts print it instead of a traceback."""
+    text = str(error)
+    kinds = tuple(kind for kind in (getattr(torch, "OutOfMemoryError", None), torch.cuda.OutOfMemoryError) if kind)
+    if not (isinstance(error, kinds) or "out of memory" in text.lower() or "can't allocate memory" in text):
+        return None
+    first = text.strip().splitlines()[0][:160] if text.strip() else type(error).__name__
+    return f"out of memory ({first}); {fix}"
+
+
 def load_checkpoint(path, required=("model_config", "diffusion_config"), flag="--ckpt", task=None,
                     written_by="train.py"):
     """Load a checkpoint written by train.py (or written_by, another script): CPU first, weights_only=True

@@ -290,6 +290,27 @@ def test_resume_reads_a_moved_data_folder_given_by_flag(tmp_path, image_folder):
     assert state["step"] == 2 and state["config"]["dataset_path"] == "moved"
 
 
+def test_out_of_memory_is_one_line_naming_the_flags_that_help(tmp_path, image_folder, monkeypatch):
+    """A GPU (or the CPU) running out of memory is the commonest failure of a first run; its fix is a flag."""
+    from ddpm import GaussianDiffusion
+    run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--max_steps", "1", "--sample_every",
+               "0", cwd=tmp_path)
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", no_memory)
+    monkeypatch.setattr(GaussianDiffusion, "p_sample", no_memory)
+    result = run_script("train.py", "--dataset_path", image_folder, *TINY_TRAIN_FLAGS, "--run_name", "big",
+                        cwd=tmp_path, check=False)
+    assert_one_line_error(result, "out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)", "--batch_size",
+                          "--grad_checkpointing")
+    result = run_script("sample.py", "--ckpt", "checkpoints/pets_ema.pt", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "out of memory", "lower --batch_size")
+    monkeypatch.setattr(GaussianDiffusion, "p_sample", lambda *a, **k: 1 / 0)  # any other error keeps its traceback
+    assert "ZeroDivisionError" in run_script("sample.py", "--ckpt", "checkpoints/pets_ema.pt", cwd=tmp_path,
+                                             check=False).stderr
+
+
 def test_resume_without_a_checkpoint(tmp_path, image_folder):
     result = run_script("train.py", "--dataset_path", image_folder, "--resume", cwd=tmp_path, check=False)
     assert_one_line_error(result, "--resume", "checkpoints/pets.pt")
