@@ -104,7 +104,10 @@ class ColdDiffusion:
     """A deterministic degradation with T levels, its restoration loss, and the two samplers.
     Like GaussianDiffusion, it holds no network: methods take a callable model(x, t, y) -> x0_hat."""
 
-    def __init__(self, degradation="blur", timesteps=50, image_size=32, loss="l1", start_mixture=None):
+    def __init__(self, degradation="blur", timesteps=50, image_size=32, loss="l1", start_mixture=None, **unknown):
+        if unknown:  # ColdDiffusion(**checkpoint["cold_config"]) of a newer version's (or edited) file
+            raise UsageError(f"unknown Cold Diffusion settings: {sorted(unknown)} (a checkpoint written by a newer "
+                             "version, or edited?)")
         if degradation not in DEGRADATIONS:
             raise UsageError(f"--degradation {degradation}: unknown; choose one of {', '.join(DEGRADATIONS)}")
         if loss not in COLD_LOSSES:

@@ -120,7 +120,10 @@ class GaussianDiffusion:
     The variational-bound losses ('hybrid', 'kl') and respacing live in improved_ddpm.py."""
 
     def __init__(self, timesteps=1000, schedule="linear", loss="l2", variance=None, prediction="eps",
-                 learn_sigma=False, min_snr_gamma=0.0):
+                 learn_sigma=False, min_snr_gamma=0.0, **unknown):
+        if unknown:  # GaussianDiffusion(**checkpoint["diffusion_config"]) of a newer version's (or edited) file
+            raise UsageError(f"unknown diffusion settings: {sorted(unknown)} (a checkpoint written by a newer "
+                             "version, or edited?)")
         if loss not in LOSSES:
             raise UsageError(f"--loss {loss}: unknown; choose one of {', '.join(LOSSES)}")
         if prediction not in PREDICTIONS:

@@ -346,6 +346,10 @@ def test_bad_checkpoints(tmp_path, image_folder):
     torch.save(dict(state, model_config=dict(state["model_config"], bogus=1)), tmp_path / "newer.pt")
     assert_one_line_error(run_script("sample.py", "--ckpt", "newer.pt", cwd=tmp_path, check=False),
                           "unknown model settings: ['bogus']")
+    torch.save(dict(state, diffusion_config=dict(state["diffusion_config"], bogus=1)), tmp_path / "newer2.pt")
+    for script, flags in (("sample.py", ["--ckpt"]), ("tools/nll.py", ["--dataset_path", image_folder, "--ckpt"])):
+        assert_one_line_error(run_script(script, *flags, "newer2.pt", cwd=tmp_path, check=False),
+                              "unknown diffusion settings: ['bogus']")
 
 
 def test_diverging_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, image_folder):
