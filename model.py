@@ -57,8 +57,9 @@ def default_attention_resolutions(image_size, channel_mults):
     as long as it is 16x16 or smaller (DDPM's largest attention map: 16x16 on 32x32 CIFAR-10); above
     that, only the middle block attends (it always does), because attention is quadratic in the number
     of pixels: a one-level model at 32x32 trained 4.7x slower with attention in its five level blocks
-    (1024 tokens each; 1.9 s against 0.4 s a step at batch 32 on a 2-core Zen 4). On a 2-CPU machine, attention at 16x16 as well as 8x8 cost the default model about a quarter of its training
-    speed (tools/peer_contender.py; README, Speed). Pass --attention_resolutions 16 8 to get it back."""
+    (1024 tokens each; 1.9 s against 0.4 s a step at batch 32 on a 2-core Zen 4). On a 2-CPU machine,
+    attention at 16x16 as well as 8x8 cost the default model about a quarter of its training speed
+    (tools/peer_contender.py; README, Speed). Pass --attention_resolutions 16 8 to get it back."""
     resolutions = level_resolutions(image_size, channel_mults)
     return [r for r in resolutions if r <= 8] or [r for r in resolutions[-1:] if r <= 16]
 

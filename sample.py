@@ -49,8 +49,8 @@ from improved_ddpm import respace
 from model import build_classifier, build_model
 from utils import (HelpFormatter, UsageError, check_keys, check_output_file, check_output_folder, emulated_bf16_note,
                    from_model_range, is_image_file, list_images, load_checkpoint, load_image, load_weights,
-                   make_grid_image, out_of_memory, pick_device, prepare_network, resize_uint8, resolve_amp, save_gif,
-                   save_grid, save_image, seed_everything, stacked_rows, to_model_range)
+                   make_grid_image, out_of_memory, pick_device, prepare_network, refuse_fp16_on_cpu, resize_uint8,
+                   resolve_amp, save_gif, save_grid, save_image, seed_everything, stacked_rows, to_model_range)
 
 UPSCALE_MODES = ("nearest", "bicubic", "sr", "realesrgan")
 WEIGHTS = ("ema", "swa", "raw")  # the weight sets a checkpoint can hold (see pick_weights)
@@ -532,8 +532,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
     requested, args.amp = args.amp, resolve_amp(args.amp, device)
-    if args.amp == "fp16" and device.type == "cpu":  # said now, before a note that the network runs in fp16
-        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
+    refuse_fp16_on_cpu(args.amp, device)  # now, before a note that the network runs in fp16
     if requested != "off":
         print(f"--amp {requested}: " + (f"the network in {args.amp} autocast, the sampler's arithmetic in fp32"
                                          if args.amp != "off" else "fp32 (no bf16 matrix hardware on this CPU)"))

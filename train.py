@@ -68,7 +68,7 @@ from utils import (HelpFormatter, ImageFolderDataset, PairedImageDataset, UsageE
                    emulated_bf16_note, from_model_range, keep_freed_memory, load_builtin_dataset, load_checkpoint,
                    load_npz_dataset, load_weights, out_of_memory, peak_memory_mb, plain_class_names,
                    remove_stale_temporaries, reorder_classes, reset_peak_memory, resolve_amp, resolve_channels_last,
-                   run_files, save_grid, seed_everything, to_model_range)
+                   run_files, save_grid, seed_everything, to_model_range, typed_flags)
 
 BUILTIN_DATASETS = ("shapes", "mnist", "fashion_mnist", "cifar10")
 # Default run names: the dataset's name, plus this, so a folder's base, SR and classifier runs coexist.
@@ -223,13 +223,7 @@ def parse_args(argv=None):
     out.add_argument("--overwrite", action="store_true",
                      help="start afresh even though <checkpoint_dir>/<run>.pt exists: that run's checkpoints (the "
                      "--keep_last ones too) are deleted and its loss log restarted (without it such a run is refused)")
-    args = p.parse_args(argv)
-    # Which flags were typed, whatever their value: --resume --max_steps 10000 must win even though
-    # 10000 is the default. A copy of the parser without defaults leaves out every flag not given.
-    typed = copy.deepcopy(p)
-    for action in typed._actions:
-        action.default = argparse.SUPPRESS
-    return args, set(vars(typed.parse_args(argv)))
+    return p.parse_args(argv), typed_flags(p, argv)
 
 
 def resolve_process_defaults(args):
@@ -600,25 +594,49 @@ def load_resumed_run(args, typed, full_path):
                          "or pass the --run_name / --checkpoint_dir it was saved under")
     resumed = load_checkpoint(full_path, required=("config", "model", "ema", "optimizer", "step"), flag="--resume:")
     saved = resumed["config"]
+    # The data may have moved (another folder, or another working directory): a typed --dataset_path or
+    # --cond_path is read instead of the saved one, where the run read one; main still checks its classes.
+    data_paths = [name for name in DATA_PATH_FLAGS if name in typed and saved.get(name) and getattr(args, name)]
     ignored = [f"--{name} {' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
                f" (the run's: {saved[name]})" for name, value in vars(args).items()
-               if name not in RUN_CONTROL_FLAGS and not (name in DATA_PATH_FLAGS and saved.get(name) and value)
-               and name in saved and name in typed and value != saved[name]]
-    for name in RUN_CONTROL_FLAGS:  # explicitly given run-control flags win; the rest is the saved run
+               if name not in RUN_CONTROL_FLAGS + tuple(data_paths) and name in saved and name in typed
+               and value != saved[name]]
+    moved = [f"--{name} {getattr(args, name)} (the run read {saved[name]})" for name in data_paths
+             if getattr(args, name) != saved[name]]
+    for name in RUN_CONTROL_FLAGS + tuple(data_paths):  # typed run-control flags win; the rest is the saved run
         if name in typed and name in saved:
-            saved[name] = getattr(args, name)
-    # The data may have moved (another folder, or another working directory): a typed --dataset_path or
-    # --cond_path is read instead of the saved one; main still checks its classes against the run's.
-    moved = [f"--{name} {getattr(args, name)} (the run read {saved[name]})" for name in DATA_PATH_FLAGS
-             if name in typed and saved.get(name) and getattr(args, name) and getattr(args, name) != saved[name]]
-    for name in DATA_PATH_FLAGS:
-        if name in typed and saved.get(name) and getattr(args, name):
             saved[name] = getattr(args, name)
     args = argparse.Namespace(**{**vars(args), **saved, "resume": True})
     if args.attention_resolutions is None:  # a run saved before configs stored the resolved default,
         args.attention_resolutions = resumed["model_config"]["attention_resolutions"]  # which has changed
     args.amp = {True: "auto", False: "off"}.get(args.amp, args.amp)  # older runs saved --amp as on/off
     return args, resumed, ignored, moved
+
+
+def resumed_class_names(saved, dataset, class_names, builtin, say):
+    """--resume: the run's class names, saved, against the data's, class_names (label i is class_names[i]).
+    Label i must keep meaning the class the weights learned as i, so the data is made to number its
+    classes the run's way where only the spelling or the order differs (dataset relabelled in place), and
+    anything else is refused: a class folder added, removed or renamed would swap labels silently when
+    the count stays the same. Returns the class names to train with."""
+    if builtin and plain_class_names(saved) == class_names:
+        # A built-in dataset's run from before names were made plain ('3 - three', 'T-shirt/top') keeps them.
+        dataset.class_names = saved
+        return saved
+    if sorted(saved) == sorted(class_names) and saved != class_names:
+        # The same classes in another order (numbered folders were ordered as text before this version).
+        reorder_classes(dataset, saved)
+        say("note: the run numbered these classes in another order (an older version sorted numbered folders as "
+            "text); it keeps its own order")
+        return list(dataset.class_names)
+    if saved != class_names:
+        differ = next((i for i, pair in enumerate(zip(saved, class_names)) if pair[0] != pair[1]), None)
+        raise UsageError("--resume: the data's classes differ from the run's ("
+                         + (f"label {differ} is {class_names[differ]!r} now, {saved[differ]!r} saved; "
+                            if differ is not None else "")
+                         + f"{len(class_names)} classes now, {len(saved)} saved); resume on the same class "
+                         "folders, or start a new run")
+    return class_names
 
 
 def dataset_name(args):
@@ -708,27 +726,8 @@ def main(argv=None):
         raise UsageError("--task classifier: the data has no classes; put the images in one subfolder per class")
     if args.task in ("super_resolution", "image_to_image"):
         class_names = []  # these models are conditioned on an image, not on a label
-    if resumed and args.dataset and plain_class_names(resumed.get("class_names", [])) == class_names:
-        # A built-in dataset's run from before names were made plain ('3 - three', 'T-shirt/top') keeps them.
-        class_names = dataset.class_names = list(resumed["class_names"])
-    if resumed and "class_names" in resumed and sorted(resumed["class_names"]) == sorted(class_names) \
-            and list(resumed["class_names"]) != class_names:
-        # The same classes in another order (numbered folders were ordered as text before this version):
-        # label i keeps meaning the class the weights learned as i, by name.
-        reorder_classes(dataset, list(resumed["class_names"]))
-        class_names = list(dataset.class_names)
-        say("note: the run numbered these classes in another order (an older version sorted numbered folders as "
-            "text); it keeps its own order")
-    if resumed and "class_names" in resumed and list(resumed["class_names"]) != class_names:
-        # Label i must mean the class the weights learned as i: a class folder added, removed or renamed
-        # would swap them silently when the count stays the same.
-        saved = list(resumed["class_names"])
-        differ = next((i for i, pair in enumerate(zip(saved, class_names)) if pair[0] != pair[1]), None)
-        raise UsageError("--resume: the data's classes differ from the run's ("
-                         + (f"label {differ} is {class_names[differ]!r} now, {saved[differ]!r} saved; "
-                            if differ is not None else "")
-                         + f"{len(class_names)} classes now, {len(saved)} saved); resume on the same class "
-                         "folders, or start a new run")
+    if resumed and "class_names" in resumed:
+        class_names = resumed_class_names(list(resumed["class_names"]), dataset, class_names, args.dataset, say)
     if args.process == "cold":  # where generation starts: a mixture over the data's channel means (cold.py)
         if resumed:
             diffusion.start_mixture = resumed["cold_config"]["start_mixture"]
@@ -918,12 +917,14 @@ def main(argv=None):
         grid_diffusion = improved_ddpm.respace(diffusion, args.sample_steps)
     log = TrainingLog(run_sample_dir, args.timesteps, step if resumed else None, writer_class, active=rank == 0)
 
+    def what_is_kept():  # for the messages of a run that stops without saving
+        return f"the last checkpoint {full_path} is kept" if os.path.isfile(full_path) else "no checkpoint yet"
+
     def save():
         """Both checkpoints, written by process 0; never weights that are not finite."""
         if not weights_are_finite(model, ema_model, swa_model):
-            kept = f"the last checkpoint {full_path} is kept" if os.path.isfile(full_path) else "no checkpoint yet"
-            raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, {kept}. Try a lower "
-                             "--lr, or --amp bf16 instead of fp16")
+            raise UsageError(f"step {step}: the weights are no longer finite; nothing saved, {what_is_kept()}. Try a "
+                             "lower --lr, or --amp bf16 instead of fp16")
         states = checkpoint_states(step, model, ema_model, swa_model, optimizer, scheduler, scaler, config,
                                    model_config, diffusion.config(), class_names, timestep_sampler,
                                    rng_states(randomness, device, world_size),
@@ -1015,7 +1016,7 @@ def main(argv=None):
             loop_started += time.perf_counter() - paused
     except KeyboardInterrupt:  # a second signal: quit at once
         bar.close()
-        say(f"\nstopped at step {step} without saving; the last checkpoint {full_path} is kept")
+        say(f"\nstopped at step {step} without saving; {what_is_kept()}")
         sys.exit(130)
     finally:
         bar.close()  # before any error message, so that the message is the last line

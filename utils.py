@@ -16,6 +16,7 @@ turns a batch into floats in [-1, 1] (to_model_range); samples come back with fr
 DDPM Sec. 3.3 scales data this way so that the prior N(0, I) and the data share one scale.
 """
 import argparse
+import copy
 import os
 import random
 import re
@@ -40,6 +41,16 @@ def one_line_warning(message, category, filename, lineno, line=None):
 
 
 warnings.formatwarning = one_line_warning  # every script imports utils.py
+
+
+def typed_flags(parser, argv=None):
+    """The names of the flags given on the command line, whatever their values (train.py --resume
+    --max_steps 10000 must win even though 10000 is the default): a copy of the parser without defaults
+    leaves out every flag not given."""
+    typed = copy.deepcopy(parser)
+    for action in typed._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(typed.parse_args(argv)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -200,13 +211,18 @@ def resolve_channels_last(requested, device, amp):
     return torch.device(device).type == "cpu" and amp == "off"
 
 
+def refuse_fp16_on_cpu(amp, device):
+    """Sampling in fp16 autocast is for GPUs: a CPU's matrix hardware, where it has any, is bf16's."""
+    if amp == "fp16" and torch.device(device).type == "cpu":
+        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
+
+
 def prepare_network(model, device, amp="off"):
     """A loaded network, ready to sample on device (sample.py, the tools): eval mode; NHWC where train.py
     would lay it out so (resolve_channels_last: fp32 on a CPU, faster convolutions there); under bf16/fp16
     autocast when amp ("off", "bf16" or "fp16", as resolve_amp gives it) asks (AutocastNetwork: the
     sampler's arithmetic stays fp32)."""
-    if amp == "fp16" and torch.device(device).type == "cpu":
-        raise UsageError("--amp fp16: CPUs multiply bf16, not fp16, in hardware; use --amp bf16 (or auto)")
+    refuse_fp16_on_cpu(amp, device)
     model = model.to(device).eval()
     if resolve_channels_last("auto", device, amp):
         model.to(memory_format=torch.channels_last)

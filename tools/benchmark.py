@@ -44,7 +44,6 @@ AdamW, then our samplers), so only the network differs. It needs `pip install
 denoising-diffusion-pytorch`; without it lucidrains' rows say so and ours still run.
 """
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -61,7 +60,8 @@ from ddpm import GaussianDiffusion  # noqa: E402
 from improved_ddpm import respace  # noqa: E402
 from model import build_model, check_network_settings, count_parameters, resolve_model_config  # noqa: E402
 from utils import (AutocastNetwork, UsageError, cpu_has_fast_bf16, keep_freed_memory, load_checkpoint,  # noqa: E402
-                   peak_memory_mb, pick_device, reset_peak_memory, resolve_amp, resolve_channels_last, write_json)
+                   peak_memory_mb, pick_device, reset_peak_memory, resolve_amp, resolve_channels_last, typed_flags,
+                   write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The peers of each size in ../shared/bench/peers.py, and our contenders (tools/peer_contender.py).
@@ -148,12 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    # Which flags were typed, whatever their value (as train.py finds them): a copy of the parser without
-    # defaults leaves out every flag not given, so --ckpt can refuse network flags it would ignore.
-    typed = copy.deepcopy(p)
-    for action in typed._actions:
-        action.default = argparse.SUPPRESS
-    args.typed = set(vars(typed.parse_args(argv)))
+    args.typed = typed_flags(p, argv)  # so that --ckpt can refuse network flags it would ignore
     return args
 
 
